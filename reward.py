@@ -1,0 +1,246 @@
+"""Reward modelling: the second stage of the RLHF pipeline.
+
+A Bradley-Terry reward model r_phi(x, y), a causal LM backbone with a scalar head read at the EOS token,
+trained on preference pairs (x, y_w, y_l):
+
+    L_RM(phi) = -E log sigmoid(r_phi(x, y_w) - r_phi(x, y_l))
+
+Initialized from the SFT model with a fresh head of std 1/sqrt(H+1), as N+ (Huang et al. 2024,
+arXiv 2403.17031); TL;DR: 1 epoch, batch 64, lr 3e-6. Bradley-Terry leaves the offset free, so after
+training the mean score of the reference completions (N+: the SFT train split) is stored as
+`config.reward_bias` and subtracted by every script that scores with this model: reference summaries
+score ~0, and RL scores read as better or worse than the human reference.
+
+    python reward.py                                               # toy task, CPU, < 1 minute
+    python reward.py --model vwxyzjn/EleutherAI_pythia-1b-deduped__sft__tldr \
+        --dataset trl-lib/tldr-preference --reference-dataset trl-lib/tldr --lr 3e-6 \
+        --max-prompt-length 512 --max-completion-length 169
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import get_scheduler
+
+import common
+import toy
+
+
+@dataclass
+class Args:
+    # common
+    exp_name: str = "reward"
+    """name of the experiment (prefix of the run directory)"""
+    seed: int = 1
+    """random seed"""
+    output_dir: str = "runs"
+    """parent directory of the run directory"""
+    run_name: str | None = None
+    """run directory name (default: {exp_name}__{seed}__{unix time})"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project: str = "rlhf"
+    """wandb project name"""
+
+    # model
+    model: str = "toy-sft"
+    """backbone to start from, usually the SFT model (Hub id or local dir; `toy-sft` = the cached toy SFT model)"""
+
+    # data
+    dataset: str = "toy"
+    """preference data with prompt/chosen/rejected columns: `toy`, a Hub id, a save_to_disk dir or a file"""
+    reference_dataset: str | None = "toy"
+    """prompt/completion data whose completions score 0 on average after training (N+: the SFT train split); None: the chosen completions"""
+    max_prompt_length: int = 32
+    """prompts longer than this keep their last tokens (TL;DR: 512)"""
+    max_completion_length: int = 16
+    """completions (with EOS) longer than this are cut (TL;DR preferences: 169)"""
+    eval_pairs: int = 1000
+    """number of test pairs used for held-out accuracy"""
+
+    # optimization
+    lr: float = 5e-4
+    """AdamW learning rate, decayed linearly to 0 (TL;DR Pythia: 3e-6)"""
+    epochs: int = 1
+    """passes over the preference data"""
+    batch_size: int = 64
+    """pairs per optimizer step, over all processes (TL;DR: 64)"""
+    eval_every: int = 50
+    """evaluate every this many steps (and at the end)"""
+    max_steps: int | None = None
+    """stop after this many steps (default: the full epochs)"""
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(r_w - r_l), batch mean, computed as logsigmoid in fp32."""
+    return -F.logsigmoid(chosen_scores.float() - rejected_scores.float()).mean()  # Bradley-Terry NLL
+
+
+def tokenize_pairs(tokenizer, data, args):
+    rows = []
+    for p, c, r in zip(data["prompt"], data["chosen"], data["rejected"]):
+        prompt, chosen = common.tokenize_pair(tokenizer, p, c, args.max_prompt_length, args.max_completion_length)
+        prompt_r, rejected = common.tokenize_pair(tokenizer, p, r, args.max_prompt_length, args.max_completion_length)
+        if prompt_r != prompt:  # the completion merged with the prompt's last token: keep the shorter prompt
+            k = min(len(prompt), len(prompt_r))
+            prompt, chosen, rejected = prompt[:k], prompt[k:] + chosen, prompt_r[k:] + rejected
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def collate(rows, pad_id):
+    """[chosen; rejected] sharing left-padded prompts, completions right-padded to one width."""
+    prompt = common.pad([r["prompt"] for r in rows] * 2, pad_id, "left")
+    completion = common.pad([r["chosen"] for r in rows] + [r["rejected"] for r in rows], pad_id, "right")
+    return prompt, completion
+
+
+def pair_scores(model, prompt, completion, pad_id):
+    scores = common.reward_scores(model, prompt, completion, pad_id)
+    return scores.chunk(2)
+
+
+@torch.no_grad()
+def accuracy(model, rows, pad_id, device, batch_size=128):
+    """Share of pairs where the chosen completion scores higher (ties count 1/2)."""
+    model.eval()
+    wins = []
+    for i in range(0, len(rows), batch_size):
+        prompt, completion = collate(rows[i : i + batch_size], pad_id)
+        chosen, rejected = pair_scores(model, prompt.to(device), completion.to(device), pad_id)
+        wins += ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).tolist()
+    model.train()
+    return sum(wins) / len(wins)
+
+
+@torch.no_grad()
+def mean_score(model, tokenizer, data, args, device, batch_size=128):
+    """Mean raw score of (prompt, completion) over `data` (the normalization bias)."""
+    model.eval()
+    total = 0.0
+    for i in range(0, len(data), batch_size):
+        chunk = data[i : i + batch_size]
+        pairs = [common.tokenize_pair(tokenizer, p, c, args.max_prompt_length, args.max_completion_length)
+                 for p, c in zip(chunk["prompt"], chunk["completion"])]  # fmt: skip
+        prompt = common.pad([p for p, _ in pairs], tokenizer.pad_token_id, "left").to(device)
+        completion = common.pad([c for _, c in pairs], tokenizer.pad_token_id, "right").to(device)
+        total += common.reward_scores(model, prompt, completion, tokenizer.pad_token_id).sum().item()
+    return total / len(data)
+
+
+def gold_accuracy(data) -> float:
+    """Toy task: accuracy of the gold reward itself on the noisy labels (the ceiling for any reward model)."""
+    golds = [(toy.gold_reward(p, c), toy.gold_reward(p, r)) for p, c, r in zip(data["prompt"], data["chosen"], data["rejected"])]  # fmt: skip
+    return sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in golds) / len(golds)
+
+
+@torch.no_grad()
+def sft_sample_pairs(tokenizer, policy_name, prompts, args, device):
+    """Toy task: two SFT samples (T=1) per test prompt with their gold rewards, for the check that the
+    reward model orders the policy's own samples like the gold reward (what RL will ask of it)."""
+    policy = common.load_model(policy_name).to(device).eval()
+    prompt = common.pad(common.tokenize_prompts(tokenizer, prompts, args.max_prompt_length), tokenizer.pad_token_id, "left").to(device)  # fmt: skip
+    pairs = []
+    for _ in range(2):
+        completion, has_eos = common.generate(policy, prompt, tokenizer, toy.MAX_NEW_TOKENS, temperature=1.0)
+        texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
+        golds = [toy.gold_reward(p, t, bool(e)) for p, t, e in zip(prompts, texts, has_eos)]
+        pairs.append((completion, has_eos, golds))
+    (ca, ea, ga), (cb, eb, gb) = pairs
+    keep = [i for i in range(len(prompts)) if ga[i] != gb[i]]  # pairs the gold reward can order
+    return prompt[keep], ca[keep], cb[keep], ea[keep], eb[keep], [ga[i] > gb[i] for i in keep]
+
+
+@torch.no_grad()
+def sft_sample_agreement(model, pairs, pad_id, no_eos_score=-1.0):
+    prompt, ca, cb, ea, eb, a_better = pairs
+    model.eval()
+    sa = common.reward_scores(model, prompt, ca, pad_id, ea, no_eos_score)
+    sb = common.reward_scores(model, prompt, cb, pad_id, eb, no_eos_score)
+    model.train()
+    return sum(float((x > y) == g) for x, y, g in zip(sa.tolist(), sb.tolist(), a_better)) / max(1, len(a_better))
+
+
+def main(args: Args):
+    accelerator = common.setup(args.seed)
+    tokenizer = common.load_tokenizer(args.model)
+    model = common.load_model(args.model, kind="reward")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    is_toy = args.dataset == "toy"
+    pad_id, device = tokenizer.pad_token_id, accelerator.device
+
+    train = common.load_data(args.dataset, "train", ("prompt", "chosen", "rejected"))
+    test = common.load_data(args.dataset, "test", ("prompt", "chosen", "rejected"))
+    test = test.select(range(min(args.eval_pairs, len(test))))
+    train_rows, test_rows = tokenize_pairs(tokenizer, train, args), tokenize_pairs(tokenizer, test, args)
+    sft_pairs = None
+    if is_toy and args.model != "toy":
+        sft_pairs = sft_sample_pairs(tokenizer, args.model, test["prompt"][:500], args, device)
+
+    per_process = args.batch_size // accelerator.num_processes
+    loader = torch.utils.data.DataLoader(
+        train_rows, batch_size=per_process, shuffle=True, drop_last=True,
+        collate_fn=lambda b: collate(b, pad_id), generator=torch.Generator().manual_seed(args.seed),
+    )  # fmt: skip
+    if len(loader) == 0:
+        raise common.UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_rows)})")
+    total = min(args.max_steps or 10**12, args.epochs * len(loader))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-5)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=total)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    run = common.Run(args, accelerator, total)
+
+    def run_eval(step):
+        unwrapped = accelerator.unwrap_model(model)
+        metrics = {"eval/accuracy": accuracy(unwrapped, test_rows, pad_id, device)}
+        if sft_pairs is not None:
+            metrics["eval/gold_agreement_sft_samples"] = sft_sample_agreement(unwrapped, sft_pairs, pad_id)
+        return run.log(metrics, step, show=("eval/accuracy",))
+
+    step, start = 0, time.time()
+    model.train()
+    while step < total:
+        for prompt, completion in loader:
+            chosen, rejected = pair_scores(model, prompt, completion, pad_id)
+            loss = bradley_terry_loss(chosen, rejected)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            run.advance()
+            if step % 10 == 0 or step == total:
+                run.log({
+                    "loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
+                    "scores/chosen": chosen.mean().item(), "scores/rejected": rejected.mean().item(),
+                    "scores/margin": (chosen - rejected).mean().item(), "lr": scheduler.get_last_lr()[0],
+                }, step, show=("loss", "accuracy"))  # fmt: skip
+            if step % args.eval_every == 0 and step < total:
+                run_eval(step)
+            if step == total:
+                break
+
+    final = run_eval(step)
+    unwrapped = accelerator.unwrap_model(model)
+    if args.reference_dataset is not None:
+        refs = common.load_data(args.reference_dataset, "train", ("prompt", "completion"))
+    else:
+        refs = train.rename_column("chosen", "completion")
+    refs = refs.shuffle(seed=args.seed).select(range(min(2000, len(refs))))
+    unwrapped.config.reward_bias = 0.0
+    unwrapped.config.reward_bias = final["reward_bias"] = mean_score(unwrapped, tokenizer, refs, args, device)
+    final["eval/reference_score"] = mean_score(unwrapped, tokenizer, refs, args, device)  # ~0 after the shift
+    if is_toy:
+        final["eval/gold_accuracy_ceiling"] = gold_accuracy(test)
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(run.dir)
+        tokenizer.save_pretrained(run.dir)
+    run.finish({**final, "time/total": time.time() - start})
+
+
+if __name__ == "__main__":
+    common.run_cli(Args, main)

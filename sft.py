@@ -1,0 +1,144 @@
+"""Supervised fine-tuning (SFT): the first stage of the RLHF pipeline.
+
+Maximize the likelihood of demonstration completions given their prompts, with the loss on completion
+tokens only (EOS included, prompt and padding excluded):
+
+    L_SFT(theta) = -(1/N) sum_batch sum_t log pi_theta(y_t | x, y_<t),   N = number of completion tokens
+
+as in the TL;DR setups of Stiennon et al. 2020 and N+ (Huang et al. 2024, arXiv 2403.17031), where SFT
+trains Pythia on reference summaries for 1 epoch, batch 64, lr 3e-6.
+
+    python sft.py                                                   # toy task, CPU, < 1 minute
+    python sft.py --model EleutherAI/pythia-1b-deduped --dataset trl-lib/tldr \
+        --lr 3e-6 --max-prompt-length 512 --max-completion-length 53 --max-new-tokens 53
+    accelerate launch --config_file configs/zero2.yaml sft.py --model ... --dataset ...
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import get_scheduler
+
+import common
+
+
+@dataclass
+class Args:
+    # common
+    exp_name: str = "sft"
+    """name of the experiment (prefix of the run directory)"""
+    seed: int = 1
+    """random seed"""
+    output_dir: str = "runs"
+    """parent directory of the run directory"""
+    run_name: str | None = None
+    """run directory name (default: {exp_name}__{seed}__{unix time})"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project: str = "rlhf"
+    """wandb project name"""
+
+    # model
+    model: str = "toy"
+    """model to fine-tune: Hub id or local directory; `toy` / `toy-tiny` = a fresh ~1M / ~0.1M-parameter Llama for the toy task"""
+
+    # data
+    dataset: str = "toy"
+    """prompt/completion data: `toy`, a Hub id (trl-lib/tldr), a save_to_disk directory or a json/jsonl/parquet/csv file"""
+    max_prompt_length: int = 32
+    """prompts longer than this keep their last tokens (TL;DR: 512)"""
+    max_completion_length: int = 16
+    """completions (with EOS) longer than this are cut (TL;DR: 53)"""
+    max_new_tokens: int = 8
+    """tokens generated at evaluation (TL;DR: 53)"""
+    eval_prompts: int = 500
+    """number of test prompts used at each evaluation"""
+
+    # optimization
+    lr: float = 1e-3
+    """AdamW learning rate, decayed linearly to 0 (TL;DR Pythia: 3e-6)"""
+    epochs: int = 1
+    """passes over the training data"""
+    batch_size: int = 64
+    """examples per optimizer step, over all processes (TL;DR: 64)"""
+    eval_every: int = 100
+    """evaluate every this many steps (and at the end)"""
+    max_steps: int | None = None
+    """stop after this many steps (default: the full epochs)"""
+
+
+def collate(examples, pad_id):
+    prompt = common.pad([e["prompt_ids"] for e in examples], pad_id, "left")
+    completion = common.pad([e["completion_ids"] for e in examples], pad_id, "right")
+    return prompt, completion
+
+
+def main(args: Args):
+    accelerator = common.setup(args.seed)
+    tokenizer = common.load_tokenizer(args.model)
+    model = common.load_model(args.model)
+    is_toy = args.dataset == "toy"
+
+    train = common.load_data(args.dataset, "train", ("prompt", "completion"))
+    test = common.load_data(args.dataset, "test", ("prompt", "completion"))
+    test = test.select(range(min(args.eval_prompts, len(test))))
+    pairs = [common.tokenize_pair(tokenizer, p, c, args.max_prompt_length, args.max_completion_length)
+             for p, c in zip(train["prompt"], train["completion"])]  # fmt: skip
+    examples = [{"prompt_ids": p, "completion_ids": c} for p, c in pairs]
+    n_cut = sum(c[-1] != tokenizer.eos_token_id for _, c in pairs)
+    if n_cut:
+        print(f"[data] {n_cut} completions longer than --max-completion-length {args.max_completion_length} lost their EOS")  # fmt: skip
+
+    per_process = args.batch_size // accelerator.num_processes
+    loader = torch.utils.data.DataLoader(
+        examples, batch_size=per_process, shuffle=True, drop_last=True,
+        collate_fn=lambda b: collate(b, tokenizer.pad_token_id), generator=torch.Generator().manual_seed(args.seed),
+    )  # fmt: skip
+    if len(loader) == 0:
+        raise common.UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(examples)})")
+    total = min(args.max_steps or 10**12, args.epochs * len(loader))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-5)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=total)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    run = common.Run(args, accelerator, total)
+
+    def run_eval(step):
+        metrics, samples = common.evaluate(
+            accelerator.unwrap_model(model), tokenizer, test["prompt"], test["completion"], is_toy=is_toy,
+            max_prompt=args.max_prompt_length, max_new_tokens=args.max_new_tokens,
+        )  # fmt: skip
+        run.write_samples(samples, step)
+        return run.log(metrics, step, show=("eval/win_rate", "eval/eos"))
+
+    step, start = 0, time.time()
+    model.train()
+    while step < total:
+        for prompt, completion in loader:
+            # SFT loss: token-mean negative log-likelihood of the completion tokens (EOS included)
+            logps = common.completion_logprobs(model, prompt, completion, tokenizer.pad_token_id)
+            loss = -common.masked_mean(logps, completion != tokenizer.pad_token_id)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            run.advance()
+            if step % 10 == 0 or step == total:
+                run.log({"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "time/elapsed": time.time() - start}, step, show=("loss",))  # fmt: skip
+            if step % args.eval_every == 0 and step < total:
+                run_eval(step)
+            if step == total:
+                break
+
+    final = run_eval(step)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(run.dir)
+        tokenizer.save_pretrained(run.dir)
+    run.finish({**final, "time/total": time.time() - start})
+
+
+if __name__ == "__main__":
+    common.run_cli(Args, main)
