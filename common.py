@@ -121,7 +121,7 @@ def load_model(name: str, kind: str = "causal", dtype: torch.dtype = torch.float
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     extra = {} if kind == "causal" else {"num_labels": 1}
     if name in ("toy", "toy-tiny"):
-        model, missing = cls.from_config(toy.model_config(name.removeprefix("toy-").replace("toy", "small")), **extra), ["score.weight"]  # fmt: skip
+        model, missing = cls.from_config(toy.model_config({"toy": "small", "toy-tiny": "tiny"}[name]), **extra), ["score.weight"]  # fmt: skip
     else:
         model, info = _from_pretrained(cls, resolve_model(name), dtype=dtype, output_loading_info=True, **extra)
         missing = info["missing_keys"]
