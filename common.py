@@ -24,11 +24,15 @@ from pathlib import Path
 import datasets
 import torch
 import torch.nn.functional as F
+import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
 import toy
+
+transformers.logging.set_verbosity_error()  # keep stderr for our own one-line errors
+transformers.logging.disable_progress_bar()
 
 HERE = Path(__file__).resolve().parent
 
@@ -121,7 +125,8 @@ def load_model(name: str, kind: str = "causal", dtype: torch.dtype = torch.float
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     extra = {} if kind == "causal" else {"num_labels": 1}
     if name in ("toy", "toy-tiny"):
-        model, missing = cls.from_config(toy.model_config({"toy": "small", "toy-tiny": "tiny"}[name]), **extra), ["score.weight"]  # fmt: skip
+        config = toy.model_config({"toy": "small", "toy-tiny": "tiny"}[name])
+        model, missing = cls.from_config(config.__class__(**{**config.to_dict(), **extra})), ["score.weight"]
     else:
         model, info = _from_pretrained(cls, resolve_model(name), dtype=dtype, output_loading_info=True, **extra)
         missing = info["missing_keys"]
@@ -445,6 +450,15 @@ def evaluate(policy, tokenizer, prompts, references, *, is_toy, max_prompt, max_
     if is_toy:
         metrics["eval/win_rate"] = toy.win_rate(out["gold"], out["ref_gold"])
     return metrics, samples
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process so far: CUDA allocator peak on GPU, peak resident set size on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 @contextlib.contextmanager

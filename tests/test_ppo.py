@@ -1,0 +1,162 @@
+"""ppo.py: GAE, reward placement, the first-minibatch ratio, a smoke run and a learning check."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import ppo
+import toy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gae_loop(rewards, values, gamma, lam):
+    """The textbook backward recursion, one token at a time."""
+    B, C = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype)
+    for t in reversed(range(C)):
+        next_value = values[:, t + 1] if t + 1 < C else torch.zeros(B, dtype=rewards.dtype)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return advantages, advantages + values
+
+
+def test_gae_hand_values():
+    rewards, values = torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.5, 0.5]])
+    advantages, returns = ppo.compute_gae(rewards, values, gamma=1.0, lam=0.95)
+    torch.testing.assert_close(advantages, torch.tensor([[0.45125, 0.475, 0.5]]))
+    torch.testing.assert_close(returns, torch.tensor([[0.95125, 0.975, 1.0]]))
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9), (1.0, 1.0), (0.9, 0.0)])
+def test_gae_vectorized_equals_loop(gamma, lam):
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(7, 13, generator=g, dtype=torch.float64)
+    values = torch.randn(7, 13, generator=g, dtype=torch.float64)
+    mask = torch.arange(13)[None] < torch.randint(1, 14, (7, 1), generator=g)  # ragged ends, zeros after
+    rewards, values = rewards * mask, values * mask
+    adv, ret = ppo.compute_gae(rewards, values, gamma, lam)
+    adv_loop, ret_loop = gae_loop(rewards, values, gamma, lam)
+    torch.testing.assert_close(adv, adv_loop, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ret, ret_loop, rtol=0, atol=1e-12)
+    assert (adv[~mask] == 0).all()  # nothing leaks past the end of a completion
+
+
+def test_per_token_rewards_hand_values():
+    kl = torch.tensor([[0.2, -0.1, 0.3]])
+    rewards = ppo.per_token_rewards(kl, torch.tensor([2.0]), torch.ones(1, 3, dtype=torch.bool), kl_coef=0.05)
+    torch.testing.assert_close(rewards, torch.tensor([[-0.01, 0.005, 1.985]]))
+
+
+def test_score_goes_to_the_eos_index_and_nothing_after():
+    pad, eos = 0, 2
+    completion, has_eos = common.truncate_after_eos(torch.tensor([[5, 6, eos, 7, 8], [5, 6, 7, 8, 9]]), eos, pad)
+    mask = completion != pad
+    kl = torch.full((2, 5), 0.1).masked_fill(~mask, 0)
+    rewards = ppo.per_token_rewards(kl, torch.tensor([1.0, -1.0]), mask, kl_coef=0.5)
+    torch.testing.assert_close(rewards[0], torch.tensor([-0.05, -0.05, 0.95, 0.0, 0.0]))
+    torch.testing.assert_close(rewards[1], torch.tensor([-0.05, -0.05, -0.05, -0.05, -1.05]))  # no EOS: last token
+    assert has_eos.tolist() == [True, False]
+
+
+def tiny_models(seed=0):
+    torch.manual_seed(seed)
+    tokenizer = toy.make_tokenizer()
+    policy = common.load_model("toy-tiny")
+    value = common.load_model("toy-tiny", "reward")
+    return tokenizer, policy, value
+
+
+def test_ratio_is_one_at_the_first_minibatch():
+    """Old log-probs come from the rollout pass over the whole batch; the first minibatch recomputes them
+    on a shuffled subset with gradients. Same temperature and position ids, so the ratio is 1."""
+    tokenizer, policy, value = tiny_models()
+    args = ppo.Args()
+    prompts = common.tokenize_prompts(tokenizer, toy.sft_dataset("test")["prompt"][:16], 32)
+    prompt = common.pad(prompts, tokenizer.pad_token_id, "left")
+    completion, _ = common.generate(policy, prompt, tokenizer, 8, temperature=0.7)
+    pad_id = tokenizer.pad_token_id
+    mask = completion != pad_id
+    with torch.no_grad():
+        old_logps = common.completion_logprobs(policy, prompt, completion, pad_id, 0.7)
+        old_values = ppo.token_values(value, prompt, completion, pad_id).masked_fill(~mask, 0)
+    idx = torch.randperm(16, generator=torch.Generator().manual_seed(1))[:8]
+    new_logps = common.completion_logprobs(policy, prompt[idx], completion[idx], pad_id, 0.7)
+    new_values = ppo.token_values(value, prompt[idx], completion[idx], pad_id)
+    advantages = torch.randn(8, completion.shape[1]).masked_fill(~mask[idx], 0)
+    pg_loss, vf_loss, stats = ppo.ppo_losses(new_logps, old_logps[idx], advantages, new_values, old_values[idx],
+                                             old_values[idx], mask[idx], args)  # fmt: skip
+    ratio = torch.exp(new_logps - old_logps[idx])[mask[idx]]
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
+    assert stats["policy/clipfrac"].item() == 0.0 and stats["policy/approxkl"].item() < 1e-10
+    assert vf_loss.item() < 1e-10  # values equal the rollout values, returns set to them
+    # at ratio 1 the clipped surrogate is minus the mean advantage
+    torch.testing.assert_close(pg_loss, -common.masked_mean(advantages, mask[idx]), rtol=0, atol=1e-5)
+
+
+def test_clipping_hand_values():
+    """Ratio 1.5 with A>0 is clipped at 1.2; ratio 0.5 with A<0 is clipped at 0.8."""
+    args = ppo.Args()
+    old = torch.zeros(1, 2)
+    new = torch.log(torch.tensor([[1.5, 0.5]]))
+    adv = torch.tensor([[1.0, -1.0]])
+    zeros = torch.zeros(1, 2)
+    pg, _, stats = ppo.ppo_losses(new, old, adv, zeros, zeros, zeros, torch.ones(1, 2, dtype=torch.bool), args)
+    # per-token max(-A r, -A clip(r)): token 0 -> max(-1.5, -1.2) = -1.2; token 1 -> max(0.5, 0.8) = 0.8
+    torch.testing.assert_close(pg, torch.tensor((-1.2 + 0.8) / 2))
+    assert stats["policy/clipfrac"].item() == 1.0
+
+
+def test_value_clipping_hand_values():
+    args = ppo.Args()
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    zero = torch.zeros(1, 1)
+    # V_old 0, V_new 1, R 1: unclipped error 0, clipped V = 0.2 -> error 0.64; loss = 0.5 * max = 0.32
+    _, vf, _ = ppo.ppo_losses(zero, zero, zero, torch.ones(1, 1), zero, torch.ones(1, 1), mask, args)
+    torch.testing.assert_close(vf, torch.tensor(0.32))
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+
+
+def test_smoke_run(toy_cache, tmp_path):
+    args = ppo.Args(output_dir=str(tmp_path), run_name="smoke", total_episodes=64, batch_size=32, eval_prompts=16)
+    ppo.main(args)
+    rows = read_metrics(tmp_path / "smoke")
+    updates = [r for r in rows if "objective/kl" in r]
+    assert len(updates) == 2
+    assert updates[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # first rollout: policy == reference
+    for key in ("objective/scores", "objective/entropy", "policy/clipfrac", "policy/approxkl", "loss/policy",
+                "loss/value", "val/explained_variance", "time/generation", "time/update", "time/samples_per_second"):  # fmt: skip
+        assert key in updates[0]
+    final = json.load(open(tmp_path / "smoke" / "eval.json"))
+    assert {"eval/win_rate", "eval/kl", "eval/score", "time/update_last", "memory/peak_mb"} <= set(final)
+    assert (tmp_path / "smoke" / "model.safetensors").exists()
+
+
+def test_cli_bad_batch_size(toy_cache, tmp_path):
+    cmd = [sys.executable, str(ROOT / "ppo.py"), "--output-dir", str(tmp_path), "--batch-size", "30", "--num-minibatches", "4"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ}, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.strip().startswith("error:") and "--num-minibatches" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_learning_check(toy_cache, tmp_path):
+    """On the tiny toy models, PPO raises the gold reward of its training samples within a few updates."""
+    args = ppo.Args(output_dir=str(tmp_path), run_name="learn", total_episodes=64 * 24, batch_size=64,
+                    lr=1e-4, eval_prompts=200, eval_every=10**9)  # fmt: skip
+    ppo.main(args)
+    rows = read_metrics(tmp_path / "learn")
+    gold = [r["objective/gold"] for r in rows if "objective/gold" in r]
+    evals = [r for r in rows if "eval/win_rate" in r]
+    assert sum(gold[-8:]) / 8 > sum(gold[:4]) / 4 + 0.03, gold
+    assert evals[-1]["eval/win_rate"] > evals[0]["eval/win_rate"] + 0.1, evals
