@@ -65,7 +65,8 @@ def run_cli(args_cls, main):
 def setup(seed: int) -> Accelerator:
     """One process on CPU or one GPU by default; `accelerate launch` / `torchrun` for more. bf16 autocast
     on CUDA (weights stay fp32 for the optimizer), fp32 on CPU. Each rank gets its own seed."""
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    # cpu=True on a CPU machine: without it accelerate ignores torchrun's ranks (every rank runs alone)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if torch.cuda.is_available() else "no")
     set_seed(seed + 100003 * accelerator.process_index)
     return accelerator
 
@@ -161,14 +162,14 @@ def load_data(name: str, split: str, columns: tuple[str, ...]) -> datasets.Datas
     if name == "toy":
         data = (toy.preference_dataset if "chosen" in columns else toy.sft_dataset)(split)
     elif os.path.isdir(name):
-        data = datasets.load_from_disk(name)
+        data = _read(name, datasets.load_from_disk, name)
         if isinstance(data, datasets.DatasetDict):
             data = _pick_split(data, split, name)
     elif os.path.isfile(name):
         ext = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(name.rsplit(".", 1)[-1])
         if ext is None:
             raise UserError(f"cannot read {name!r}: use .json, .jsonl, .parquet, .csv or a save_to_disk directory")
-        data = _pick_split(datasets.load_dataset(ext, data_files=name), split, name)
+        data = _pick_split(_read(name, datasets.load_dataset, ext, data_files=name), split, name)
     elif name.endswith((".json", ".jsonl", ".parquet", ".csv")) or name.startswith((".", "/")):
         raise UserError(f"dataset file {name!r} does not exist")
     else:
@@ -183,6 +184,16 @@ def load_data(name: str, split: str, columns: tuple[str, ...]) -> datasets.Datas
     if len(data) == 0:
         raise UserError(f"dataset {name!r} ({split}) is empty")
     return data
+
+
+def _read(name, load, *args, **kwargs):
+    """An empty or malformed file fails inside `datasets` (StopIteration, ValueError "corresponds to no data",
+    IndexError for an empty save_to_disk...): one line instead."""
+    try:
+        return load(*args, **kwargs)
+    except Exception as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot read dataset {name!r}: empty or malformed ({detail})") from None
 
 
 def _pick_split(data: datasets.DatasetDict, split: str, name: str) -> datasets.Dataset:
@@ -261,11 +272,18 @@ def generate(model, prompt: torch.Tensor, tokenizer, max_new_tokens: int, temper
         max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
         top_k=0 if temperature > 0 else None, top_p=top_p if temperature > 0 else None,
         eos_token_id=eos_id, pad_token_id=eos_id, bos_token_id=tokenizer.bos_token_id,
+        suppress_tokens=[pad_id] if pad_id < model.config.vocab_size else None,  # a sampled pad would read as padding
     )  # fmt: skip
-    out = model.generate(
-        input_ids=prompt.masked_fill(~mask, 0), attention_mask=mask.long(), generation_config=config,
-        logits_processor=logits_processor,
-    )  # fmt: skip
+    # transformers fills unset fields from the checkpoint's generation_config.json (repetition_penalty,
+    # min_p...): sample from softmax(logits / T) only, which is what completion_logprobs scores
+    default, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        out = model.generate(
+            input_ids=prompt.masked_fill(~mask, 0), attention_mask=mask.long(), generation_config=config,
+            logits_processor=logits_processor,
+        )  # fmt: skip
+    finally:
+        model.generation_config = default
     return truncate_after_eos(out[:, prompt.shape[1] :], eos_id, pad_id)
 
 
@@ -278,7 +296,10 @@ def completion_logprobs(model, prompt, completion, pad_id, temperature=1.0, chun
     targets = completion.masked_fill(completion == pad_id, 0)
     logps, entropies = [], []
     for i in range(0, logits.shape[0], chunk_rows):
-        logp = F.log_softmax(logits[i : i + chunk_rows].float() / temperature, dim=-1)
+        scaled = logits[i : i + chunk_rows].float() / temperature
+        if pad_id < scaled.shape[-1]:  # generate() never samples an in-vocabulary pad: score that same distribution
+            scaled[..., pad_id] = torch.finfo(scaled.dtype).min
+        logp = F.log_softmax(scaled, dim=-1)
         logps.append(logp.gather(-1, targets[i : i + chunk_rows, :, None]).squeeze(-1))
         if with_entropy:
             entropies.append(-(logp.exp() * logp).sum(-1))

@@ -169,7 +169,6 @@ def main(args: Args):
     accelerator = common.setup(args.seed)
     tokenizer = common.load_tokenizer(args.model)
     model = common.load_model(args.model, kind="reward")
-    model.config.pad_token_id = tokenizer.pad_token_id
     is_toy = args.dataset == "toy"
     pad_id, device = tokenizer.pad_token_id, accelerator.device
 

@@ -57,9 +57,10 @@ FILLER_WORDS = [
     "later", "never", "always", "here", "there", "now", "well", "okay", "anyway", "though", "like", "yet", "even",
     "almost", "perhaps",
 ]  # fmt: skip
-SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 PROMPT_HEAD, PROMPT_TAIL = "POST:", "TL;DR:"
-VOCAB = SPECIAL_TOKENS + [PROMPT_HEAD, PROMPT_TAIL] + TOPIC_WORDS + FILLER_WORDS
+# <pad> comes last and lies outside the model's vocabulary (as a pad token added to a real tokenizer without
+# resizing the embeddings): the model can never emit it, and common.forward() never embeds it.
+VOCAB = ["<bos>", "<eos>", "<unk>", PROMPT_HEAD, PROMPT_TAIL] + TOPIC_WORDS + FILLER_WORDS + ["<pad>"]
 
 # Sizes of the fixed splits (seed 0). SFT: 1 epoch at batch 64 is ~310 steps.
 SFT_TRAIN, SFT_TEST = 20_000, 1_000
@@ -73,7 +74,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
         padding_side="left", model_max_length=64,
@@ -84,9 +85,9 @@ def model_config(size: str = "small") -> LlamaConfig:
     """Llama-style causal-LM config: "small" ~1.05M parameters (the default), "tiny" ~0.1M (tests)."""
     hidden, layers, inter = {"small": (128, 4, 512), "tiny": (64, 2, 128)}[size]
     return LlamaConfig(
-        vocab_size=len(VOCAB), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        vocab_size=len(VOCAB) - 1, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, attention_dropout=0.0,
+        pad_token_id=None, bos_token_id=0, eos_token_id=1, attention_dropout=0.0,
     )  # fmt: skip
 
 
