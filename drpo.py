@@ -11,7 +11,7 @@ prompt. `diff ppo.py drpo.py` shows the reset and nothing else.
     python drpo.py                                                 # toy task, CPU, ~2 minutes
     python drpo.py --model vwxyzjn/EleutherAI_pythia-1b-deduped__sft__tldr \
         --reward-model vwxyzjn/EleutherAI_pythia-1b-deduped__reward__tldr --dataset trl-lib/tldr \
-        --lr 3e-6 --batch-size 512 --micro-batch-size 8 --total-episodes 1000000 \
+        --lr 3e-6 --batch-size 512 --num-minibatches 1 --micro-batch-size 8 --total-episodes 1000000 \
         --max-prompt-length 512 --max-new-tokens 53 --kl-coef 0.05 --reset-prob 1.0
     accelerate launch --config_file configs/zero2.yaml drpo.py --model ... --reward-model ...
 """
@@ -59,7 +59,7 @@ class Args:
     """completion length in tokens (TL;DR: 53)"""
     eval_prompts: int = 500
     """test prompts used at each evaluation (greedy decoding)"""
-    eval_every: int = 25
+    eval_every: int = 16
     """evaluate every this many updates (and before the first and after the last)"""
 
     # algorithm
@@ -85,7 +85,7 @@ class Args:
     # optimization and batch sizes
     lr: float = 3e-5
     """AdamW learning rate for policy and critic, decayed linearly to 0 (N+ TL;DR: 3e-6)"""
-    total_episodes: int = 8192
+    total_episodes: int = 4096
     """completions sampled over the whole run (N+: 1,000,000)"""
     batch_size: int = 64
     """prompts per rollout (one completion each), over all processes (N+: 512)"""

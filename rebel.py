@@ -1,0 +1,232 @@
+"""REBEL, following "REBEL: Reinforcement Learning via Regressing Relative Rewards" (Gao et al. 2024,
+https://arxiv.org/abs/2404.16767).
+
+Policy optimization reduced to least squares. Each update samples two completions y, y' per prompt from
+the current policy pi_t, gives each the reward R = reward-model score at EOS - kl_coef * sum_t log(pi_t /
+pi_ref), and regresses the difference of the log-ratios log(pi_theta / pi_t) of the pair onto eta times
+the difference of their rewards, for a few epochs over that fixed batch. Solved exactly, the regression
+gives pi_{t+1} proportional to pi_t * exp(eta * R): a natural-policy-gradient step with no critic, no
+clipping and no GAE, at the cost of one extra completion per prompt.
+
+    python rebel.py                                                # toy task, CPU, ~2 minutes
+    python rebel.py --model vwxyzjn/EleutherAI_pythia-1b-deduped__sft__tldr \
+        --reward-model vwxyzjn/EleutherAI_pythia-1b-deduped__reward__tldr --dataset trl-lib/tldr \
+        --lr 3e-6 --eta 1.0 --batch-size 512 --num-minibatches 1 --micro-batch-size 8 --total-episodes 1000000 \
+        --max-prompt-length 512 --max-new-tokens 53 --kl-coef 0.05
+    accelerate launch --config_file configs/zero2.yaml rebel.py --model ... --reward-model ...
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+import common
+import toy
+
+
+@dataclass
+class Args:
+    # common
+    exp_name: str = "rebel"
+    """name of the experiment (prefix of the run directory)"""
+    seed: int = 1
+    """random seed"""
+    output_dir: str = "runs"
+    """parent directory of the run directory"""
+    run_name: str | None = None
+    """run directory name (default: {exp_name}__{seed}__{unix time})"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project: str = "rlhf"
+    """wandb project name"""
+
+    # model
+    model: str = "toy-sft"
+    """SFT policy to start from; also the frozen reference (Hub id or local dir; `toy-sft` = the cached toy SFT model)"""
+    reward_model: str = "toy-rm"
+    """reward model (`toy-rm` = the cached toy reward model)"""
+
+    # data
+    dataset: str = "toy"
+    """prompts (a `prompt` column): `toy`, a Hub id (trl-lib/tldr), a save_to_disk dir or a json/jsonl/parquet/csv file"""
+    max_prompt_length: int = 32
+    """prompts longer than this keep their last tokens (TL;DR: 512)"""
+    max_new_tokens: int = 8
+    """completion length in tokens (TL;DR: 53)"""
+    eval_prompts: int = 500
+    """test prompts used at each evaluation (greedy decoding)"""
+    eval_every: int = 16
+    """evaluate every this many updates (and before the first and after the last)"""
+
+    # algorithm
+    eta: float = 1.0
+    """eta: REBEL step size; the regression target of a pair is eta * (R(y) - R(y')) (REBEL TL;DR: 1.0)"""
+    kl_coef: float = 0.05
+    """beta_KL: R = score - kl_coef * sum_t log(pi_t / pi_ref) over the completion (REBEL TL;DR: 0.05)"""
+    temperature: float = 0.7
+    """sampling temperature tau_s; every log-prob is computed from logits / tau_s (REBEL TL;DR: 0.7)"""
+    no_eos_score: float = -1.0
+    """score that replaces the reward-model score of a completion without EOS (REBEL TL;DR: -1)"""
+
+    # optimization and batch sizes
+    lr: float = 3e-5
+    """AdamW learning rate, decayed linearly to 0 (REBEL TL;DR: 3e-6)"""
+    total_episodes: int = 2048
+    """prompts used over the whole run, two completions each (REBEL TL;DR: 1,000,000 = 1953 updates of 512)"""
+    batch_size: int = 32
+    """prompts per rollout (two completions each: 2x this many sequences), over all processes (REBEL TL;DR: 512)"""
+    num_minibatches: int = 2
+    """optimizer steps per epoch over a rollout (REBEL TL;DR: 1)"""
+    rebel_epochs: int = 4
+    """epochs over each rollout (REBEL TL;DR: 4)"""
+    micro_batch_size: int = 64
+    """prompts (pairs: 2x this many rows) per forward/backward; gradients accumulate up to a minibatch"""
+
+
+def sequence_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """R(x, y) = s(x, y) - kl_coef * sum_t k_t, with k_t = log pi_t - log pi_ref summed over the completion
+    tokens up to and including EOS (sequence-level KL, no per-token placement)."""
+    return scores - kl_coef * kl.masked_fill(~mask, 0).sum(1)  # ALGO LOGIC: REBEL reward with the KL penalty
+
+
+def pair_minibatches(num_pairs: int, num_minibatches: int, micro_pairs: int, generator: torch.Generator) -> list:
+    """One epoch over a rollout stored as rows [y_0 .. y_{n-1}, y'_0 .. y'_{n-1}] (row i + n is the second
+    completion of prompt i): permute the prompts, cut them into minibatches and micro-batches, and give each
+    micro-batch as its rows [y of each pair; y' of each pair]. Both completions of a pair are always in the
+    same micro-batch, and every row appears once per epoch."""
+    perm = torch.randperm(num_pairs, generator=generator)
+    minibatches = perm.split(num_pairs // num_minibatches)
+    return [[torch.cat([pairs, pairs + num_pairs]) for pairs in mb.split(micro_pairs)] for mb in minibatches]
+
+
+def rebel_loss(new_logps: torch.Tensor, old_logps: torch.Tensor, rewards: torch.Tensor, eta: float):
+    """Squared regression residual, mean over pairs. Inputs are sequence-level (summed over completion
+    tokens), shape [2m]: the first m rows are the completions y, the last m their partners y'."""
+    logratio = new_logps - old_logps  # log pi_theta(y|x) - log pi_t(y|x)
+    logratio_y, logratio_y2 = logratio.chunk(2)
+    rewards_y, rewards_y2 = rewards.chunk(2)
+    delta_logratio = logratio_y - logratio_y2
+    target = eta * (rewards_y - rewards_y2)
+    # ALGO LOGIC: REBEL objective (Gao et al. 2024, Algorithm 1):
+    #   ( (log pi_theta(y)/pi_t(y) - log pi_theta(y')/pi_t(y')) - eta * (R(y) - R(y')) )^2
+    # The paper writes the residual as (1/eta) * delta_logratio - delta_R; this is eta times it (the code's
+    # form; same minimizer, loss eta^2 larger).
+    residual = delta_logratio - target
+    loss = (residual**2).mean()
+    return loss, {"residual": residual.detach(), "delta_logratio": delta_logratio.detach(), "target": target.detach()}
+
+
+def main(args: Args):
+    accelerator = common.setup(args.seed)
+    device = accelerator.device
+    per_process = args.batch_size // accelerator.num_processes
+    num_updates = args.total_episodes // args.batch_size
+    if per_process == 0 or per_process % args.num_minibatches or num_updates == 0:
+        raise common.UserError(f"--batch-size {args.batch_size} must be a multiple of --num-minibatches {args.num_minibatches} (per process) and at most --total-episodes {args.total_episodes}")  # fmt: skip
+    tokenizer = common.load_tokenizer(args.model)
+    pad_id = tokenizer.pad_token_id
+    policy = common.load_model(args.model)
+    ref_policy = common.load_model(args.model, dtype=common.frozen_dtype()).to(device).eval().requires_grad_(False)
+    reward_model = common.load_model(args.reward_model, "reward", common.frozen_dtype()).to(device).eval().requires_grad_(False)  # fmt: skip
+    is_toy = args.dataset == "toy"
+
+    train = common.load_data(args.dataset, "train", ("prompt",))
+    test = common.load_data(args.dataset, "test", ("prompt",))
+    test = test.select(range(min(args.eval_prompts, len(test))))
+    references = test["completion"] if is_toy else None
+    train_texts = list(train["prompt"])
+    prompts = common.tokenize_prompts(tokenizer, train_texts, args.max_prompt_length)
+
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / num_updates)  # as N+: linear to 0
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    run = common.Run(args, accelerator, num_updates)
+    generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
+    order = torch.randperm(len(prompts), generator=generator).tolist()
+
+    def run_eval(update):
+        metrics, samples = common.evaluate(
+            accelerator.unwrap_model(policy), tokenizer, test["prompt"], references, is_toy=is_toy,
+            max_prompt=args.max_prompt_length, max_new_tokens=args.max_new_tokens, ref_model=ref_policy,
+            reward_model=reward_model, no_eos_score=args.no_eos_score,
+        )  # fmt: skip
+        run.write_samples(samples, update)
+        return run.log(metrics, update, show=("eval/win_rate", "eval/kl") if is_toy else ("eval/score", "eval/kl"))
+
+    run_eval(0)
+    start, cursor = time.time(), 0
+    for update in range(1, num_updates + 1):
+        times = {}
+        # ---- rollout: two completions per prompt from pi_t, scored once and kept fixed (no gradients) ----
+        with common.timer(times, "time/generation"), torch.no_grad():
+            if cursor + per_process > len(order):
+                order, cursor = torch.randperm(len(prompts), generator=generator).tolist(), 0
+            rows = order[cursor : cursor + per_process] * 2  # row i and row i + per_process: the pair (y, y')
+            prompt = common.pad([prompts[i] for i in rows], pad_id, "left").to(device)
+            cursor += per_process
+            unwrapped = accelerator.unwrap_model(policy)
+            completion, has_eos = common.generate(unwrapped, prompt, tokenizer, args.max_new_tokens, args.temperature)
+        with common.timer(times, "time/scoring"), torch.no_grad():
+            mask = completion != pad_id  # completion tokens up to and including the first EOS
+            old_logps = common.completion_logprobs(unwrapped, prompt, completion, pad_id, args.temperature)
+            ref_logps = common.completion_logprobs(ref_policy, prompt, completion, pad_id, args.temperature)
+            scores = common.reward_scores(reward_model, prompt, completion, pad_id, has_eos, args.no_eos_score)
+            kl = (old_logps - ref_logps).masked_fill(~mask, 0)  # k1 estimate per token, 0 after EOS
+            rewards = sequence_rewards(scores, kl, mask, args.kl_coef)
+            old_seq_logps = old_logps.sum(1)  # log pi_t(y|x), fixed for all epochs over this batch
+
+        # ---- update: rebel_epochs x num_minibatches least-squares steps on the fixed pairs ----
+        with common.timer(times, "time/update"):
+            stats = []
+            for _ in range(args.rebel_epochs):
+                epoch = {"delta_logratio": [], "target": []}  # pair statistics: last epoch (each pair once)
+                for minibatch in pair_minibatches(per_process, args.num_minibatches, args.micro_batch_size, generator):
+                    n_rows = sum(len(idx) for idx in minibatch)
+                    for idx in minibatch:
+                        idx = idx.to(device)
+                        new_logps = common.completion_logprobs(policy, prompt[idx], completion[idx], pad_id, args.temperature).sum(1)  # fmt: skip
+                        loss, s = rebel_loss(new_logps, old_seq_logps[idx], rewards[idx], args.eta)
+                        accelerator.backward(loss * len(idx) / n_rows)
+                        stats.append({"loss/policy": loss.item(), "rebel/residual": s["residual"].mean().item(),
+                                      "rebel/residual_abs": s["residual"].abs().mean().item()})  # fmt: skip
+                        epoch["delta_logratio"].append(s["delta_logratio"])
+                        epoch["target"].append(s["target"])
+                    optimizer.step()
+                    optimizer.zero_grad()
+            scheduler.step()
+
+        seq_kl = kl.sum(1)
+        delta_logratio, target = torch.cat(epoch["delta_logratio"]), torch.cat(epoch["target"])
+        metrics = {
+            "objective/scores": scores.mean(), "objective/kl": seq_kl.mean(), "objective/rlhf_reward": rewards.mean(),
+            "objective/entropy": -old_logps.sum(1).mean(), "objective/eos_rate": has_eos.float().mean(),
+            "objective/length": mask.sum(1).float().mean(),
+            **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
+            "rebel/delta_logratio": delta_logratio.mean(), "rebel/eta_delta_reward": target.mean(),
+            "rebel/eta_delta_reward_abs": target.abs().mean(),
+            "rebel/correlation": torch.corrcoef(torch.stack([delta_logratio, target]))[0, 1].nan_to_num(),
+            "lr": scheduler.get_last_lr()[0], "episodes": update * args.batch_size, **times,
+            "time/samples_per_second": len(completion) / sum(times.values()),
+        }  # fmt: skip
+        if is_toy:  # the gold reward of the training samples: the smoothest learning curve on the toy task
+            texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
+            golds = [toy.gold_reward(train_texts[i], t, bool(e)) for i, t, e in zip(rows, texts, has_eos)]
+            metrics["objective/gold"] = sum(golds) / len(golds)
+        run.log(metrics, update, show=("objective/scores", "objective/kl"))
+        run.advance()
+        if update % args.eval_every == 0 and update < num_updates:
+            run_eval(update)
+
+    final = run_eval(num_updates)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(policy).save_pretrained(run.dir)
+        tokenizer.save_pretrained(run.dir)
+    print(f"[rebel] last update: {sum(times.values()):.3f} s ({', '.join(f'{k[5:]} {v:.3f}' for k, v in times.items())}), peak memory {common.peak_memory_mb():.0f} MiB")  # fmt: skip
+    run.finish({**final, "time/total": time.time() - start, "time/update_last": sum(times.values()), "memory/peak_mb": common.peak_memory_mb()})  # fmt: skip
+
+
+if __name__ == "__main__":
+    common.run_cli(Args, main)
