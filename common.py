@@ -89,12 +89,12 @@ def resolve_model(name: str) -> str:
     path = cache / name
     if (path / "model.safetensors").exists():
         return str(path)
+    if name == "toy-rm":
+        resolve_model("toy-sft")  # the reward model starts from the SFT model (built first, outside our lock)
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".lock", "w") as lock:  # several processes may ask at once (tests, benchmark)
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (path / "model.safetensors").exists():
-            if name == "toy-rm":
-                resolve_model("toy-sft")
             script = {"toy-sft": "sft.py", "toy-rm": "reward.py"}[name]
             print(f"[toy] {name} not found in {cache}: building it with `python {script}` (once)", flush=True)
             tmp = cache / f".{name}.tmp"

@@ -137,7 +137,7 @@ class ForcePrefix(LogitsProcessor):
         forced = t < self.h
         if not forced.any():
             return scores
-        target = self.reference[:, min(t, self.reference.shape[1] - 1)]
+        target = self.reference[:, min(t, self.reference.shape[1] - 1)].masked_fill(~forced, 0)  # pad may lie outside the vocabulary
         one_hot = torch.full_like(scores, float("-inf")).scatter(1, target[:, None], 0.0)
         return torch.where(forced[:, None], one_hot, scores)
 

@@ -1,0 +1,286 @@
+"""Direct Preference Optimization (DPO): Rafailov et al. 2023, "Direct Preference Optimization: Your
+Language Model is Secretly a Reward Model", https://arxiv.org/abs/2305.18290
+
+DPO skips the reward model and the RL loop of classic RLHF. The KL-regularized reward maximization
+problem has a closed-form optimum, so a reward r(x, y) = beta * log pi(y|x) / pi_ref(y|x) is implicit
+in every policy, and the Bradley-Terry likelihood of the preferences can be maximized directly over
+the policy on offline pairs (x, y_w, y_l):
+
+    L_DPO(theta) = -E log sigmoid(beta * h),   h = l_theta(y_w) - l_theta(y_l),
+    l_theta(y)   = log pi_theta(y|x) - log pi_ref(y|x)     (summed over completion tokens, EOS included)
+
+pi_theta starts from the SFT model and pi_ref is a frozen copy of it, so the loss at step 0 is ln 2.
+Options: conservative DPO label smoothing eps (-(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h))
+and IPO (Azar et al. 2023, arXiv 2310.12036: (h - 1/(2 beta))^2). TL;DR settings (N+, DR-PO): beta 0.05,
+lr 3e-6, batch 64, 1 epoch; TRL's DPOConfig: beta 0.1.
+
+    python dpo.py                                                  # toy task, CPU, ~1 minute
+    python dpo.py --model vwxyzjn/EleutherAI_pythia-1b-deduped__sft__tldr --dataset trl-lib/tldr-preference \
+        --reward-model vwxyzjn/EleutherAI_pythia-1b-deduped__reward__tldr --beta 0.05 --lr 3e-6 --epochs 1 \
+        --max-prompt-length 512 --max-completion-length 169 --max-new-tokens 53
+    accelerate launch --config_file configs/zero2.yaml dpo.py --model ... --dataset ...
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from transformers import get_scheduler
+
+import common
+
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+@dataclass
+class Args:
+    # common
+    exp_name: str = "dpo"
+    """name of the experiment (prefix of the run directory)"""
+    seed: int = 1
+    """random seed"""
+    output_dir: str = "runs"
+    """parent directory of the run directory"""
+    run_name: str | None = None
+    """run directory name (default: {exp_name}__{seed}__{unix time})"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project: str = "rlhf"
+    """wandb project name"""
+
+    # model
+    model: str = "toy-sft"
+    """policy to start from, the SFT model (Hub id or local dir; `toy-sft` = the cached toy SFT model)"""
+    ref_model: str | None = None
+    """frozen reference pi_ref (default: a separate copy of --model)"""
+    reward_model: str | None = "toy-rm"
+    """reward model scored at evaluation only (DPO never trains on it; same tokenizer as --model); `toy-rm` applies to the toy dataset only; None: no RM score"""
+
+    # data
+    dataset: str = "toy"
+    """preference data with prompt/chosen/rejected columns: `toy`, a Hub id (trl-lib/tldr-preference), a save_to_disk dir or a file"""
+    max_prompt_length: int = 32
+    """prompts longer than this keep their last tokens (TL;DR: 512)"""
+    max_completion_length: int = 16
+    """chosen/rejected completions (with EOS) longer than this are cut (TL;DR preferences: 169)"""
+    max_new_tokens: int = 8
+    """tokens generated at evaluation (TL;DR: 53)"""
+    eval_prompts: int = 500
+    """test prompts generated from at each evaluation (toy: the SFT test split and its reference summaries; else the preference test split and its chosen completions)"""
+    num_preferences: int | None = None
+    """use only the first N training pairs (default: all)"""
+    eval_pairs: int = 1000
+    """held-out preference pairs for the implicit-reward accuracy"""
+
+    # algorithm
+    beta: float = 0.1
+    """beta, the KL strength of the implicit reward beta*log(pi/pi_ref) (N+ and DR-PO TL;DR: 0.05; TRL: 0.1)"""
+    label_smoothing: float = 0.0
+    """eps, the assumed share of flipped labels (conservative DPO); 0 = plain DPO"""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """`sigmoid` (DPO Eq. 7) or `ipo` (Azar et al. 2023 Eq. 17, on summed log-probs)"""
+    precompute_ref_logps: bool = False
+    """compute log pi_ref of every training pair once before training (saves a forward per step)"""
+
+    # optimization
+    lr: float = 1e-4
+    """AdamW learning rate, decayed linearly to 0 (N+ / DR-PO TL;DR: 3e-6 with cosine decay; TRL: 1e-6)"""
+    epochs: int = 1
+    """passes over the preference data (TL;DR: 1)"""
+    batch_size: int = 64
+    """pairs per optimizer step, over all processes (TL;DR: 64)"""
+    eval_every: int = 50
+    """evaluate every this many steps (and before the first and after the last)"""
+    max_steps: int | None = None
+    """stop after this many steps (default: the full epochs)"""
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+             beta: float, label_smoothing: float = 0.0, loss_type: str = "sigmoid"):  # fmt: skip
+    """Per-pair DPO loss from summed completion log-probs, and the implicit rewards beta*l_theta(y) of the
+    chosen and rejected completions (detached: metrics, not part of the graph)."""
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # l_theta(y_w) = log pi_theta/pi_ref (y_w)
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps  # l_theta(y_l)
+    h = chosen_logratios - rejected_logratios  # h = l_theta(y_w) - l_theta(y_l)   # ALGO LOGIC
+    if loss_type == "sigmoid":
+        # DPO Eq. (7): -log sigmoid(beta h); cDPO: -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)  # ALGO LOGIC
+    elif loss_type == "ipo":
+        # IPO Eq. (17) of Azar et al. 2023: (h - 1/(2 beta))^2   (TRL's "ipo" uses per-token mean log-probs instead)
+        losses = (h - 1 / (2 * beta)) ** 2  # ALGO LOGIC
+    else:
+        raise ValueError(f"loss_type {loss_type!r} is not one of: sigmoid, ipo")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def tokenize_pairs(tokenizer, data, args):
+    """Token ids of each (prompt, chosen + EOS, rejected + EOS), one shared prompt per pair."""
+    rows = []
+    for p, c, r in zip(data["prompt"], data["chosen"], data["rejected"]):
+        prompt, chosen = common.tokenize_pair(tokenizer, p, c, args.max_prompt_length, args.max_completion_length)
+        prompt_r, rejected = common.tokenize_pair(tokenizer, p, r, args.max_prompt_length, args.max_completion_length)
+        if prompt_r != prompt:  # a completion merged with the prompt's last token: keep the shorter prompt
+            k = min(len(prompt), len(prompt_r))
+            prompt, chosen, rejected = prompt[:k], prompt[k:] + chosen, prompt_r[k:] + rejected
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def collate(rows, pad_id):
+    """[chosen; rejected] in one batch: the shared prompts left-padded, the completions right-padded to one
+    width. The completion mask (completion != pad) of each half covers its own completion only."""
+    batch = {
+        "prompt": common.pad([r["prompt"] for r in rows] * 2, pad_id, "left"),
+        "completion": common.pad([r["chosen"] for r in rows] + [r["rejected"] for r in rows], pad_id, "right"),
+    }
+    if "ref_logps" in rows[0]:  # precomputed (chosen, rejected) log pi_ref
+        batch["ref_logps"] = torch.tensor([r["ref_logps"] for r in rows]).T.reshape(-1)
+    return batch
+
+
+def sequence_logps(model, batch, pad_id):
+    """log pi(y|x) of every completion: per-token log-probs at temperature 1 (offline data, no sampling
+    temperature to match), summed over completion tokens up to and including EOS. [2B] -> (chosen, rejected)."""
+    return common.completion_logprobs(model, batch["prompt"], batch["completion"], pad_id).sum(1).chunk(2)
+
+
+def pair_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, prefix=""):
+    """The metric names of TRL's DPOTrainer (rewards are the detached implicit rewards beta*l_theta; as in TRL,
+    a tie is not counted as accurate, so rewards/accuracies is 0 at initialization)."""
+    return {
+        f"{prefix}loss": losses.mean().item(),
+        f"{prefix}rewards/chosen": chosen_rewards.mean().item(),
+        f"{prefix}rewards/rejected": rejected_rewards.mean().item(),
+        f"{prefix}rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+        f"{prefix}rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        f"{prefix}logps/chosen": chosen_logps.detach().mean().item(),
+        f"{prefix}logps/rejected": rejected_logps.detach().mean().item(),
+    }
+
+
+@torch.no_grad()
+def held_out_metrics(policy, ref_model, rows, args, pad_id, device, batch_size=128):
+    """DPO loss and implicit-reward accuracy on held-out pairs (DR-PO Table 6 reports this accuracy)."""
+    was_training = policy.training
+    policy.eval()
+    out = [[] for _ in range(5)]
+    for i in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
+        chosen, rejected = sequence_logps(policy, batch, pad_id)
+        losses, r_c, r_r = dpo_loss(chosen, rejected, *sequence_logps(ref_model, batch, pad_id), args.beta, args.label_smoothing, args.loss_type)  # fmt: skip
+        for lst, x in zip(out, (losses, r_c, r_r, chosen, rejected)):
+            lst.append(x.float())
+    policy.train(was_training)
+    return pair_metrics(*[torch.cat(x) for x in out], prefix="eval/")
+
+
+def main(args: Args):
+    accelerator = common.setup(args.seed)
+    device, is_toy = accelerator.device, args.dataset == "toy"
+    tokenizer = common.load_tokenizer(args.model)
+    pad_id = tokenizer.pad_token_id
+    policy = common.load_model(args.model)
+    # pi_ref: a separate frozen copy of the SFT model, eval mode, no grad (dropout is off in both)
+    ref_model = common.load_model(args.ref_model or args.model, dtype=common.frozen_dtype())
+    ref_model = ref_model.to(device).eval().requires_grad_(False)
+    reward_model = None
+    if args.reward_model is not None and (is_toy or args.reward_model != "toy-rm"):
+        reward_model = common.load_model(args.reward_model, kind="reward", dtype=common.frozen_dtype())
+        reward_model = reward_model.to(device).eval().requires_grad_(False)
+
+    train = common.load_data(args.dataset, "train", PREFERENCE_COLUMNS)
+    train = train.select(range(min(args.num_preferences or len(train), len(train))))
+    test = common.load_data(args.dataset, "test", PREFERENCE_COLUMNS)
+    train_rows = tokenize_pairs(tokenizer, train, args)
+    test_rows = tokenize_pairs(tokenizer, test.select(range(min(args.eval_pairs, len(test)))), args)
+    gen = common.load_data("toy", "test", ("prompt", "completion")) if is_toy else test.rename_column("chosen", "completion")  # fmt: skip
+    gen = gen.select(range(min(args.eval_prompts, len(gen))))
+    n_cut = sum(r[k][-1] != tokenizer.eos_token_id for r in train_rows for k in ("chosen", "rejected"))
+    if n_cut:
+        print(f"[data] {n_cut} completions longer than --max-completion-length {args.max_completion_length} lost their EOS")  # fmt: skip
+
+    if args.precompute_ref_logps:  # log pi_ref never changes: one pass over the training pairs
+        with torch.no_grad():
+            for i in range(0, len(train_rows), 128):
+                batch = {k: v.to(device) for k, v in collate(train_rows[i : i + 128], pad_id).items()}
+                chosen, rejected = sequence_logps(ref_model, batch, pad_id)
+                for row, c, r in zip(train_rows[i : i + 128], chosen.tolist(), rejected.tolist()):
+                    row["ref_logps"] = (c, r)
+
+    per_process = args.batch_size // accelerator.num_processes
+    loader = torch.utils.data.DataLoader(
+        train_rows, batch_size=per_process, shuffle=True, drop_last=True,
+        collate_fn=lambda b: collate(b, pad_id), generator=torch.Generator().manual_seed(args.seed),
+    )  # fmt: skip
+    if len(loader) == 0:
+        raise common.UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_rows)})")
+    total = min(args.max_steps or 10**12, args.epochs * len(loader))
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=total)
+    policy, optimizer, loader = accelerator.prepare(policy, optimizer, loader)
+    run = common.Run(args, accelerator, total)
+
+    def run_eval(step):
+        unwrapped = accelerator.unwrap_model(policy)
+        metrics, samples = common.evaluate(
+            unwrapped, tokenizer, gen["prompt"], gen["completion"], is_toy=is_toy, max_prompt=args.max_prompt_length,
+            max_new_tokens=args.max_new_tokens, ref_model=ref_model, reward_model=reward_model,
+        )  # fmt: skip
+        metrics.update(held_out_metrics(unwrapped, ref_model, test_rows, args, pad_id, device))
+        run.write_samples(samples, step)
+        return run.log(metrics, step, show=("eval/win_rate", "eval/kl", "eval/rewards/accuracies"))
+
+    initial = run_eval(0)  # the SFT policy: pi_theta = pi_ref
+    step, start, times = 0, time.time(), {}
+    policy.train()
+    while step < total:
+        for batch in loader:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with common.timer(times, "update"):
+                chosen_logps, rejected_logps = sequence_logps(policy, batch, pad_id)
+                if "ref_logps" in batch:
+                    ref_chosen, ref_rejected = batch["ref_logps"].chunk(2)
+                else:
+                    with torch.no_grad():
+                        ref_chosen, ref_rejected = sequence_logps(ref_model, batch, pad_id)
+                losses, chosen_rewards, rejected_rewards = dpo_loss(
+                    chosen_logps, rejected_logps, ref_chosen, ref_rejected, args.beta, args.label_smoothing, args.loss_type
+                )  # fmt: skip
+                loss = losses.mean()
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"non-finite DPO loss {loss.item()} at step {step + 1}: lower --lr, or use fp32/bf16 (never fp16)")  # fmt: skip
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            step += 1
+            run.advance()
+            if step % 10 == 0 or step == total:
+                metrics = pair_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
+                metrics.update({"lr": scheduler.get_last_lr()[0], "time/elapsed": time.time() - start})
+                run.log(metrics, step, show=("loss", "rewards/accuracies"))
+            if step % args.eval_every == 0 and step < total:
+                run_eval(step)
+            if step == total:
+                break
+
+    final = run_eval(step)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(policy).save_pretrained(run.dir)
+        tokenizer.save_pretrained(run.dir)
+        before, after = initial.get("eval/win_rate"), final.get("eval/win_rate")
+        if before is not None:
+            print(f"[dpo] win rate vs the reference summaries: SFT {before:.3f} -> DPO {after:.3f} (KL {final['eval/kl']:.2f})")
+        print(f"[dpo] one update ({args.batch_size} pairs): {times['update'] / step:.3f} s (mean of {step}); "
+              f"peak memory {common.peak_memory_mb():.0f} MiB")
+    initial = {f"initial/{k.removeprefix('eval/')}": v for k, v in initial.items()}
+    run.finish({**initial, **final, "time/update_mean": times["update"] / step, "memory/peak_mb": common.peak_memory_mb(), "time/total": time.time() - start})  # fmt: skip
+
+
+if __name__ == "__main__":
+    common.run_cli(Args, main)
