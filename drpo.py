@@ -210,7 +210,7 @@ def main(args: Args):
         run.write_samples(samples, update)
         return run.log(metrics, update, show=("eval/win_rate", "eval/kl") if is_toy else ("eval/score", "eval/kl"))
 
-    run_eval(0)
+    initial = run_eval(0)  # the SFT policy: pi_theta = pi_ref
     start, cursor = time.time(), 0
     for update in range(1, num_updates + 1):
         times = {}
@@ -288,7 +288,8 @@ def main(args: Args):
         accelerator.unwrap_model(policy).save_pretrained(run.dir)
         tokenizer.save_pretrained(run.dir)
     print(f"[drpo] last update: {sum(times.values()):.3f} s ({', '.join(f'{k[5:]} {v:.3f}' for k, v in times.items())}), peak memory {common.peak_memory_mb():.0f} MiB")  # fmt: skip
-    run.finish({**final, "time/total": time.time() - start, "time/update_last": sum(times.values()), "memory/peak_mb": common.peak_memory_mb()})  # fmt: skip
+    initial = {f"initial/{k.removeprefix('eval/')}": v for k, v in initial.items()}
+    run.finish({**initial, **final, "time/total": time.time() - start, "time/update_last": sum(times.values()), "memory/peak_mb": common.peak_memory_mb()})  # fmt: skip
 
 
 if __name__ == "__main__":
