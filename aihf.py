@@ -62,6 +62,12 @@ class Args:
     """log to Weights & Biases"""
     wandb_project: str = "rlhf"
     """wandb project name"""
+    save_every: int = 0
+    """write a checkpoint to <run>/checkpoint every this many steps (0: only on Ctrl-C / SIGTERM)"""
+    resume: str | None = None
+    """continue the run in this directory (runs/<run>) from its checkpoint, with its saved arguments"""
+    trust_remote_code: bool = False
+    """allow Hub models that ship their own Python code (it runs on this machine: trusted models only)"""
 
     # model
     model: str = "toy-sft"
@@ -218,7 +224,9 @@ def main(args: Args):
         raise common.UserError("--variant explicit needs --reward-model or --reward-init: the starting point of r_phi")
     if not (args.w_pref or args.w_demo):
         raise common.UserError("--w-pref and --w-demo are both 0: nothing to learn from")
-    accelerator = common.setup(args.seed)
+    common.check_ranges(args, positive=("beta", "temperature", "lr", "total_steps", "rounds", "max_prompt_length", "max_completion_length", "max_new_tokens", "num_demonstrations", "num_preferences"),
+                        non_negative=("w_pref", "w_demo", "kl_coef", "reward_lr", "center_demos", "save_every"))  # fmt: skip
+    accelerator = common.setup(args)
     device, n_proc = accelerator.device, accelerator.num_processes
     per_pref, per_demo, per_prompts = args.batch_size // n_proc, args.demo_batch_size // n_proc, args.rollout_prompts // n_proc  # fmt: skip
     num_rounds = args.rounds if args.self_play else 1
@@ -254,8 +262,15 @@ def main(args: Args):
 
     rank_seed = args.seed + 100003 * accelerator.process_index
     demo_it, pref_it = sampler(len(demo_rows), rank_seed), sampler(len(pref_rows), rank_seed + 1)
-    draw_demos = lambda n: [demo_rows[next(demo_it)] for _ in range(n)]  # noqa: E731
-    draw_prefs = lambda n: [pref_rows[next(pref_it)] for _ in range(n)]  # noqa: E731
+    drawn = {"demos": 0, "prefs": 0}  # indices drawn so far: the data position of a checkpoint
+
+    def draw_demos(n):
+        drawn["demos"] += n
+        return [demo_rows[next(demo_it)] for _ in range(n)]
+
+    def draw_prefs(n):
+        drawn["prefs"] += n
+        return [pref_rows[next(pref_it)] for _ in range(n)]
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / total)
@@ -308,7 +323,7 @@ def main(args: Args):
             stats["objective/gold"] = gold(rows, common.pad([r["gen"] for r in rows], pad_id, "right"), has_eos)
         return rows, stats
 
-    def reward_step():
+    def reward_step(step):
         """[R] One step of r_phi on a preference batch and on demonstrations vs FRESH policy samples."""
         chosen = rejected = demo = fresh = None
         if args.w_pref:
@@ -319,6 +334,7 @@ def main(args: Args):
             rows = [dict(r, gen=g) for r, g in zip(rows, sample(unwrapped, rows)[0])]
             demo, fresh = common.reward_scores(reward_model, *collate(rows, "demo", "gen", pad_id, device), pad_id).chunk(2)
         loss, stats = reward_loss(chosen, rejected, demo, fresh, args.w_pref, args.w_demo)
+        run.check_finite(step, reward_loss=loss)
         accelerator.backward(loss)
         reward_optimizer.step()
         reward_optimizer.zero_grad()
@@ -331,48 +347,63 @@ def main(args: Args):
         prompt, completion = collate(center, "demo", "demo", pad_id, device)
         rm.config.reward_bias = getattr(rm.config, "reward_bias", 0.0) + common.reward_scores(rm, prompt, completion, pad_id).mean().item()  # fmt: skip
 
-    initial = run_eval(0)
-    start, step, times = time.time(), 0, {}
     unwrapped = accelerator.unwrap_model(policy)
+    # Self-Play AIHF: each round's frozen opponent (and reference) is the iterate the previous round ended at
+    opponent = copy.deepcopy(unwrapped).eval().requires_grad_(False) if args.self_play else None
     if args.variant == "dpo":
-        opp = ref_policy  # pi_opp: pi_ref in AIHF-DPO and in the first self-play round (pi_0 = SFT)
-        for rnd in range(num_rounds):
-            if rnd > 0:  # Self-Play AIHF: the previous iterate becomes the frozen opponent and reference
-                opp = copy.deepcopy(unwrapped).eval().requires_grad_(False)
+        state = run.resume(policy=policy, optimizer=optimizer, scheduler=scheduler, **({"opponent": opponent} if opponent else {}))  # fmt: skip
+    else:
+        state = run.resume(policy=policy, optimizer=optimizer, scheduler=scheduler, reward_model=reward_model, reward_optimizer=reward_optimizer)  # fmt: skip
+    if state is None:
+        initial, first, round_rows = run_eval(0), 1, None
+    else:  # --resume: fast-forward the index samplers; this round's generated rows and r_phi's bias come back
+        initial, first, round_rows = state["initial"], state["step"] + 1, state["round_rows"]
+        for _ in range(state["drawn"]["demos"]):
+            next(demo_it)
+        for _ in range(state["drawn"]["prefs"]):
+            next(pref_it)
+        drawn.update(state["drawn"])
+        if args.variant == "explicit":
+            rm.config.reward_bias = state["reward_bias"]
+    start, times = time.time(), {}
+    if args.variant == "dpo":
+        for step in range(first, total + 1):
+            rnd, j = divmod(step - 1, steps_per_round)
+            # pi_opp: pi_ref in AIHF-DPO and in the first self-play round (pi_0 = SFT), then the previous iterate
+            opp = opponent if rnd > 0 else ref_policy
+            if j == 0 and rnd > 0:
+                opponent.load_state_dict(unwrapped.state_dict())
             pref_ref = opp if args.self_play and args.pref_reference == "previous" else ref_policy
-            round_rows = None
-            if args.w_demo:
+            if j == 0 and args.w_demo:
                 t0 = time.perf_counter()
                 round_rows, round_stats = prepare_round(opp)
                 run.log({**round_stats, "round": rnd, "time/round_generation": time.perf_counter() - t0}, step)
-            for j in range(steps_per_round):
-                times = {}
-                with common.timer(times, "time/update"):
-                    pref_logps = demo_logps = None
-                    if args.w_pref:
-                        prompt, completion = collate(draw_prefs(per_pref), "chosen", "rejected", pad_id, device)
-                        with torch.no_grad():
-                            ref_w, ref_l = sequence_logps(pref_ref, prompt, completion, pad_id)
-                        pref_logps = (*sequence_logps(policy, prompt, completion, pad_id), ref_w, ref_l)
-                    if args.w_demo:
-                        rows = round_rows[j * per_demo : (j + 1) * per_demo]
-                        ref_d, ref_g = (torch.tensor([r[k] for r in rows], device=device) for k in ("ref_demo", "ref_gen"))
-                        demo_logps = (*sequence_logps(policy, *collate(rows, "demo", "gen", pad_id, device), pad_id), ref_d, ref_g)  # fmt: skip
-                    loss, stats = aihf_dpo_loss(pref_logps, demo_logps, args.beta, args.w_pref, args.w_demo)
-                    if not torch.isfinite(loss):
-                        raise RuntimeError(f"non-finite AIHF loss at step {step + 1}: lower --lr")
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                step += 1
-                run.advance()
-                n_seq = 2 * (per_pref * bool(args.w_pref) + per_demo * bool(args.w_demo))
-                run.log({"loss": loss.detach(), **stats, "lr": scheduler.get_last_lr()[0], **times, "time/samples_per_second": n_seq / times["time/update"]}, step, show=("loss/pref", "loss/demo"))  # fmt: skip
-                if step % args.eval_every == 0 and step < total:
-                    run_eval(step)
+            times = {}
+            with common.timer(times, "time/update"):
+                pref_logps = demo_logps = None
+                if args.w_pref:
+                    prompt, completion = collate(draw_prefs(per_pref), "chosen", "rejected", pad_id, device)
+                    with torch.no_grad():
+                        ref_w, ref_l = sequence_logps(pref_ref, prompt, completion, pad_id)
+                    pref_logps = (*sequence_logps(policy, prompt, completion, pad_id), ref_w, ref_l)
+                if args.w_demo:
+                    rows = round_rows[j * per_demo : (j + 1) * per_demo]
+                    ref_d, ref_g = (torch.tensor([r[k] for r in rows], device=device) for k in ("ref_demo", "ref_gen"))
+                    demo_logps = (*sequence_logps(policy, *collate(rows, "demo", "gen", pad_id, device), pad_id), ref_d, ref_g)  # fmt: skip
+                loss, stats = aihf_dpo_loss(pref_logps, demo_logps, args.beta, args.w_pref, args.w_demo)
+                run.check_finite(step, loss=loss)  # lower --lr
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            run.advance()
+            n_seq = 2 * (per_pref * bool(args.w_pref) + per_demo * bool(args.w_demo))
+            run.log({"loss": loss.detach(), **stats, "lr": scheduler.get_last_lr()[0], **times, "time/samples_per_second": n_seq / times["time/update"]}, step, show=("loss/pref", "loss/demo"))  # fmt: skip
+            if step % args.eval_every == 0 and step < total:
+                run_eval(step)
+            run.step_done(step, lambda: {"initial": initial, "drawn": dict(drawn), "round_rows": round_rows})
     else:
-        for step in range(1, total + 1):
+        for step in range(first, total + 1):
             times = {}
             # ---- policy phase: one RLOO update on the current r_phi (k samples of each prompt) ----
             with common.timer(times, "time/generation"), torch.no_grad():
@@ -382,12 +413,14 @@ def main(args: Args):
             with common.timer(times, "time/scoring"), torch.no_grad():
                 ref_logps = common.completion_logprobs(ref_policy, prompt, completion, pad_id, args.temperature).sum(1)
                 scores = common.reward_scores(rm, prompt, completion, pad_id, has_eos, args.no_eos_score)
+                run.check_finite(step, reward=scores)
             with common.timer(times, "time/update"):
                 logps = common.completion_logprobs(policy, prompt, completion, pad_id, args.temperature).sum(1)
                 kl = logps.detach() - ref_logps  # on-policy: log pi_theta is also the sampler's log-prob
                 rewards = scores - args.kl_coef * kl  # ALGO LOGIC: s(x, y) - beta_KL * sum_t log(pi/pi_ref)
                 advantages = rloo_advantages(rewards.view(args.rloo_k, -1)).flatten()
                 policy_loss = -(advantages * logps).mean()  # ALGO LOGIC: REINFORCE with the leave-one-out baseline
+                run.check_finite(step, loss=policy_loss)
                 accelerator.backward(policy_loss)
                 optimizer.step()
                 scheduler.step()
@@ -403,7 +436,7 @@ def main(args: Args):
             if step % args.policy_steps == 0:
                 with common.timer(times, "time/reward"):
                     for _ in range(args.reward_steps):
-                        metrics.update(reward_step())
+                        metrics.update(reward_step(step))
                     recentre()
                 metrics["rm/bias"] = rm.config.reward_bias
             metrics.update({"lr": scheduler.get_last_lr()[0], **times, "time/samples_per_second": len(completion) / sum(times.values())})  # fmt: skip
@@ -411,8 +444,9 @@ def main(args: Args):
             run.advance()
             if step % args.eval_every == 0 and step < total:
                 run_eval(step)
+            run.step_done(step, lambda: {"initial": initial, "drawn": dict(drawn), "round_rows": None, "reward_bias": rm.config.reward_bias})  # fmt: skip
 
-    final = run_eval(step)
+    final = run_eval(total)
     if accelerator.is_main_process:
         unwrapped.save_pretrained(run.dir)
         tokenizer.save_pretrained(run.dir)

@@ -15,13 +15,16 @@ import fcntl
 import json
 import math
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
@@ -46,15 +49,67 @@ class UserError(Exception):
     """A mistake in the input (arguments, data, paths): reported as one line, exit code 2."""
 
 
+class TrainingError(Exception):
+    """A run that cannot go on (a non-finite loss or reward): reported as one line, exit code 1."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: a checkpoint was saved at the end of the step; exit code 130."""
+
+
+# fields that may differ between a run and its --resume: they change neither the data nor the result
+RESUME_MAY_CHANGE = ("resume", "save_every", "track", "wandb_project")
+
+
 def run_cli(args_cls, main):
-    """`main(tyro.cli(Args))`, turning input mistakes into a one-line error and a non-zero exit."""
+    """`main(tyro.cli(Args))`, turning input mistakes and stopped runs into a one-line message and a
+    non-zero exit. With --resume, the arguments come from the run's args.json."""
     import tyro
 
     try:
-        main(tyro.cli(args_cls))
+        args = tyro.cli(args_cls)
+        main(resume_args(args_cls, args) if getattr(args, "resume", None) else args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(130)
+
+
+def resume_args(args_cls, args):
+    """The arguments of the run in `args.resume` (its args.json). An argument given on the command line
+    must equal the saved one (a resumed run is the same run), except RESUME_MAY_CHANGE."""
+    run_dir = Path(args.resume)
+    if not (run_dir / "args.json").is_file():
+        raise UserError(f"--resume {args.resume}: not a run directory (no args.json)")
+    try:
+        saved = json.loads((run_dir / "args.json").read_text())
+    except ValueError:
+        raise UserError(f"--resume {args.resume}: args.json is not valid JSON") from None
+    fields = {f.name for f in dataclasses.fields(args_cls)}
+    if set(saved) != fields:
+        raise UserError(f"--resume {args.resume}: a run of another script (its arguments differ: {sorted(set(saved) ^ fields)})")  # fmt: skip
+    defaults = args_cls()
+    for name in sorted(fields - set(RESUME_MAY_CHANGE) - {"output_dir", "run_name"}):
+        given, default = getattr(args, name), getattr(defaults, name)
+        if given != default and json.loads(json.dumps(given, default=str)) != saved[name]:
+            raise UserError(f"--resume: --{name.replace('_', '-')} {given} differs from the run's {saved[name]} (a resumed run keeps its arguments)")  # fmt: skip
+    keep = {name: getattr(args, name) for name in RESUME_MAY_CHANGE if name in fields}
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}  # JSON has no tuples
+    return dataclasses.replace(args_cls(**saved), **keep, output_dir=str(run_dir.parent), run_name=run_dir.name)
+
+
+def check_ranges(args, positive=(), non_negative=(), unit=()):
+    """One-line errors for hyperparameters out of range: > 0, >= 0, or in [0, 1]."""
+    for names, ok, want in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"), (unit, lambda v: 0 <= v <= 1, "in [0, 1]")):  # fmt: skip
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
+                raise UserError(f"--{name.replace('_', '-')} {value} must be {want}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,9 +117,15 @@ def run_cli(args_cls, main):
 # ---------------------------------------------------------------------------------------------
 
 
-def setup(seed: int) -> Accelerator:
+TRUST_REMOTE_CODE = False  # set by setup() from --trust-remote-code; read by every from_pretrained
+
+
+def setup(args) -> Accelerator:
     """One process on CPU or one GPU by default; `accelerate launch` / `torchrun` for more. bf16 autocast
-    on CUDA (weights stay fp32 for the optimizer), fp32 on CPU. Each rank gets its own seed."""
+    on CUDA (weights stay fp32 for the optimizer), fp32 on CPU. Each rank gets its own seed. Hub code
+    (trust_remote_code) runs only when --trust-remote-code asks for it."""
+    global TRUST_REMOTE_CODE
+    TRUST_REMOTE_CODE, seed = getattr(args, "trust_remote_code", False), args.seed
     # cpu=True on a CPU machine: without it accelerate ignores torchrun's ranks (every rank runs alone)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if torch.cuda.is_available() else "no")
     set_seed(seed + 100003 * accelerator.process_index)
@@ -139,7 +200,7 @@ def load_model(name: str, kind: str = "causal", dtype: torch.dtype = torch.float
 
 def _from_pretrained(cls, name, **kwargs):
     try:
-        return cls.from_pretrained(name, **kwargs)
+        return cls.from_pretrained(name, trust_remote_code=TRUST_REMOTE_CODE, **kwargs)
     except OSError as e:
         offline = " (offline: HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise UserError(f"cannot load {name!r}{offline}: not a local directory and not loadable from the Hub ({str(e).splitlines()[0]})") from None  # fmt: skip
@@ -359,27 +420,55 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 
 
 class Run:
-    """runs/<run_name>/ with args.json, TensorBoard events, metrics.jsonl and samples.jsonl. Only the
-    main process writes; metrics are averaged across processes before logging."""
+    """runs/<run_name>/ with args.json, TensorBoard events, metrics.jsonl, samples.jsonl and checkpoint/.
+    Only the main process writes; metrics are averaged across processes before logging.
+
+    A new run refuses a directory that already holds one. With --resume, metrics.jsonl and samples.jsonl
+    are cut back to the checkpoint's step (the lines after it are written again), and `resume()` loads the
+    checkpoint. Ctrl-C / SIGTERM ask the loop to stop: `step_done()` then saves a checkpoint and raises
+    Interrupted; a second Ctrl-C stops at once."""
 
     def __init__(self, args, accelerator: Accelerator, total: int):
-        self.accelerator = accelerator
+        self.accelerator, self.args = accelerator, args
         name = args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}"
         self.dir = Path(args.output_dir) / name
+        self.ckpt = self.dir / "checkpoint"
         self.main = accelerator.is_main_process
         self.writer = self.bar = None
+        self.objects, self.stop_signal, self.closed = {}, None, False
+        resume_step = None
+        if getattr(args, "resume", None):
+            if (self.dir / "eval.json").exists():
+                raise UserError(f"--resume {self.dir}: the run has finished (eval.json exists)")
+            resume_step, self.resume_from = find_checkpoint(self.dir)
+        elif (self.dir / "args.json").exists():
+            raise UserError(f"{self.dir} already holds a run: continue it with --resume {self.dir}, or choose another --run-name")  # fmt: skip
+        accelerator.wait_for_everyone()  # every rank has checked before the main one writes
         if self.main:
             from torch.utils.tensorboard import SummaryWriter
             from tqdm.auto import tqdm
 
             self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2, default=str))
-            self.writer = SummaryWriter(str(self.dir))
-            self.bar = tqdm(total=total, desc=args.exp_name, dynamic_ncols=True, file=sys.stdout, mininterval=1 if sys.stdout.isatty() else 10)
+            if resume_step is None:
+                (self.dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2, default=str))
+            else:
+                for log in ("metrics.jsonl", "samples.jsonl"):
+                    cut_log(self.dir / log, resume_step)
+            self.writer = SummaryWriter(str(self.dir), purge_step=None if resume_step is None else resume_step + 1)
+            self.bar = tqdm(total=total, initial=resume_step or 0, desc=args.exp_name, dynamic_ncols=True, file=sys.stdout, mininterval=1 if sys.stdout.isatty() else 10)  # fmt: skip
             if args.track:
                 import wandb
 
-                wandb.init(project=args.wandb_project, name=name, config=dataclasses.asdict(args), sync_tensorboard=True)
+                wandb.init(project=args.wandb_project, name=name, config=dataclasses.asdict(args), sync_tensorboard=True, resume="allow", id=name)  # fmt: skip
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if threading_main():
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.stop_signal is not None or self.closed:  # the second one (or a finished run): stop now
+            raise KeyboardInterrupt
+        self.stop_signal = signal.Signals(signum).name
+        print(f"\n[run] {self.stop_signal}: saving a checkpoint at the end of this step (again to stop at once)", file=sys.stderr, flush=True)  # fmt: skip
 
     def log(self, metrics: dict, step: int, show: tuple[str, ...] = ()) -> dict:
         """Average across processes, write to TensorBoard and metrics.jsonl, show `show` on the bar."""
@@ -409,14 +498,163 @@ class Run:
                 f.write(json.dumps({"step": step, **s}) + "\n")
         print_samples(samples[:n_print], step)
 
+    # ---- checkpoints ----
+
+    def resume(self, **objects) -> dict | None:
+        """Name what a checkpoint holds: models (saved as safetensors) and anything with a state_dict
+        (optimizers, schedulers). With --resume, load them and the RNG states, and return the loop state
+        the script saved (step, data position...); else None."""
+        self.objects = objects
+        if not getattr(self.args, "resume", None):
+            return None
+        try:
+            for name, obj in objects.items():
+                if isinstance(obj, torch.nn.Module):
+                    from safetensors.torch import load_model
+
+                    load_model(self.accelerator.unwrap_model(obj), self.resume_from / f"{name}.safetensors", device=str(self.accelerator.device))  # fmt: skip
+                else:
+                    obj.load_state_dict(torch.load(self.resume_from / f"{name}.pt", weights_only=True))
+            state = torch.load(self.resume_from / f"state_{self.accelerator.process_index}.pt", weights_only=True)
+        except Exception as e:  # a truncated or hand-edited checkpoint: say which, never a traceback
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"--resume {self.dir}: corrupt checkpoint ({detail})") from None
+        set_rng_state(state.pop("rng"))
+        print(f"[run] resumed {self.dir} at step {state['step']}")
+        return state
+
+    def step_done(self, step: int, state):
+        """End of step `step`: save a checkpoint when --save-every says so or a stop was asked for (then
+        raise Interrupted). `state()` returns the loop state to save with it (plain data and tensors)."""
+        stop = self.stop_signal is not None
+        if self.accelerator.num_processes > 1:  # all ranks stop at the same step
+            stop = bool(self.accelerator.reduce(torch.tensor([float(stop)], device=self.accelerator.device), "max").item())  # fmt: skip
+        every = getattr(self.args, "save_every", 0)
+        if stop or (every and step % every == 0):
+            self.save_checkpoint(step, state())
+        if stop:
+            self.close()
+            raise Interrupted(f"at step {step}, checkpoint saved; continue with --resume {self.dir}")
+
+    def save_checkpoint(self, step: int, state: dict):
+        """Write checkpoint/ atomically: into checkpoint.tmp/, then swap it in by renames, so a crash at
+        any moment leaves the previous checkpoint (or checkpoint.old/ during the swap) complete."""
+        for name, obj in self.objects.items():
+            if isinstance(obj, torch.nn.Module) and not all(p.isfinite().all() for p in obj.parameters()):
+                raise TrainingError(f"non-finite weights in {name} at step {step}: checkpoint not written; last good checkpoint: {self.last_checkpoint()}")  # fmt: skip
+        tmp, old = self.dir / "checkpoint.tmp", self.dir / "checkpoint.old"
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            from safetensors.torch import save_model
+
+            for name, obj in self.objects.items():
+                if isinstance(obj, torch.nn.Module):  # identical on every rank (DDP); shared tensors stored once
+                    save_model(self.accelerator.unwrap_model(obj), str(tmp / f"{name}.safetensors"))
+                else:
+                    torch.save(obj.state_dict(), tmp / f"{name}.pt")
+        torch.save({**state, "step": step, "rng": get_rng_state()}, tmp / f"state_{self.accelerator.process_index}.pt")
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            (tmp / "meta.json").write_text(json.dumps({"step": step, "processes": self.accelerator.num_processes}))
+            if old.exists() and not self.ckpt.exists():  # a crash during the last swap: old/ is the good one
+                old.rename(self.ckpt)
+            shutil.rmtree(old, ignore_errors=True)
+            if self.ckpt.exists():
+                self.ckpt.rename(old)
+            tmp.rename(self.ckpt)  # from here on the new checkpoint is the one
+            shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def last_checkpoint(self) -> str:
+        try:
+            step, path = find_checkpoint(self.dir)
+            return f"{path} (step {step})"
+        except UserError:
+            return "none (--save-every N writes them)"
+
+    def check_finite(self, step: int, **values):
+        """Stop the run when a loss or reward is NaN or infinite, before it reaches the weights."""
+        for name, value in values.items():
+            if not torch.isfinite(torch.as_tensor(value)).all():
+                raise TrainingError(f"non-finite {name} at step {step}: stopped before the weights changed; last good checkpoint: {self.last_checkpoint()}")  # fmt: skip
+
+    def close(self):
+        self.closed = True
+        if self.main:
+            self.bar.close()
+            self.writer.close()
+
     def finish(self, final: dict):
         self.accelerator.wait_for_everyone()
         if self.main:
             (self.dir / "eval.json").write_text(json.dumps(final, indent=2))
-            self.bar.close()
-            self.writer.close()
+            self.close()
             print(f"[run] {self.dir}: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
         self.accelerator.end_training()
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def find_checkpoint(run_dir: Path) -> tuple[int, Path]:
+    """(step, directory) of the run's complete checkpoint: checkpoint/, or checkpoint.old/ when a crash hit
+    the swap of a new one in."""
+    for d in (run_dir / "checkpoint", run_dir / "checkpoint.old"):
+        if d.is_dir():
+            try:
+                return json.loads((d / "meta.json").read_text())["step"], d
+            except (OSError, ValueError, KeyError):
+                raise UserError(f"--resume {run_dir}: corrupt checkpoint (no readable {d.name}/meta.json)") from None
+    raise UserError(f"--resume {run_dir}: no checkpoint (write them with --save-every N; Ctrl-C writes one)")
+
+
+def cut_log(path: Path, step: int):
+    """Keep the lines of a jsonl log up to `step`: a resumed run writes the later ones again."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines(keepends=True) if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(lines))
+
+
+def get_rng_state() -> dict:
+    """Python, NumPy, torch CPU and CUDA generator states, as tensors and plain data (weights_only loads)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(mt), gauss], "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }  # fmt: skip
+
+
+def set_rng_state(state: dict):
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def epochs(loader, generator: torch.Generator, position=None):
+    """The batches of a shuffling DataLoader, epoch after epoch, each with its position: (the state of
+    `generator`, its sampler's, at the start of the epoch, the batch's index in the epoch). Given a saved
+    position, continue after it with exactly the batches the uninterrupted run would have seen."""
+    skip = 0
+    if position is not None:
+        generator.set_state(position[0])
+        skip = position[1] + 1
+    while True:
+        epoch_start = generator.get_state()
+        for i, batch in enumerate(loader):
+            if i >= skip:
+                yield batch, (epoch_start, i)
+        skip = 0
 
 
 def print_samples(samples: list[dict], step: int):

@@ -51,6 +51,12 @@ class Args:
     """log to Weights & Biases"""
     wandb_project: str = "rlhf"
     """wandb project name"""
+    save_every: int = 0
+    """write a checkpoint to <run>/checkpoint every this many steps (0: only on Ctrl-C / SIGTERM)"""
+    resume: str | None = None
+    """continue the run in this directory (runs/<run>) from its checkpoint, with its saved arguments"""
+    trust_remote_code: bool = False
+    """allow Hub models that ship their own Python code (it runs on this machine: trusted models only)"""
 
     # model
     model: str = "toy-sft"
@@ -179,7 +185,10 @@ def held_out_metrics(policy, ref_model, rows, args, pad_id, device, batch_size=1
 
 
 def main(args: Args):
-    accelerator = common.setup(args.seed)
+    common.check_ranges(args, positive=("beta", "lr", "epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens", "max_steps", "num_preferences"), non_negative=("save_every",))  # fmt: skip
+    if not 0 <= args.label_smoothing < 0.5:
+        raise common.UserError(f"--label-smoothing {args.label_smoothing} must be in [0, 0.5): the share of flipped labels")  # fmt: skip
+    accelerator = common.setup(args)
     device, is_toy = accelerator.device, args.dataset == "toy"
     tokenizer = common.load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
@@ -212,9 +221,10 @@ def main(args: Args):
                     row["ref_logps"] = (c, r)
 
     per_process = args.batch_size // accelerator.num_processes
+    loader_rng = torch.Generator().manual_seed(args.seed)  # the shuffle; its state is the data position of a checkpoint
     loader = torch.utils.data.DataLoader(
         train_rows, batch_size=per_process, shuffle=True, drop_last=True,
-        collate_fn=lambda b: collate(b, pad_id), generator=torch.Generator().manual_seed(args.seed),
+        collate_fn=lambda b: collate(b, pad_id), generator=loader_rng,
     )  # fmt: skip
     if len(loader) == 0:
         raise common.UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_rows)})")
@@ -234,52 +244,53 @@ def main(args: Args):
         run.write_samples(samples, step)
         return run.log(metrics, step, show=("eval/win_rate", "eval/kl", "eval/rewards/accuracies"))
 
-    initial = run_eval(0)  # the SFT policy: pi_theta = pi_ref
-    step, start, times = 0, time.time(), {}
+    state = run.resume(policy=policy, optimizer=optimizer, scheduler=scheduler)
+    initial = run_eval(0) if state is None else state["initial"]  # step 0: the SFT policy, pi_theta = pi_ref
+    first = 1 if state is None else state["step"] + 1
+    batches = common.epochs(loader, loader_rng, None if state is None else state["position"])
+    start, times = time.time(), {"update": 0.0}
     policy.train()
-    while step < total:
-        for batch in loader:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            with common.timer(times, "update"):
-                chosen_logps, rejected_logps = sequence_logps(policy, batch, pad_id)
-                if "ref_logps" in batch:
-                    ref_chosen, ref_rejected = batch["ref_logps"].chunk(2)
-                else:
-                    with torch.no_grad():
-                        ref_chosen, ref_rejected = sequence_logps(ref_model, batch, pad_id)
-                losses, chosen_rewards, rejected_rewards = dpo_loss(
-                    chosen_logps, rejected_logps, ref_chosen, ref_rejected, args.beta, args.label_smoothing, args.loss_type
-                )  # fmt: skip
-                loss = losses.mean()
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"non-finite DPO loss {loss.item()} at step {step + 1}: lower --lr, or use fp32/bf16 (never fp16)")  # fmt: skip
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            step += 1
-            run.advance()
-            if step % 10 == 0 or step == total:
-                metrics = pair_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
-                metrics.update({"lr": scheduler.get_last_lr()[0], "time/elapsed": time.time() - start})
-                run.log(metrics, step, show=("loss", "rewards/accuracies"))
-            if step % args.eval_every == 0 and step < total:
-                run_eval(step)
-            if step == total:
-                break
+    for step in range(first, total + 1):
+        batch, position = next(batches)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with common.timer(times, "update"):
+            chosen_logps, rejected_logps = sequence_logps(policy, batch, pad_id)
+            if "ref_logps" in batch:
+                ref_chosen, ref_rejected = batch["ref_logps"].chunk(2)
+            else:
+                with torch.no_grad():
+                    ref_chosen, ref_rejected = sequence_logps(ref_model, batch, pad_id)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                chosen_logps, rejected_logps, ref_chosen, ref_rejected, args.beta, args.label_smoothing, args.loss_type
+            )  # fmt: skip
+            loss = losses.mean()
+            run.check_finite(step, loss=loss)  # lower --lr; use fp32/bf16, never fp16
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        run.advance()
+        if step % 10 == 0 or step == total:
+            metrics = pair_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
+            metrics.update({"lr": scheduler.get_last_lr()[0], "time/elapsed": time.time() - start})
+            run.log(metrics, step, show=("loss", "rewards/accuracies"))
+        if step % args.eval_every == 0 and step < total:
+            run_eval(step)
+        run.step_done(step, lambda: {"initial": initial, "position": position})
 
-    final = run_eval(step)
+    final = run_eval(total)
+    steps_here = max(1, total - first + 1)  # steps this process ran (fewer after --resume)
     if accelerator.is_main_process:
         accelerator.unwrap_model(policy).save_pretrained(run.dir)
         tokenizer.save_pretrained(run.dir)
         before, after = initial.get("eval/win_rate"), final.get("eval/win_rate")
         if before is not None:
             print(f"[dpo] win rate vs the reference summaries: SFT {before:.3f} -> DPO {after:.3f} (KL {final['eval/kl']:.2f})")
-        print(f"[dpo] one update ({args.batch_size} pairs): {times['update'] / step:.3f} s (mean of {step}); "
+        print(f"[dpo] one update ({args.batch_size} pairs): {times['update'] / steps_here:.3f} s (mean of {steps_here}); "
               f"peak memory {common.peak_memory_mb():.0f} MiB")
     initial = {f"initial/{k.removeprefix('eval/')}": v for k, v in initial.items()}
-    run.finish({**initial, **final, "time/update_mean": times["update"] / step, "memory/peak_mb": common.peak_memory_mb(), "time/total": time.time() - start})  # fmt: skip
+    run.finish({**initial, **final, "time/update_mean": times["update"] / steps_here, "memory/peak_mb": common.peak_memory_mb(), "time/total": time.time() - start})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -43,6 +43,12 @@ class Args:
     """log to Weights & Biases"""
     wandb_project: str = "rlhf"
     """wandb project name"""
+    save_every: int = 0
+    """write a checkpoint to <run>/checkpoint every this many updates (0: only on Ctrl-C / SIGTERM)"""
+    resume: str | None = None
+    """continue the run in this directory (runs/<run>) from its checkpoint, with its saved arguments"""
+    trust_remote_code: bool = False
+    """allow Hub models that ship their own Python code (it runs on this machine: trusted models only)"""
 
     # model
     model: str = "toy-sft"
@@ -169,10 +175,11 @@ def ppo_losses(new_logps, old_logps, advantages, new_values, old_values, returns
 
 
 def main(args: Args):
-    accelerator = common.setup(args.seed)
+    accelerator = common.setup(args)
     device = accelerator.device
     per_process = args.batch_size // accelerator.num_processes
     num_updates = args.total_episodes // args.batch_size
+    common.check_ranges(args, positive=("temperature", "lr", "max_new_tokens", "max_prompt_length", "ppo_epochs", "micro_batch_size", "cliprange", "cliprange_value"), non_negative=("kl_coef", "vf_coef", "save_every"), unit=("gamma", "lam"))  # fmt: skip
     if per_process == 0 or per_process % args.num_minibatches or num_updates == 0:
         raise common.UserError(f"--batch-size {args.batch_size} must be a multiple of --num-minibatches {args.num_minibatches} (per process) and at most --total-episodes {args.total_episodes}")  # fmt: skip
     tokenizer = common.load_tokenizer(args.model)
@@ -210,9 +217,15 @@ def main(args: Args):
         run.write_samples(samples, update)
         return run.log(metrics, update, show=("eval/win_rate", "eval/kl") if is_toy else ("eval/score", "eval/kl"))
 
-    initial = run_eval(0)  # the SFT policy: pi_theta = pi_ref
-    start, cursor = time.time(), 0
-    for update in range(1, num_updates + 1):
+    state = run.resume(policy=policy, critic=value_model, optimizer=optimizer, scheduler=scheduler)
+    if state is None:
+        initial, first, cursor = run_eval(0), 1, 0  # step 0: the SFT policy, pi_theta = pi_ref
+    else:  # --resume: the data position and generators where the checkpoint left them
+        initial, first, cursor, order = state["initial"], state["step"] + 1, state["cursor"], state["order"]
+        generator.set_state(state["generator"])
+        reset_generator.set_state(state["reset_generator"])
+    start, times = time.time(), {}
+    for update in range(first, num_updates + 1):
         times = {}
         # ---- rollout: sample, score, per-token KL penalty, GAE (no gradients) ----
         with common.timer(times, "time/generation"), torch.no_grad():
@@ -235,6 +248,7 @@ def main(args: Args):
             scores = common.reward_scores(reward_model, prompt, completion, pad_id, has_eos, args.no_eos_score)
             kl = (old_logps - ref_logps).masked_fill(~mask, 0)  # k1 estimate per token, 0 after EOS
             rewards = per_token_rewards(kl, scores, mask, args.kl_coef)
+            run.check_finite(update, reward=scores)
             advantages, returns = compute_gae(rewards, old_values, args.gamma, args.lam)
             advantages = common.masked_whiten(advantages, mask).masked_fill(~mask, 0)
 
@@ -253,6 +267,7 @@ def main(args: Args):
                             mask[idx], args, mask[idx] & ~forced[idx],
                         )  # fmt: skip
                         loss = pg_loss + args.vf_coef * vf_loss  # ALGO LOGIC: N+ total loss
+                        run.check_finite(update, loss=loss)
                         accelerator.backward(loss * len(idx) / len(mb))
                         stats.append({"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), **{k: v.item() for k, v in s.items()}})  # fmt: skip
                     optimizer.step()
@@ -282,6 +297,7 @@ def main(args: Args):
         run.advance()
         if update % args.eval_every == 0 and update < num_updates:
             run_eval(update)
+        run.step_done(update, lambda: {"initial": initial, "cursor": cursor, "order": order, "generator": generator.get_state(), "reset_generator": reset_generator.get_state()})  # fmt: skip
 
     final = run_eval(num_updates)
     if accelerator.is_main_process:

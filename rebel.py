@@ -42,6 +42,12 @@ class Args:
     """log to Weights & Biases"""
     wandb_project: str = "rlhf"
     """wandb project name"""
+    save_every: int = 0
+    """write a checkpoint to <run>/checkpoint every this many updates (0: only on Ctrl-C / SIGTERM)"""
+    resume: str | None = None
+    """continue the run in this directory (runs/<run>) from its checkpoint, with its saved arguments"""
+    trust_remote_code: bool = False
+    """allow Hub models that ship their own Python code (it runs on this machine: trusted models only)"""
 
     # model
     model: str = "toy-sft"
@@ -120,10 +126,11 @@ def rebel_loss(new_logps: torch.Tensor, old_logps: torch.Tensor, rewards: torch.
 
 
 def main(args: Args):
-    accelerator = common.setup(args.seed)
+    accelerator = common.setup(args)
     device = accelerator.device
     per_process = args.batch_size // accelerator.num_processes
     num_updates = args.total_episodes // args.batch_size
+    common.check_ranges(args, positive=("eta", "temperature", "lr", "max_new_tokens", "max_prompt_length", "rebel_epochs", "micro_batch_size"), non_negative=("kl_coef", "save_every"))  # fmt: skip
     if per_process == 0 or per_process % args.num_minibatches or num_updates == 0:
         raise common.UserError(f"--batch-size {args.batch_size} must be a multiple of --num-minibatches {args.num_minibatches} (per process) and at most --total-episodes {args.total_episodes}")  # fmt: skip
     tokenizer = common.load_tokenizer(args.model)
@@ -156,9 +163,14 @@ def main(args: Args):
         run.write_samples(samples, update)
         return run.log(metrics, update, show=("eval/win_rate", "eval/kl") if is_toy else ("eval/score", "eval/kl"))
 
-    initial = run_eval(0)  # the SFT policy: pi_theta = pi_ref
-    start, cursor = time.time(), 0
-    for update in range(1, num_updates + 1):
+    state = run.resume(policy=policy, optimizer=optimizer, scheduler=scheduler)
+    if state is None:
+        initial, first, cursor = run_eval(0), 1, 0  # step 0: the SFT policy, pi_theta = pi_ref
+    else:  # --resume: the data position and generator where the checkpoint left them
+        initial, first, cursor, order = state["initial"], state["step"] + 1, state["cursor"], state["order"]
+        generator.set_state(state["generator"])
+    start, times = time.time(), {}
+    for update in range(first, num_updates + 1):
         times = {}
         # ---- rollout: two completions per prompt from pi_t, scored once and kept fixed (no gradients) ----
         with common.timer(times, "time/generation"), torch.no_grad():
@@ -176,6 +188,7 @@ def main(args: Args):
             scores = common.reward_scores(reward_model, prompt, completion, pad_id, has_eos, args.no_eos_score)
             kl = (old_logps - ref_logps).masked_fill(~mask, 0)  # k1 estimate per token, 0 after EOS
             rewards = sequence_rewards(scores, kl, mask, args.kl_coef)
+            run.check_finite(update, reward=rewards)
             old_seq_logps = old_logps.sum(1)  # log pi_t(y|x), fixed for all epochs over this batch
 
         # ---- update: rebel_epochs x num_minibatches least-squares steps on the fixed pairs ----
@@ -189,6 +202,7 @@ def main(args: Args):
                         idx = idx.to(device)
                         new_logps = common.completion_logprobs(policy, prompt[idx], completion[idx], pad_id, args.temperature).sum(1)  # fmt: skip
                         loss, s = rebel_loss(new_logps, old_seq_logps[idx], rewards[idx], args.eta)
+                        run.check_finite(update, loss=loss)
                         accelerator.backward(loss * len(idx) / n_rows)
                         stats.append({"loss/policy": loss.item(), "rebel/residual": s["residual"].mean().item(),
                                       "rebel/residual_abs": s["residual"].abs().mean().item()})  # fmt: skip
@@ -219,6 +233,7 @@ def main(args: Args):
         run.advance()
         if update % args.eval_every == 0 and update < num_updates:
             run_eval(update)
+        run.step_done(update, lambda: {"initial": initial, "cursor": cursor, "order": order, "generator": generator.get_state()})  # fmt: skip
 
     final = run_eval(num_updates)
     if accelerator.is_main_process:

@@ -45,6 +45,12 @@ class Args:
     """log to Weights & Biases"""
     wandb_project: str = "rlhf"
     """wandb project name"""
+    save_every: int = 0
+    """write a checkpoint to <run>/checkpoint every this many steps (0: only on Ctrl-C / SIGTERM)"""
+    resume: str | None = None
+    """continue the run in this directory (runs/<run>) from its checkpoint, with its saved arguments"""
+    trust_remote_code: bool = False
+    """allow Hub models that ship their own Python code (it runs on this machine: trusted models only)"""
 
     # model
     model: str = "toy-sft"
@@ -166,7 +172,8 @@ def sft_sample_agreement(model, pairs, pad_id, no_eos_score=-1.0):
 
 
 def main(args: Args):
-    accelerator = common.setup(args.seed)
+    common.check_ranges(args, positive=("lr", "epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_steps"), non_negative=("save_every",))  # fmt: skip
+    accelerator = common.setup(args)
     tokenizer = common.load_tokenizer(args.model)
     model = common.load_model(args.model, kind="reward")
     is_toy = args.dataset == "toy"
@@ -181,9 +188,10 @@ def main(args: Args):
         sft_pairs = sft_sample_pairs(tokenizer, args.model, test["prompt"][:500], args, device)
 
     per_process = args.batch_size // accelerator.num_processes
+    loader_rng = torch.Generator().manual_seed(args.seed)  # the shuffle; its state is the data position of a checkpoint
     loader = torch.utils.data.DataLoader(
         train_rows, batch_size=per_process, shuffle=True, drop_last=True,
-        collate_fn=lambda b: collate(b, pad_id), generator=torch.Generator().manual_seed(args.seed),
+        collate_fn=lambda b: collate(b, pad_id), generator=loader_rng,
     )  # fmt: skip
     if len(loader) == 0:
         raise common.UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_rows)})")
@@ -200,30 +208,32 @@ def main(args: Args):
             metrics["eval/gold_agreement_sft_samples"] = sft_sample_agreement(unwrapped, sft_pairs, pad_id)
         return run.log(metrics, step, show=("eval/accuracy",))
 
-    step, start = 0, time.time()
+    state = run.resume(model=model, optimizer=optimizer, scheduler=scheduler)
+    first = 1 if state is None else state["step"] + 1
+    batches = common.epochs(loader, loader_rng, None if state is None else state["position"])
+    start = time.time()
     model.train()
-    while step < total:
-        for prompt, completion in loader:
-            chosen, rejected = pair_scores(model, prompt, completion, pad_id)
-            loss = bradley_terry_loss(chosen, rejected)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            step += 1
-            run.advance()
-            if step % 10 == 0 or step == total:
-                run.log({
-                    "loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
-                    "scores/chosen": chosen.mean().item(), "scores/rejected": rejected.mean().item(),
-                    "scores/margin": (chosen - rejected).mean().item(), "lr": scheduler.get_last_lr()[0],
-                }, step, show=("loss", "accuracy"))  # fmt: skip
-            if step % args.eval_every == 0 and step < total:
-                run_eval(step)
-            if step == total:
-                break
+    for step in range(first, total + 1):
+        (prompt, completion), position = next(batches)
+        chosen, rejected = pair_scores(model, prompt, completion, pad_id)
+        loss = bradley_terry_loss(chosen, rejected)
+        run.check_finite(step, loss=loss)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        run.advance()
+        if step % 10 == 0 or step == total:
+            run.log({
+                "loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
+                "scores/chosen": chosen.mean().item(), "scores/rejected": rejected.mean().item(),
+                "scores/margin": (chosen - rejected).mean().item(), "lr": scheduler.get_last_lr()[0],
+            }, step, show=("loss", "accuracy"))  # fmt: skip
+        if step % args.eval_every == 0 and step < total:
+            run_eval(step)
+        run.step_done(step, lambda: {"position": position})
 
-    final = run_eval(step)
+    final = run_eval(total)
     unwrapped = accelerator.unwrap_model(model)
     if args.reference_dataset is not None:
         refs = common.load_data(args.reference_dataset, "train", ("prompt", "completion"))

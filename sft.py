@@ -40,6 +40,12 @@ class Args:
     """log to Weights & Biases"""
     wandb_project: str = "rlhf"
     """wandb project name"""
+    save_every: int = 0
+    """write a checkpoint to <run>/checkpoint every this many steps (0: only on Ctrl-C / SIGTERM)"""
+    resume: str | None = None
+    """continue the run in this directory (runs/<run>) from its checkpoint, with its saved arguments"""
+    trust_remote_code: bool = False
+    """allow Hub models that ship their own Python code (it runs on this machine: trusted models only)"""
 
     # model
     model: str = "toy"
@@ -77,7 +83,8 @@ def collate(examples, pad_id):
 
 
 def main(args: Args):
-    accelerator = common.setup(args.seed)
+    common.check_ranges(args, positive=("lr", "epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens", "max_steps"), non_negative=("save_every",))  # fmt: skip
+    accelerator = common.setup(args)
     tokenizer = common.load_tokenizer(args.model)
     model = common.load_model(args.model)
     is_toy = args.dataset == "toy"
@@ -93,9 +100,10 @@ def main(args: Args):
         print(f"[data] {n_cut} completions longer than --max-completion-length {args.max_completion_length} lost their EOS")  # fmt: skip
 
     per_process = args.batch_size // accelerator.num_processes
+    loader_rng = torch.Generator().manual_seed(args.seed)  # the shuffle; its state is the data position of a checkpoint
     loader = torch.utils.data.DataLoader(
         examples, batch_size=per_process, shuffle=True, drop_last=True,
-        collate_fn=lambda b: collate(b, tokenizer.pad_token_id), generator=torch.Generator().manual_seed(args.seed),
+        collate_fn=lambda b: collate(b, tokenizer.pad_token_id), generator=loader_rng,
     )  # fmt: skip
     if len(loader) == 0:
         raise common.UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(examples)})")
@@ -113,27 +121,29 @@ def main(args: Args):
         run.write_samples(samples, step)
         return run.log(metrics, step, show=("eval/win_rate", "eval/eos"))
 
-    step, start = 0, time.time()
+    state = run.resume(model=model, optimizer=optimizer, scheduler=scheduler)
+    first = 1 if state is None else state["step"] + 1
+    batches = common.epochs(loader, loader_rng, None if state is None else state["position"])
+    start = time.time()
     model.train()
-    while step < total:
-        for prompt, completion in loader:
-            # SFT loss: token-mean negative log-likelihood of the completion tokens (EOS included)
-            logps = common.completion_logprobs(model, prompt, completion, tokenizer.pad_token_id)
-            loss = -common.masked_mean(logps, completion != tokenizer.pad_token_id)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            step += 1
-            run.advance()
-            if step % 10 == 0 or step == total:
-                run.log({"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "time/elapsed": time.time() - start}, step, show=("loss",))  # fmt: skip
-            if step % args.eval_every == 0 and step < total:
-                run_eval(step)
-            if step == total:
-                break
+    for step in range(first, total + 1):
+        (prompt, completion), position = next(batches)
+        # SFT loss: token-mean negative log-likelihood of the completion tokens (EOS included)
+        logps = common.completion_logprobs(model, prompt, completion, tokenizer.pad_token_id)
+        loss = -common.masked_mean(logps, completion != tokenizer.pad_token_id)
+        run.check_finite(step, loss=loss)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        run.advance()
+        if step % 10 == 0 or step == total:
+            run.log({"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "time/elapsed": time.time() - start}, step, show=("loss",))  # fmt: skip
+        if step % args.eval_every == 0 and step < total:
+            run_eval(step)
+        run.step_done(step, lambda: {"position": position})
 
-    final = run_eval(step)
+    final = run_eval(total)
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(run.dir)
         tokenizer.save_pretrained(run.dir)

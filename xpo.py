@@ -53,6 +53,12 @@ class Args:
     """log to Weights & Biases"""
     wandb_project: str = "rlhf"
     """wandb project name"""
+    save_every: int = 0
+    """write a checkpoint to <run>/checkpoint every this many updates (0: only on Ctrl-C / SIGTERM)"""
+    resume: str | None = None
+    """continue the run in this directory (runs/<run>) from its checkpoint, with its saved arguments"""
+    trust_remote_code: bool = False
+    """allow Hub models that ship their own Python code (it runs on this machine: trusted models only)"""
 
     # model
     model: str = "toy-sft"
@@ -145,10 +151,13 @@ def collate(rows, pad_id, device):
 
 
 def main(args: Args):
-    accelerator = common.setup(args.seed)
+    accelerator = common.setup(args)
     device, is_toy = accelerator.device, args.dataset == "toy"
     per_process = args.batch_size // accelerator.num_processes
     num_updates = args.total_episodes // args.batch_size
+    common.check_ranges(args, positive=("beta", "temperature", "lr", "max_new_tokens", "max_prompt_length", "epochs", "micro_batch_size"), non_negative=("save_every",))  # fmt: skip
+    if any(not a >= 0 for a in args.alpha):
+        raise common.UserError(f"--alpha {' '.join(map(str, args.alpha))}: every alpha must be >= 0")
     if per_process == 0 or per_process % args.num_minibatches or num_updates == 0:
         raise common.UserError(f"--batch-size {args.batch_size} must be a multiple of --num-minibatches {args.num_minibatches} (per process) and at most --total-episodes {args.total_episodes}")  # fmt: skip
     if args.judge == "gold" and not is_toy:
@@ -189,9 +198,15 @@ def main(args: Args):
             return torch.tensor([toy.gold_reward(p, t, bool(e)) for p, t, e in zip(texts, decoded, has_eos)], device=device)  # fmt: skip
         return common.reward_scores(reward_model, prompt, completion, pad_id, has_eos, args.no_eos_score)
 
-    initial = run_eval(0)  # the SFT policy: pi_theta = pi_ref
-    start, cursor, buffer = time.time(), 0, []
-    for update in range(1, num_updates + 1):
+    state = run.resume(policy=policy, optimizer=optimizer, scheduler=scheduler)
+    if state is None:
+        initial, first, cursor, buffer = run_eval(0), 1, 0, []  # step 0: the SFT policy, pi_theta = pi_ref
+    else:  # --resume: data position, generator and replay buffer where the checkpoint left them
+        initial, first, cursor, order, buffer = (state[k] for k in ("initial", "step", "cursor", "order", "buffer"))
+        first += 1
+        generator.set_state(state["generator"])
+    start, times = time.time(), {}
+    for update in range(first, num_updates + 1):
         times, alpha = {}, alpha_at(args.alpha, update, num_updates)
         # ---- XPO Algorithm 1, step 1: x ~ rho, y ~ pi_t(.|x), y~ ~ pi_ref(.|x) (no gradients) ----
         with common.timer(times, "time/generation"), torch.no_grad():
@@ -207,6 +222,7 @@ def main(args: Args):
         # ---- step 2: the preference oracle labels (y, y~) -> (y+, y-); ties go to the policy sample ----
         with common.timer(times, "time/scoring"), torch.no_grad():
             scores, ref_scores = judge(prompt, completion, has_eos, texts), judge(prompt, tilde, tilde_eos, texts)
+            run.check_finite(update, reward=torch.cat([scores, ref_scores]))
             policy_won = label_pairs(scores, ref_scores)
             ref_logps = common.completion_logprobs(ref_policy, prompt, completion, pad_id, args.temperature).sum(1)
             ref_tilde_logps = common.completion_logprobs(ref_policy, prompt, tilde, pad_id, args.temperature).sum(1)
@@ -232,8 +248,7 @@ def main(args: Args):
                             logps_tilde, args.beta, alpha,
                         )  # fmt: skip
                         loss = losses.mean()
-                        if not torch.isfinite(loss):
-                            raise RuntimeError(f"non-finite XPO loss {loss.item()} at update {update}: lower --lr or --alpha")  # fmt: skip
+                        run.check_finite(update, loss=loss)  # lower --lr or --alpha
                         accelerator.backward(loss * len(idx) / len(mb))
                         stats.append({
                             "loss/dpo": dpo_losses.mean().item(), "loss/xpo": bonus.mean().item(), "loss/total": loss.item(),
@@ -264,6 +279,7 @@ def main(args: Args):
         run.advance()
         if update % args.eval_every == 0 and update < num_updates:
             run_eval(update)
+        run.step_done(update, lambda: {"initial": initial, "cursor": cursor, "order": order, "buffer": buffer, "generator": generator.get_state()})  # fmt: skip
 
     final = run_eval(num_updates)
     if accelerator.is_main_process:

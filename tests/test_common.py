@@ -525,7 +525,7 @@ def test_setup_is_distributed_under_torchrun_on_cpu(tmp_path):
     stdout, where their prints interleave ("ranksranks 2 1" then " 2 0")."""
     script = tmp_path / "setup_ranks.py"
     script.write_text(
-        "import os, pathlib, common\nacc = common.setup(0)\n"
+        "import os, pathlib, common\nacc = common.setup(type(\"A\", (), {\"seed\": 0})())\n"
         f"pathlib.Path({str(tmp_path)!r}, 'rank' + os.environ['RANK']).write_text(f'{{acc.num_processes}} {{acc.process_index}}')\n"
     )  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -636,7 +636,7 @@ class RunArgs:
 
 def test_run_writes_its_files(tmp_path):
     args = RunArgs(output_dir=str(tmp_path))
-    run = common.Run(args, common.setup(args.seed), total=2)
+    run = common.Run(args, common.setup(args), total=2)
     run.log({"loss": torch.tensor(0.5), "lr": 1e-3}, step=1)
     run.log({"loss": 0.25}, step=2, show=("loss",))
     run.write_samples([{"prompt": "POST: a TL;DR:", "completion": "a", "gold": 0.55}], step=2)
