@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import extract_model_from_parallel, set_seed
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
 import toy
@@ -375,14 +375,32 @@ def last_token_index(prompt: torch.Tensor, completion: torch.Tensor, pad_id: int
     return prompt.shape[1] + (completion != pad_id).sum(1) - 1
 
 
+def token_scores(model, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Per-token outputs [B, T] of the scalar head (`.score`) of a 1-label AutoModelForSequenceClassification.
+    They come from the model's own forward, read by a hook on the head: a DDP or DeepSpeed wrapper sees
+    the whole forward (so gradients are synchronized), and no architecture's pooling is relied on."""
+    inner = extract_model_from_parallel(model)
+    captured = []
+    hook = inner.score.register_forward_hook(lambda module, args, output: captured.append(output))
+    config = inner.config.get_text_config()
+    pad_before = config.pad_token_id
+    if pad_before is None:  # the model's own pooling (unused here) refuses batches without a pad id
+        config.pad_token_id = pad_id
+    try:
+        forward(model, ids, pad_id)
+    finally:
+        hook.remove()
+        config.pad_token_id = pad_before
+    return captured[0].squeeze(-1)
+
+
 def reward_scores(reward_model, prompt, completion, pad_id, has_eos=None, no_eos_score: float | None = None):
     """Reward-model score read at the EOS token (the last real token), minus the stored normalization
     bias. Completions without EOS get `no_eos_score` instead (N+ replaces the score by -1)."""
-    backbone = getattr(reward_model, reward_model.base_model_prefix)
-    hidden = forward(backbone, torch.cat([prompt, completion], 1), pad_id).last_hidden_state
+    scores = token_scores(reward_model, torch.cat([prompt, completion], 1), pad_id)
     idx = last_token_index(prompt, completion, pad_id)
-    scores = reward_model.score(hidden[torch.arange(len(idx), device=idx.device), idx]).squeeze(-1).float()
-    scores = scores - getattr(reward_model.config, "reward_bias", 0.0)
+    scores = scores[torch.arange(len(idx), device=idx.device), idx].float()
+    scores = scores - getattr(extract_model_from_parallel(reward_model).config, "reward_bias", 0.0)
     if has_eos is not None and no_eos_score is not None:
         scores = torch.where(has_eos, scores, torch.full_like(scores, no_eos_score))
     return scores

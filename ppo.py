@@ -122,9 +122,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: 
 
 def token_values(value_model, prompt, completion, pad_id):
     """V(s_t) for every completion token t: the critic's head on the hidden state just before y_t."""
-    backbone = getattr(value_model, value_model.base_model_prefix)
-    hidden = common.forward(backbone, torch.cat([prompt, completion], 1), pad_id).last_hidden_state
-    return value_model.score(hidden[:, prompt.shape[1] - 1 : -1]).squeeze(-1).float()
+    return common.token_scores(value_model, torch.cat([prompt, completion], 1), pad_id)[:, prompt.shape[1] - 1 : -1].float()
 
 
 def ppo_losses(new_logps, old_logps, advantages, new_values, old_values, returns, mask, args):

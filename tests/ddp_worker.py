@@ -1,0 +1,72 @@
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node 2` (gloo, CPU), or as one process.
+
+Runs the scripts named on the command line one after the other (same processes), each for two updates on
+the tiny toy models, and records on every rank a hash of the parameters after every optimizer step, and
+the parameters themselves after the first step of each script, into <out>/<script>.rank<k>.pt."""
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+torch.set_num_threads(1)
+
+import aihf  # noqa: E402
+import dpo  # noqa: E402
+import drpo  # noqa: E402
+import ppo  # noqa: E402
+import rebel  # noqa: E402
+import reward  # noqa: E402
+import sft  # noqa: E402
+import xpo  # noqa: E402
+
+# two updates each; batch sizes divide by 2 processes (and by the minibatch counts per process)
+RUNS = {
+    "sft": (sft, dict(model="toy-tiny", max_steps=2, batch_size=8, eval_prompts=4)),
+    "reward": (reward, dict(max_steps=2, batch_size=8, eval_pairs=8)),
+    "dpo": (dpo, dict(max_steps=2, batch_size=8, eval_prompts=4, eval_pairs=8)),
+    "ppo": (ppo, dict(total_episodes=16, batch_size=8, num_minibatches=2, micro_batch_size=2, eval_prompts=4)),
+    "drpo": (drpo, dict(total_episodes=16, batch_size=8, num_minibatches=2, micro_batch_size=2, eval_prompts=4)),
+    "rebel": (rebel, dict(total_episodes=16, batch_size=8, num_minibatches=2, micro_batch_size=2, eval_prompts=4)),
+    "xpo": (xpo, dict(total_episodes=16, batch_size=8, num_minibatches=2, micro_batch_size=2, eval_prompts=4)),
+    "aihf": (aihf, dict(total_steps=2, batch_size=4, demo_batch_size=4, num_demonstrations=32, num_preferences=32, eval_prompts=4)),  # fmt: skip
+    "aihf-explicit": (aihf, dict(variant="explicit", total_steps=2, policy_steps=1, rollout_prompts=4, batch_size=4, demo_batch_size=4, center_demos=8, num_demonstrations=32, num_preferences=32, eval_prompts=4)),  # fmt: skip
+}
+
+
+def main(out: Path, names: list[str]):
+    rank = int(os.environ.get("RANK", 0))
+    record = {"hashes": [], "first_step": None}
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        params = [p.detach() for group in self.param_groups for p in group["params"]]
+        digest = hashlib.sha256(b"".join(p.cpu().numpy().tobytes() for p in params)).hexdigest()
+        record["hashes"].append(digest)
+        if record["first_step"] is None:
+            record["first_step"] = torch.cat([p.flatten().cpu() for p in params])
+        return result
+
+    torch.optim.AdamW.step = step
+    # end_training() destroys the process group, which a second init in the same process cannot rebuild
+    # under torchrun's store: the scripts here run one after the other in the same two processes
+    Accelerator.end_training = lambda self: None
+    try:
+        for name in names:
+            module, kw = RUNS[name]
+            record.update(hashes=[], first_step=None)
+            module.main(module.Args(output_dir=str(out), run_name=f"{name}-{os.environ.get('WORLD_SIZE', 1)}", **kw))
+            torch.save(record, out / f"{name}.rank{rank}.pt")
+    finally:
+        torch.optim.AdamW.step = real_step
+    (out / f"done.rank{rank}").write_text(json.dumps(names))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])

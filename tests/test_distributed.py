@@ -1,0 +1,46 @@
+"""More than one process: every script under `torchrun --nproc_per_node 2` on CPU (gloo) completes two
+updates with identical parameters on both ranks after every optimizer step, writes its files once, and
+dpo.py's first update with 2 processes x B/2 pairs equals one process with B pairs."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddp_worker
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the gloo CPU path")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(toy_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "ddp_worker.py"), str(out), *ddp_worker.RUNS]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("name", list(ddp_worker.RUNS))
+def test_ranks_hold_identical_parameters(name, two_ranks):
+    ranks = [torch.load(two_ranks / f"{name}.rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert len(ranks[0]["hashes"]) >= 2  # two updates (more optimizer steps for the minibatched ones)
+    assert ranks[0]["hashes"] == ranks[1]["hashes"]
+    run_dir = two_ranks / f"{name}-2"
+    assert (run_dir / "eval.json").exists() and (run_dir / "model.safetensors").exists()
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines))  # written by one rank only
+
+
+def test_dpo_two_halves_equal_one_batch(two_ranks, tmp_path):
+    """Gradients are averaged across processes: 2 x 4 pairs give the step that 1 x 8 pairs give."""
+    ddp_worker.main(tmp_path, ["dpo"])
+    one = torch.load(tmp_path / "dpo.rank0.pt", weights_only=True)["first_step"]
+    two = torch.load(two_ranks / "dpo.rank0.pt", weights_only=True)["first_step"]
+    torch.testing.assert_close(two, one, rtol=0, atol=1e-6)
