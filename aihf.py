@@ -232,7 +232,7 @@ def main(args: Args):
     ref_policy = common.load_model(args.model, dtype=common.frozen_dtype()).to(device).eval().requires_grad_(False)
     scorer = None  # frozen reward model: the eval RM score only
     if rm_name is not None:
-        scorer = common.load_model(rm_name, "reward", common.frozen_dtype()).to(device).eval().requires_grad_(False)
+        scorer = common.load_model(rm_name, "reward", common.frozen_dtype(), tokenizer).to(device).eval().requires_grad_(False)
 
     demos = common.load_data(args.dataset, "train", ("prompt", "completion"))
     prefs = common.load_data(args.preference_dataset, "train", PREFERENCE_COLUMNS)

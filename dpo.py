@@ -189,7 +189,7 @@ def main(args: Args):
     ref_model = ref_model.to(device).eval().requires_grad_(False)
     reward_model = None
     if args.reward_model is not None and (is_toy or args.reward_model != "toy-rm"):
-        reward_model = common.load_model(args.reward_model, kind="reward", dtype=common.frozen_dtype())
+        reward_model = common.load_model(args.reward_model, kind="reward", dtype=common.frozen_dtype(), tokenizer=tokenizer)
         reward_model = reward_model.to(device).eval().requires_grad_(False)
 
     train = common.load_data(args.dataset, "train", PREFERENCE_COLUMNS)
