@@ -226,27 +226,26 @@ def _pick_split(data: datasets.DatasetDict, split: str, name: str, columns: tupl
 def standardize(data: datasets.Dataset, columns: tuple[str, ...], name: str = "dataset") -> datasets.Dataset:
     """TRL's standard columns (prompt; prompt/completion; prompt/chosen/rejected), plain text or conversational
     (lists of {"role", "content"}), from the known layouts that lack them:
+    - `messages` (ultrafeedback_binarized train_sft, UltraChat), when a completion is asked for or there is
+      no `chosen`: the last assistant turn is the completion, the turns before it the prompt;
     - implicit prompt, `chosen`/`rejected` as whole dialogues (Anthropic/hh-rlhf transcripts, or
       ultrafeedback_binarized's message lists beside its plain `prompt` string): split by `split_dialogues`;
-    - `messages` only (ultrafeedback_binarized train_sft, UltraChat): the last assistant turn is the completion;
     - `completion` asked of preference data: the chosen responses (SFT on the preferred answers, as in DPO's HH).
     Rows already in a standard layout pass through unchanged."""
     cols, first = set(data.column_names), data[0]
-    dialogue = {"chosen", "rejected"} <= cols and (
-        "prompt" not in cols or (is_conversation(first["chosen"]) and not is_conversation(first["prompt"]))
-    )
-    if dialogue:
-        rows = [split_dialogues(c, r, f"{name} row {i}") for i, (c, r) in enumerate(zip(data["chosen"], data["rejected"]))]  # fmt: skip
-        data = datasets.Dataset.from_dict(dict(zip(("prompt", "chosen", "rejected"), map(list, zip(*rows)))))
-    elif "messages" in cols and "completion" not in cols and "chosen" not in cols and is_conversation(first["messages"]):
-        ends = [bool(m) and m[-1]["role"] == "assistant" for m in data["messages"]]
+    use_messages = "messages" in cols and is_conversation(first["messages"]) and "completion" not in cols
+    if use_messages and ("completion" in columns or "chosen" not in cols):
+        messages = list(data["messages"])
+        ends = [bool(m) and m[-1]["role"] == "assistant" for m in messages]
         if "completion" in columns and not all(ends):
             raise UserError(f"{name}: row {ends.index(False)}'s `messages` does not end with an assistant turn (the completion)")  # fmt: skip
-        messages = list(data["messages"])
-        data = datasets.Dataset.from_dict({
+        return datasets.Dataset.from_dict({
             "prompt": [m[:-1] if e else m for m, e in zip(messages, ends)],
             "completion": [m[-1:] if e else [] for m, e in zip(messages, ends)],
         })  # fmt: skip
+    if {"chosen", "rejected"} <= cols and ("prompt" not in cols or (is_conversation(first["chosen"]) and not is_conversation(first["prompt"]))):  # fmt: skip
+        rows = [split_dialogues(c, r, f"{name} row {i}") for i, (c, r) in enumerate(zip(data["chosen"], data["rejected"]))]  # fmt: skip
+        data = datasets.Dataset.from_dict(dict(zip(("prompt", "chosen", "rejected"), map(list, zip(*rows)))))
     if "completion" in columns and "completion" not in data.column_names and "chosen" in data.column_names:
         print(f"[data] {name} has no `completion` column: the `chosen` responses are the completions")
         data = data.rename_column("chosen", "completion")
@@ -274,10 +273,9 @@ def split_dialogues(chosen, rejected, where: str = "row") -> tuple:
         return chosen[:k], chosen[k:], rejected[k:]
     if not isinstance(chosen, str) or not isinstance(rejected, str):
         raise UserError(f"{where}: `chosen` and `rejected` must both be strings or both lists of messages")
-    k = 0
-    while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
-        k += 1
-    end = chosen.rfind(HH_ASSISTANT, 0, k)
+    end = chosen.rfind(HH_ASSISTANT)  # the last marker inside their common prefix (string compares: HH is 160k rows)
+    while end >= 0 and not rejected.startswith(chosen[: end + len(HH_ASSISTANT)]):
+        end = chosen.rfind(HH_ASSISTANT, 0, end)
     if end < 0:
         raise UserError(f"{where}: no prompt column, and `chosen`/`rejected` share no '\\n\\nAssistant:' turn to split at")  # fmt: skip
     end += len(HH_ASSISTANT)

@@ -186,7 +186,8 @@ def test_ultrafeedback_splits_and_columns(ultrafeedback, capsys):
                        "rejected": [{"role": "assistant", "content": "Move out."}]}  # fmt: skip
     assert len(common.load_data(ultrafeedback, "test", PREF)) == 2
     sft = common.load_data(ultrafeedback, "test", SFT)
-    assert "'test_sft' as the test split" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "'test_sft' as the test split" in out and "chosen" not in out  # from `messages`
     assert sft[0]["completion"] == [{"role": "assistant", "content": "Talk to them calmly."}]
     prompts = common.load_data(ultrafeedback, "train", PROMPT)
     assert "'train_gen' as the train split" in capsys.readouterr().out
