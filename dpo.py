@@ -58,7 +58,7 @@ class Args:
     ref_model: str | None = None
     """frozen reference pi_ref (default: a separate copy of --model)"""
     reward_model: str | None = "toy-rm"
-    """reward model scored at evaluation only (DPO never trains on it; same tokenizer as --model); `toy-rm` applies to the toy dataset only; None: no RM score"""
+    """reward model scored at evaluation only (DPO never trains on it; another tokenizer than --model's is re-tokenized); `toy-rm` applies to the toy dataset only; None: no RM score"""
 
     # data
     dataset: str = "toy"

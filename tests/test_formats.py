@@ -34,13 +34,15 @@ def tldr_prompt(i: int, post: str = "My roommate never pays the rent on time.") 
 
 @pytest.mark.parametrize("arch", tiny_models.ARCHS)
 def test_load_tokenizer_on_real_families(tiny_checkpoints, arch):
-    """No pad (GPT-2, Llama) or pad == EOS (Pythia setups): a dedicated <|pad|> one past the embedding.
-    Qwen2's own <|endoftext|> pad is distinct from its EOS: kept, inside the vocabulary."""
+    """No pad (GPT-2, Llama) or pad == EOS (Pythia setups): a dedicated <|pad|>, one past the embedding, or
+    on one of its spare rows (Pythia). Qwen2's own <|endoftext|> pad is distinct from its EOS: kept."""
     path, _ = tiny_checkpoints[arch]
     tok, model = common.load_tokenizer(path), common.load_model(path)
     assert tok.pad_token_id != tok.eos_token_id and tok.padding_side == "left"
     if arch == "qwen2":
         assert (tok.pad_token, tok.pad_token_id, len(tok)) == ("<|endoftext|>", 0, model.config.vocab_size)
+    elif arch == "gpt_neox":
+        assert (tok.pad_token, tok.pad_token_id, model.config.vocab_size) == ("<|pad|>", 400, 448)  # a spare, untrained row
     else:
         assert (tok.pad_token, tok.pad_token_id) == ("<|pad|>", model.config.vocab_size)  # no embedding row
 
@@ -277,3 +279,14 @@ def test_reward_model_with_another_tokenizer_scores_its_own_tokenization(tmp_pat
             direct = rm.score(hidden[0, -1]).squeeze()
             torch.testing.assert_close(scores[i], direct, atol=1e-5, rtol=0)
     assert penalized.tolist()[:2] == scores.tolist()[:2] and penalized[2].item() == -1.0
+
+
+def test_split_dialogues_of_multi_turn_messages():
+    """The prompt is every message the two dialogues share; each keeps its own continuation."""
+    user, hi, bye = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}  # fmt: skip
+    chosen = [user, hi, bye, {"role": "assistant", "content": "Bye, take care."}]
+    rejected = [user, hi, bye, {"role": "assistant", "content": "Whatever."}]
+    assert common.split_dialogues(chosen, rejected) == ([user, hi, bye], chosen[3:], rejected[3:])
+    assert common.split_dialogues(chosen, chosen) == ([user, hi, bye], chosen[3:], chosen[3:])  # a tie
+    with pytest.raises(common.UserError, match="both be strings or both lists"):
+        common.split_dialogues(chosen, "Whatever.")

@@ -16,6 +16,10 @@ every data layout is covered:
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import pytest
@@ -91,3 +95,12 @@ def test_two_updates_on_a_real_architecture(tiny_checkpoints, data, tmp_path, na
         assert isinstance(prompt, str)
         if name in ("sft", "xpo"):
             assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_chat_data_without_a_chat_template_is_one_error_line(tiny_checkpoints, data, tmp_path):
+    """UltraFeedback's messages for a GPT-2 tokenizer (no chat template): exit 2 and one line, no traceback."""
+    script = Path(__file__).resolve().parents[1] / "sft.py"
+    cmd = [sys.executable, str(script), "--model", tiny_checkpoints["gpt2"][0], "--dataset", data["uf"], "--output-dir", str(tmp_path)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == ["error: conversational data (lists of messages) needs a tokenizer with a chat template; this one has none"]  # fmt: skip

@@ -7,6 +7,8 @@ tokens its family ships with, so the pad-token cases of real checkpoints are all
 | ---------- | -------------------- | --------- | ------------- | --------------------- | ------------------ |
 | `gpt2`     | GPT-2                | no        | <|endoftext|> | none                  | none               |
 | `gpt_neox` | Pythia (pad := EOS)  | no        | <|endoftext|> | = EOS                 | none               |
+
+(GPT-NeoX's embedding, like Pythia's, has spare rows past the tokenizer's last id.)
 | `llama`    | Llama 3 Instruct     | yes       | <|eot_id|>    | none                  | writes BOS itself  |
 | `qwen2`    | Qwen2 Instruct       | no        | <|im_end|>    | <|endoftext|> (real)  | ChatML             |
 
@@ -105,7 +107,9 @@ def make_tokenizer(arch: str, vocab_size: int = 400, seed: int = 0) -> PreTraine
 
 def make_config(arch: str, tokenizer, num_labels: int | None = None):
     """Hidden 32, 1 layer, 4 heads (Llama/Qwen2: 2 KV heads), dropout 0, the tokenizer's special ids."""
-    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    # Pythia's embedding has spare rows (50304 for 50277 tokens), so the pad load_tokenizer adds lies inside it
+    vocab_size = -(-len(tokenizer) // 64) * 64 if arch == "gpt_neox" else len(tokenizer)
+    ids = dict(vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     if num_labels:
         ids["num_labels"] = num_labels
