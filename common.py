@@ -550,7 +550,8 @@ def print_samples(samples: list[dict], step: int):
     print(f"\n--- samples at step {step} ---")
     for s in samples:
         scores = "  ".join(f"{k}={v:.3f}" for k, v in s.items() if isinstance(v, float))
-        print(f"{s['prompt'][-70:]!s:>70} | {s['completion']!r:<28} {scores}")
+        prompt = s["prompt"].replace("\n", "\\n")[-70:]  # real prompts have line breaks (TL;DR, HH, chat templates)
+        print(f"{prompt:>70} | {s['completion']!r:<28} {scores}")
 
 
 # ---------------------------------------------------------------------------------------------
