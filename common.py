@@ -291,8 +291,8 @@ def chat_text(tokenizer, prompt, completion=None) -> tuple[str, str | None]:
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("conversational data (lists of messages) needs a tokenizer with a chat template; this one has none")  # fmt: skip
     text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    if completion is None:
-        return text, None
+    if completion is None or isinstance(completion, str):  # a plain-text reply continues the rendered prompt
+        return text, completion
     full = tokenizer.apply_chat_template(prompt + list(completion), tokenize=False)
     # a template that renders a finished reply differently from its generation prompt: the reply's text alone
     reply = full[len(text) :] if full.startswith(text) else "".join(m["content"] for m in completion)

@@ -290,3 +290,17 @@ def test_split_dialogues_of_multi_turn_messages():
     assert common.split_dialogues(chosen, chosen) == ([user, hi, bye], chosen[3:], chosen[3:])  # a tie
     with pytest.raises(common.UserError, match="both be strings or both lists"):
         common.split_dialogues(chosen, "Whatever.")
+
+
+def test_chat_template_whose_end_of_turn_is_not_the_eos(tmp_path):
+    """A Qwen2 *base* tokenizer: ChatML turns end with <|im_end|>\\n, but its EOS is <|endoftext|>. The
+    completion is the reply as the template writes it, then the EOS: the policy learns to close its turn
+    and stop. A plain-text completion after a conversational prompt continues the rendered prompt."""
+    tok = tiny_models.make_tokenizer("qwen2")
+    tok.eos_token, tok.pad_token = "<|endoftext|>", None
+    tok.save_pretrained(tmp_path)
+    tok = common.load_tokenizer(str(tmp_path))
+    user = [{"role": "user", "content": "Hi"}]
+    prompt, completion = common.tokenize_pair(tok, user, [{"role": "assistant", "content": "Hello!"}], 64, 16)
+    assert tok.decode(completion) == "Hello!<|im_end|>\n<|endoftext|>" and completion.count(tok.eos_token_id) == 1
+    assert common.tokenize_pair(tok, user, "Hello!", 64, 16) == (prompt, completion[:-3] + [tok.eos_token_id])
