@@ -41,8 +41,8 @@ def test_load_tokenizer_on_real_families(tiny_checkpoints, arch):
     assert tok.pad_token_id != tok.eos_token_id and tok.padding_side == "left"
     if arch == "qwen2":
         assert (tok.pad_token, tok.pad_token_id, len(tok)) == ("<|endoftext|>", 0, model.config.vocab_size)
-    elif arch == "gpt_neox":
-        assert (tok.pad_token, tok.pad_token_id, model.config.vocab_size) == ("<|pad|>", 400, 448)  # a spare, untrained row
+    elif arch == "gpt_neox":  # the new pad takes a spare, untrained row
+        assert (tok.pad_token, tok.pad_token_id, model.config.vocab_size) == ("<|pad|>", 400, 448)
     else:
         assert (tok.pad_token, tok.pad_token_id) == ("<|pad|>", model.config.vocab_size)  # no embedding row
 
