@@ -240,7 +240,7 @@ def main(args: Args):
     ref_policy = common.load_model(args.model, dtype=common.frozen_dtype()).to(device).eval().requires_grad_(False)
     scorer = None  # frozen reward model: the eval RM score only
     if rm_name is not None:
-        scorer = common.load_model(rm_name, "reward", common.frozen_dtype()).to(device).eval().requires_grad_(False)
+        scorer = common.load_model(rm_name, "reward", common.frozen_dtype(), tokenizer).to(device).eval().requires_grad_(False)
 
     demos = common.load_data(args.dataset, "train", ("prompt", "completion"))
     prefs = common.load_data(args.preference_dataset, "train", PREFERENCE_COLUMNS)
@@ -276,7 +276,9 @@ def main(args: Args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / total)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     if args.variant == "explicit":  # r_phi: trained, separate from the frozen eval scorer
-        reward_model = common.load_model(args.reward_init or rm_name, "reward")
+        reward_model = common.load_model(args.reward_init or rm_name, "reward", tokenizer=tokenizer)
+        if getattr(reward_model, "retokenize", None) is not None:  # r_phi is trained on the policy's tokens
+            raise common.UserError(f"{args.reward_init or rm_name} has its own tokenizer: --variant explicit trains r_phi on the policy's tokens and needs the policy's tokenizer")  # fmt: skip
         reward_optimizer = torch.optim.AdamW(reward_model.parameters(), lr=args.reward_lr, eps=1e-5)
         reward_model, reward_optimizer = accelerator.prepare(reward_model, reward_optimizer)
         rm = accelerator.unwrap_model(reward_model)

@@ -180,10 +180,11 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def load_model(name: str, kind: str = "causal", dtype: torch.dtype = torch.float32):
+def load_model(name: str, kind: str = "causal", dtype: torch.dtype = torch.float32, tokenizer=None):
     """AutoModelForCausalLM (kind="causal") or a 1-label AutoModelForSequenceClassification ("reward"),
     dropout off. `toy` / `toy-tiny` build a fresh ~1M / ~0.1M-parameter model for the toy task. A new
-    scalar head gets std 1/sqrt(H+1) (N+)."""
+    scalar head gets std 1/sqrt(H+1) (N+). `tokenizer`: the policy's, for a frozen reward model that may
+    come from elsewhere; when its own tokenizer differs, `reward_scores` re-tokenizes for it."""
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     extra = {} if kind == "causal" else {"num_labels": 1}
     if name in ("toy", "toy-tiny"):
@@ -195,6 +196,11 @@ def load_model(name: str, kind: str = "causal", dtype: torch.dtype = torch.float
     if kind == "reward" and any(k.startswith("score.") for k in missing):  # fresh head: N+ init
         torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
     disable_dropout(model)
+    if kind == "reward" and tokenizer is not None:
+        own = load_tokenizer(name)
+        if own.get_vocab() != tokenizer.get_vocab() or own.eos_token_id != tokenizer.eos_token_id:
+            print(f"[reward] {name} has its own tokenizer: completions are decoded and re-tokenized for it")
+            model.retokenize = (tokenizer, own)
     return model
 
 
@@ -213,37 +219,40 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: loading, validation, tokenization, padding
+# Data: loading, known formats, chat templates, tokenization, padding
 # ---------------------------------------------------------------------------------------------
 
 
 def load_data(name: str, split: str, columns: tuple[str, ...]) -> datasets.Dataset:
     """`toy` (prompt/completion or prompt/chosen/rejected, chosen by `columns`), a `save_to_disk` directory,
-    a .json/.jsonl/.parquet/.csv file, or a Hub id. Checks the columns and that the split is not empty."""
+    a .json/.jsonl/.parquet/.csv file, or a Hub id. Known layouts become the standard columns (see
+    `standardize`); checks the columns and that the split is not empty."""
     if name == "toy":
         data = (toy.preference_dataset if "chosen" in columns else toy.sft_dataset)(split)
     elif os.path.isdir(name):
         data = _read(name, datasets.load_from_disk, name)
         if isinstance(data, datasets.DatasetDict):
-            data = _pick_split(data, split, name)
+            data = _pick_split(data, split, name, columns)
     elif os.path.isfile(name):
         ext = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(name.rsplit(".", 1)[-1])
         if ext is None:
             raise UserError(f"cannot read {name!r}: use .json, .jsonl, .parquet, .csv or a save_to_disk directory")
-        data = _pick_split(_read(name, datasets.load_dataset, ext, data_files=name), split, name)
+        data = _pick_split(_read(name, datasets.load_dataset, ext, data_files=name), split, name, columns)
     elif name.endswith((".json", ".jsonl", ".parquet", ".csv")) or name.startswith((".", "/")):
         raise UserError(f"dataset file {name!r} does not exist")
     else:
         try:
-            data = _pick_split(datasets.load_dataset(name), split, name)
+            data = datasets.load_dataset(name)
         except Exception as e:  # offline, unknown id, no access: the library's messages vary by version
             offline = " (offline: HF_DATASETS_OFFLINE=1)" if os.environ.get("HF_DATASETS_OFFLINE") == "1" else ""
             raise UserError(f"cannot load dataset {name!r} from the Hub{offline}: {str(e).splitlines()[0]}") from None
+        data = _pick_split(data, split, name, columns)
+    if len(data) == 0:
+        raise UserError(f"dataset {name!r} ({split}) is empty")
+    data = standardize(data, columns, f"{name!r} ({split})")
     missing = [c for c in columns if c not in data.column_names]
     if missing:
         raise UserError(f"dataset {name!r} ({split}) lacks column(s) {missing}; it has {data.column_names}")
-    if len(data) == 0:
-        raise UserError(f"dataset {name!r} ({split}) is empty")
     return data
 
 
@@ -257,25 +266,118 @@ def _read(name, load, *args, **kwargs):
         raise UserError(f"cannot read dataset {name!r}: empty or malformed ({detail})") from None
 
 
-def _pick_split(data: datasets.DatasetDict, split: str, name: str) -> datasets.Dataset:
-    """A file or saved dataset with only a train split: the test split is its last 10% (at most 500 rows)."""
-    if split in data:
-        return data[split]
+def _pick_split(data: datasets.DatasetDict, split: str, name: str, columns: tuple[str, ...] = ()) -> datasets.Dataset:
+    """`split`, else the Hub's other names for it: `validation` for `test` (trl-lib/tldr-preference), and
+    `<split>_prefs` / `<split>_sft` / `<split>_gen` by the data the script asks for (ultrafeedback_binarized).
+    A file or saved dataset with only a train split: the test split is its last 10% (at most 500 rows)."""
+    kind = ["prefs"] if "chosen" in columns else ["sft"] if "completion" in columns else ["gen", "prefs", "sft"]
+    candidates = [split] + (["validation"] if split == "test" else []) + [f"{split}_{k}" for k in kind]
+    for s in candidates:
+        if s in data:
+            if s != split:
+                print(f"[data] {name!r}: split {s!r} as the {split} split")
+            return data[s]
     if split == "test" and list(data) == ["train"] and len(data["train"]) >= 2:
         n_test = min(500, max(1, len(data["train"]) // 10))
         print(f"[data] {name!r} has no test split: evaluating on its last {n_test} rows")
         return data["train"].select(range(len(data["train"]) - n_test, len(data["train"])))
-    if split == "train" and list(data) == ["train"]:
-        return data["train"]
-    raise UserError(f"dataset {name!r} has no split {split!r}; it has {list(data)}")
+    raise UserError(f"dataset {name!r} has no split {split!r} (nor {candidates[1:]}); it has {list(data)}")
 
 
-def tokenize_pair(tokenizer, prompt: str, completion: str, max_prompt: int, max_completion: int) -> tuple[list, list]:
-    """Token ids of (prompt, completion + EOS). Tokenizes prompt and prompt+completion and splits at
-    their common prefix, so merges across the boundary and BOS/chat templates are counted once. Long
-    prompts keep their *end* (BOS kept); long completions are cut to `max_completion` (EOS may be lost)."""
-    p_ids = tokenizer(prompt)["input_ids"]
-    full = tokenizer(prompt + completion)["input_ids"]
+def standardize(data: datasets.Dataset, columns: tuple[str, ...], name: str = "dataset") -> datasets.Dataset:
+    """TRL's standard columns (prompt; prompt/completion; prompt/chosen/rejected), plain text or conversational
+    (lists of {"role", "content"}), from the known layouts that lack them:
+    - `messages` (ultrafeedback_binarized train_sft, UltraChat), when a completion is asked for or there is
+      no `chosen`: the last assistant turn is the completion, the turns before it the prompt;
+    - implicit prompt, `chosen`/`rejected` as whole dialogues (Anthropic/hh-rlhf transcripts, or
+      ultrafeedback_binarized's message lists beside its plain `prompt` string): split by `split_dialogues`;
+    - `completion` asked of preference data: the chosen responses (SFT on the preferred answers, as in DPO's HH).
+    Rows already in a standard layout pass through unchanged."""
+    cols, first = set(data.column_names), data[0]
+    use_messages = "messages" in cols and is_conversation(first["messages"]) and "completion" not in cols
+    if use_messages and ("completion" in columns or "chosen" not in cols):
+        messages = list(data["messages"])
+        ends = [bool(m) and m[-1]["role"] == "assistant" for m in messages]
+        if "completion" in columns and not all(ends):
+            raise UserError(f"{name}: row {ends.index(False)}'s `messages` does not end with an assistant turn (the completion)")  # fmt: skip
+        return datasets.Dataset.from_dict({
+            "prompt": [m[:-1] if e else m for m, e in zip(messages, ends)],
+            "completion": [m[-1:] if e else [] for m, e in zip(messages, ends)],
+        })  # fmt: skip
+    if {"chosen", "rejected"} <= cols and ("prompt" not in cols or (is_conversation(first["chosen"]) and not is_conversation(first["prompt"]))):  # fmt: skip
+        rows = [split_dialogues(c, r, f"{name} row {i}") for i, (c, r) in enumerate(zip(data["chosen"], data["rejected"]))]  # fmt: skip
+        data = datasets.Dataset.from_dict(dict(zip(("prompt", "chosen", "rejected"), map(list, zip(*rows)))))
+    if "completion" in columns and "completion" not in data.column_names and "chosen" in data.column_names:
+        print(f"[data] {name} has no `completion` column: the `chosen` responses are the completions")
+        data = data.rename_column("chosen", "completion")
+    return data
+
+
+def is_conversation(x) -> bool:
+    """A list of {"role", "content"} messages (TRL's conversational format), rather than plain text."""
+    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+
+
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def split_dialogues(chosen, rejected, where: str = "row") -> tuple:
+    """Two whole dialogues that share a prompt -> (prompt, chosen continuation, rejected continuation).
+    Message lists: the prompt is the messages they share (at least the last one is a continuation).
+    Anthropic HH transcripts (`\\n\\nHuman: ...\\n\\nAssistant: ...`): the prompt is their common prefix cut
+    after its last `\\n\\nAssistant:`, multi-turn included; the continuations start with the space after
+    it, as TL;DR's " " + summary (so a byte-level BPE sees " word" as one token)."""
+    if is_conversation(chosen) and is_conversation(rejected):
+        k = 0
+        while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
+            k += 1
+        return chosen[:k], chosen[k:], rejected[k:]
+    if not isinstance(chosen, str) or not isinstance(rejected, str):
+        raise UserError(f"{where}: `chosen` and `rejected` must both be strings or both lists of messages")
+    end = chosen.rfind(HH_ASSISTANT)  # the last marker inside their common prefix (string compares: HH is 160k rows)
+    while end >= 0 and not rejected.startswith(chosen[: end + len(HH_ASSISTANT)]):
+        end = chosen.rfind(HH_ASSISTANT, 0, end)
+    if end < 0:
+        raise UserError(f"{where}: no prompt column, and `chosen`/`rejected` share no '\\n\\nAssistant:' turn to split at")  # fmt: skip
+    end += len(HH_ASSISTANT)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def chat_text(tokenizer, prompt, completion=None) -> tuple[str, str | None]:
+    """Conversational rows -> text with the tokenizer's chat template: the prompt with the assistant's
+    generation prompt (no system prompt added here), the completion as the template writes the reply, cut
+    after its first EOS (so the end of turn is the EOS the policy learns to stop at). Text passes through."""
+    if not is_conversation(prompt):
+        return prompt, completion
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("conversational data (lists of messages) needs a tokenizer with a chat template; this one has none")  # fmt: skip
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    if completion is None or isinstance(completion, str):  # a plain-text reply continues the rendered prompt
+        return text, completion
+    full = tokenizer.apply_chat_template(prompt + list(completion), tokenize=False)
+    # a template that renders a finished reply differently from its generation prompt: the reply's text alone
+    reply = full[len(text) :] if full.startswith(text) else "".join(m["content"] for m in completion)
+    eos = tokenizer.eos_token
+    return text, reply[: reply.index(eos) + len(eos)] if eos in reply else reply
+
+
+def encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text; a text that already starts with the BOS token (chat templates write it) gets
+    no second one from the tokenizer."""
+    bos = tokenizer.bos_token
+    has_bos = [bool(bos) and t.startswith(bos) for t in texts]
+    if not any(has_bos):
+        return tokenizer(texts)["input_ids"]
+    return [tokenizer(t, add_special_tokens=not b)["input_ids"] for t, b in zip(texts, has_bos)]
+
+
+def tokenize_pair(tokenizer, prompt, completion, max_prompt: int, max_completion: int) -> tuple[list, list]:
+    """Token ids of (prompt, completion + EOS), from text or messages (`chat_text`). Tokenizes prompt and
+    prompt+completion and splits at their common prefix, so merges across the boundary and BOS/chat
+    templates are counted once. Long prompts keep their *end* (BOS kept); long completions are cut to
+    `max_completion` (EOS may be lost)."""
+    prompt, completion = chat_text(tokenizer, prompt, completion)
+    p_ids, full = encode(tokenizer, [prompt, prompt + completion])
     k = 0
     while k < min(len(p_ids), len(full)) and p_ids[k] == full[k]:
         k += 1
@@ -286,6 +388,8 @@ def tokenize_pair(tokenizer, prompt: str, completion: str, max_prompt: int, max_
 
 
 def truncate_prompt(ids: list, max_len: int, bos_id: int | None) -> list:
+    """The last `max_len` tokens, the BOS first if there was one: the end of a long post (TL;DR:) or of a
+    conversation (the last turns and the assistant header) is what the completion continues."""
     if len(ids) <= max_len:
         return ids
     head = ids[:1] if bos_id is not None and ids[0] == bos_id else []
@@ -299,8 +403,10 @@ def pad(seqs: list[list[int]], pad_id: int, side: str) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def tokenize_prompts(tokenizer, prompts: list[str], max_prompt: int) -> list[list[int]]:
-    return [truncate_prompt(ids, max_prompt, tokenizer.bos_token_id) for ids in tokenizer(prompts)["input_ids"]]
+def tokenize_prompts(tokenizer, prompts: list, max_prompt: int) -> list[list[int]]:
+    """Token ids of prompts (text or messages), truncated as in `truncate_prompt`."""
+    texts = [chat_text(tokenizer, p)[0] for p in prompts]
+    return [truncate_prompt(ids, max_prompt, tokenizer.bos_token_id) for ids in encode(tokenizer, texts)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,7 +502,10 @@ def token_scores(model, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
 
 def reward_scores(reward_model, prompt, completion, pad_id, has_eos=None, no_eos_score: float | None = None):
     """Reward-model score read at the EOS token (the last real token), minus the stored normalization
-    bias. Completions without EOS get `no_eos_score` instead (N+ replaces the score by -1)."""
+    bias. Completions without EOS get `no_eos_score` instead (N+ replaces the score by -1). A reward model
+    with its own tokenizer (`load_model(..., tokenizer=)`) scores its re-tokenization (`retokenize`)."""
+    if getattr(reward_model, "retokenize", None) is not None:
+        prompt, completion, pad_id = retokenize(prompt, completion, *reward_model.retokenize)
     scores = token_scores(reward_model, torch.cat([prompt, completion], 1), pad_id)
     idx = last_token_index(prompt, completion, pad_id)
     scores = scores[torch.arange(len(idx), device=idx.device), idx].float()
@@ -404,6 +513,24 @@ def reward_scores(reward_model, prompt, completion, pad_id, has_eos=None, no_eos
     if has_eos is not None and no_eos_score is not None:
         scores = torch.where(has_eos, scores, torch.full_like(scores, no_eos_score))
     return scores
+
+
+def retokenize(prompt, completion, tokenizer, rm_tokenizer):
+    """Policy ids -> the reward model's: decode prompt + completion (without the policy's pad, leading BOS
+    and EOS; one decode, so word boundaries survive) and encode the text with the RM's tokenizer (its own
+    BOS if it adds one), appending its EOS where the completion had one. Returns (empty [B, 0] prompt,
+    [B, L] right-padded with the RM's pad, the RM's pad id): the score is then read at the last token."""
+    pad_id, bos_id, eos_id = tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    texts, ended = [], []
+    for p, c in zip(prompt.tolist(), completion.tolist()):
+        p, c = [t for t in p if t != pad_id], [t for t in c if t != pad_id]
+        if p and p[0] == bos_id:
+            p = p[1:]
+        ended.append(eos_id in c)
+        texts.append(tokenizer.decode(p + (c[: c.index(eos_id)] if eos_id in c else c)))
+    ids = [i + [rm_tokenizer.eos_token_id] * e for i, e in zip(encode(rm_tokenizer, texts), ended)]
+    full = pad(ids, rm_tokenizer.pad_token_id, "right").to(completion.device)
+    return full[:, :0], full, rm_tokenizer.pad_token_id
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,7 +806,8 @@ def print_samples(samples: list[dict], step: int):
     print(f"\n--- samples at step {step} ---")
     for s in samples:
         scores = "  ".join(f"{k}={v:.3f}" for k, v in s.items() if isinstance(v, float))
-        print(f"{s['prompt'][-70:]!s:>70} | {s['completion']!r:<28} {scores}")
+        prompt = s["prompt"].replace("\n", "\\n")[-70:]  # real prompts have line breaks (TL;DR, HH, chat templates)
+        print(f"{prompt:>70} | {s['completion']!r:<28} {scores}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -700,7 +828,7 @@ def evaluate(policy, tokenizer, prompts, references, *, is_toy, max_prompt, max_
     out = {"score": [], "length": [], "eos": [], "kl": [], "gold": [], "ref_gold": []}
     samples = []
     for i in range(0, len(prompts), batch_size):
-        batch_prompts = prompts[i : i + batch_size]
+        batch_prompts = [chat_text(tokenizer, p)[0] for p in prompts[i : i + batch_size]]  # messages -> text
         prompt = pad(tokenize_prompts(tokenizer, batch_prompts, max_prompt), pad_id, "left").to(device)
         completion, has_eos = generate(policy, prompt, tokenizer, max_new_tokens, temperature=0.0)
         texts = tokenizer.batch_decode(completion, skip_special_tokens=True)

@@ -64,7 +64,7 @@ class Args:
     ref_model: str | None = None
     """frozen reference pi_ref (default: a separate copy of --model)"""
     reward_model: str | None = "toy-rm"
-    """reward model scored at evaluation only (DPO never trains on it; same tokenizer as --model); `toy-rm` applies to the toy dataset only; None: no RM score"""
+    """reward model scored at evaluation only (DPO never trains on it; another tokenizer than --model's is re-tokenized); `toy-rm` applies to the toy dataset only; None: no RM score"""
 
     # data
     dataset: str = "toy"
@@ -198,7 +198,7 @@ def main(args: Args):
     ref_model = ref_model.to(device).eval().requires_grad_(False)
     reward_model = None
     if args.reward_model is not None and (is_toy or args.reward_model != "toy-rm"):
-        reward_model = common.load_model(args.reward_model, kind="reward", dtype=common.frozen_dtype())
+        reward_model = common.load_model(args.reward_model, kind="reward", dtype=common.frozen_dtype(), tokenizer=tokenizer)
         reward_model = reward_model.to(device).eval().requires_grad_(False)
 
     train = common.load_data(args.dataset, "train", PREFERENCE_COLUMNS)

@@ -154,8 +154,10 @@ def main(args: Args):
     pad_id = tokenizer.pad_token_id
     policy = common.load_model(args.model)
     ref_policy = common.load_model(args.model, dtype=common.frozen_dtype()).to(device).eval().requires_grad_(False)
-    reward_model = common.load_model(args.reward_model, "reward", common.frozen_dtype()).to(device).eval().requires_grad_(False)  # fmt: skip
+    reward_model = common.load_model(args.reward_model, "reward", common.frozen_dtype(), tokenizer).to(device).eval().requires_grad_(False)  # fmt: skip
     value_model = common.load_model(args.reward_model, "reward")  # the critic starts from the reward model, head included
+    if getattr(reward_model, "retokenize", None) is not None:  # the critic reads policy tokens
+        raise common.UserError(f"--reward-model {args.reward_model} has its own tokenizer, but the critic starts from it and reads the policy's tokens: use a reward model with the policy's tokenizer")  # fmt: skip
     is_toy = args.dataset == "toy"
 
     train = common.load_data(args.dataset, "train", ("prompt",))

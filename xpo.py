@@ -166,7 +166,7 @@ def main(args: Args):
     pad_id = tokenizer.pad_token_id
     policy = common.load_model(args.model)
     ref_policy = common.load_model(args.model, dtype=common.frozen_dtype()).to(device).eval().requires_grad_(False)
-    reward_model = common.load_model(args.reward_model, "reward", common.frozen_dtype()).to(device).eval().requires_grad_(False)  # fmt: skip
+    reward_model = common.load_model(args.reward_model, "reward", common.frozen_dtype(), tokenizer).to(device).eval().requires_grad_(False)  # fmt: skip
 
     train = common.load_data(args.dataset, "train", ("prompt",))
     test = common.load_data(args.dataset, "test", ("prompt",))

@@ -10,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/tiny_models.py
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -31,3 +32,13 @@ def toy_cache(tmp_path_factory):
     reward.main(reward.Args(model=str(cache / "toy-sft"), output_dir=str(cache), run_name="toy-rm", max_steps=156,
                             lr=2e-3, eval_every=10**9, eval_pairs=200))  # fmt: skip
     return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Tiny GPT-2, GPT-NeoX, Llama and Qwen2 checkpoints with their own BPE tokenizers (tests/tiny_models.py):
+    {arch: (causal LM dir, reward model dir)}."""
+    import tiny_models
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {arch: tiny_models.save_tiny(root, arch) for arch in tiny_models.ARCHS}
