@@ -269,7 +269,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 
 CATALOGUE = [
     # (name, script, arguments, expected text in the error line)
-    ("missing column", sft, ["--dataset", "{prefs}"], "lacks column(s) ['completion']"),
+    ("missing column", sft, ["--dataset", "{other}"], "lacks column(s) ['prompt', 'completion']"),
     ("empty dataset", dpo, ["--dataset", "{empty}"], "empty"),
     ("dataset file missing", rebel, ["--dataset", "/nonexistent/prompts.jsonl"], "does not exist"),
     ("hub dataset offline", sft, ["--dataset", "someone/does-not-exist"], "offline"),
@@ -303,7 +303,7 @@ def mistakes(toy_cache, tmp_path_factory):
     """The files the catalogue points at: data files, a tokenizer without EOS, and runs in various states."""
     tmp = tmp_path_factory.mktemp("mistakes")
     paths = {"tmp": str(tmp)}
-    paths["prefs"] = write_jsonl(tmp / "prefs.jsonl", [{"prompt": "POST: a TL;DR:", "chosen": "a", "rejected": "b"}])
+    paths["other"] = write_jsonl(tmp / "other.jsonl", [{"question": "POST: a TL;DR:", "answer": "a"}] * 20)
     paths["empty"] = str(tmp / "empty.jsonl")
     Path(paths["empty"]).write_text("")
     tok = common.load_tokenizer(str(toy_cache / "toy-sft"))
