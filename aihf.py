@@ -76,6 +76,12 @@ class Args:
     """frozen reward model of the eval RM score (`toy-rm`: toy dataset only; None: no RM score); --variant explicit starts r_phi from it"""
     reward_init: str | None = None
     """--variant explicit: start r_phi from this instead (a causal LM such as `toy-sft` gets a fresh scalar head)"""
+    lora_r: int = 0
+    """LoRA rank of the policy's adapters (peft; 0 = full fine-tuning); the reference is then the adapter-disabled policy, not a second copy"""
+    lora_alpha: float = 16.0
+    """LoRA alpha: the adapters' scale is alpha / r (DR-PO and REBEL TL;DR: r 1024, alpha 2048)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass of trained models: less memory, about a third more compute"""
 
     # data
     dataset: str = "toy"
@@ -236,8 +242,8 @@ def main(args: Args):
         raise common.UserError(f"batch sizes must be >= the {n_proc} process(es) and --total-steps >= --rounds")
     tokenizer = common.load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
-    policy = common.load_model(args.model)
-    ref_policy = common.load_model(args.model, dtype=common.frozen_dtype()).to(device).eval().requires_grad_(False)
+    policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
+    ref_policy = common.reference_model(args.model, policy, args.lora_r, device)
     scorer = None  # frozen reward model: the eval RM score only
     if rm_name is not None:
         scorer = common.load_model(rm_name, "reward", common.frozen_dtype(), tokenizer).to(device).eval().requires_grad_(False)
@@ -276,7 +282,7 @@ def main(args: Args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / total)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     if args.variant == "explicit":  # r_phi: trained, separate from the frozen eval scorer
-        reward_model = common.load_model(args.reward_init or rm_name, "reward", tokenizer=tokenizer)
+        reward_model = common.trainable(common.load_model(args.reward_init or rm_name, "reward", tokenizer=tokenizer), args)
         if getattr(reward_model, "retokenize", None) is not None:  # r_phi is trained on the policy's tokens
             raise common.UserError(f"{args.reward_init or rm_name} has its own tokenizer: --variant explicit trains r_phi on the policy's tokens and needs the policy's tokenizer")  # fmt: skip
         reward_optimizer = torch.optim.AdamW(reward_model.parameters(), lr=args.reward_lr, eps=1e-5)
@@ -449,12 +455,10 @@ def main(args: Args):
             run.step_done(step, lambda: {"initial": initial, "drawn": dict(drawn), "round_rows": None, "reward_bias": rm.config.reward_bias})  # fmt: skip
 
     final = run_eval(total)
+    common.save_model(accelerator, policy, tokenizer, run.dir)
+    if args.variant == "explicit":
+        common.save_model(accelerator, reward_model, tokenizer, run.dir / "reward_model")
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(run.dir)
-        tokenizer.save_pretrained(run.dir)
-        if args.variant == "explicit":
-            rm.save_pretrained(run.dir / "reward_model")
-            tokenizer.save_pretrained(run.dir / "reward_model")
         if is_toy:
             print(f"[aihf] win rate vs the reference summaries: SFT {initial['eval/win_rate']:.3f} -> AIHF {final['eval/win_rate']:.3f} (KL {final['eval/kl']:.2f})")  # fmt: skip
         print(f"[aihf] last update: {sum(times.values()):.3f} s ({', '.join(f'{k[5:]} {v:.3f}' for k, v in times.items())}), peak memory {common.peak_memory_mb():.0f} MiB")  # fmt: skip

@@ -218,6 +218,77 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
+def trainable(model, args):
+    """The training-side options of a model that will be trained: gradient checkpointing (recompute
+    activations in the backward pass, trading compute for memory) and, for a policy, LoRA adapters."""
+    if getattr(args, "gradient_checkpointing", False):
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def apply_lora(policy, r: int, alpha: float):
+    """LoRA adapters (peft) on every linear layer of the policy; only they train. r = 0: the policy itself."""
+    if not r:
+        return policy
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UserError("--lora-r needs peft: pip install peft") from None
+    return get_peft_model(policy, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))  # fmt: skip
+
+
+class AdapterDisabled:
+    """pi_ref of a LoRA policy: the same model with its adapters switched off, so no second copy of the
+    weights is held. Called and generated from like a model; never trains."""
+
+    def __init__(self, policy):
+        self.policy = policy  # the peft model itself, not a DDP/DeepSpeed wrapper
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad(), self.policy.disable_adapter():
+            return self.policy(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        with self.policy.disable_adapter():
+            return self.policy.generate(*args, **kwargs)
+
+    def __getattr__(self, name):  # config, generation_config, training, parameters, eval, train...
+        return getattr(self.policy, name)
+
+    def __setattr__(self, name, value):
+        if name == "policy":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.policy, name, value)
+
+
+def reference_model(name: str, policy, lora_r: int, device):
+    """The frozen reference pi_ref: the adapter-disabled policy under LoRA, else a separate copy of `name`
+    in eval mode, without gradients, in frozen_dtype()."""
+    if lora_r:
+        return AdapterDisabled(policy)
+    return load_model(name, dtype=frozen_dtype()).to(device).eval().requires_grad_(False)
+
+
+def save_model(accelerator, model, tokenizer, path: Path):
+    """The final model, whole, with its tokenizer (call on every process: under ZeRO-3/FSDP the weights are
+    gathered first). A LoRA policy is saved merged, so later stages load it like any model, and its
+    adapter alone goes to path/adapter."""
+    state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return
+    model = accelerator.unwrap_model(model)
+    if hasattr(model, "merge_and_unload"):  # peft
+        model.save_pretrained(path / "adapter")
+        tokenizer.save_pretrained(path / "adapter")
+        model, state_dict = model.merge_and_unload(), None  # the merged weights are the state dict now
+    model.save_pretrained(path, state_dict=state_dict)
+    tokenizer.save_pretrained(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Data: loading, known formats, chat templates, tokenization, padding
 # ---------------------------------------------------------------------------------------------
@@ -444,14 +515,30 @@ def generate(model, prompt: torch.Tensor, tokenizer, max_new_tokens: int, temper
     # transformers fills unset fields from the checkpoint's generation_config.json (repetition_penalty,
     # min_p...): sample from softmax(logits / T) only, which is what completion_logprobs scores
     default, model.generation_config = model.generation_config, GenerationConfig()
+    was_training = model.training
+    model.eval()  # gradient checkpointing turns the KV cache off in training mode
     try:
-        out = model.generate(
-            input_ids=prompt.masked_fill(~mask, 0), attention_mask=mask.long(), generation_config=config,
-            logits_processor=logits_processor,
-        )  # fmt: skip
+        with gathered_weights(model):
+            out = model.generate(
+                input_ids=prompt.masked_fill(~mask, 0), attention_mask=mask.long(), generation_config=config,
+                logits_processor=logits_processor,
+            )  # fmt: skip
     finally:
         model.generation_config = default
+        model.train(was_training)
     return truncate_after_eos(out[:, prompt.shape[1] :], eos_id, pad_id)
+
+
+def gathered_weights(model):
+    """Under DeepSpeed ZeRO-3, gather the sharded weights once for a whole generate() call (otherwise every
+    layer is gathered again at every new token); elsewhere, nothing."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))
 
 
 def completion_logprobs(model, prompt, completion, pad_id, temperature=1.0, chunk_rows=16, with_entropy=False):
@@ -684,6 +771,8 @@ class Run:
     def save_checkpoint(self, step: int, state: dict):
         """Write checkpoint/ atomically: into checkpoint.tmp/, then swap it in by renames, so a crash at
         any moment leaves the previous checkpoint (or checkpoint.old/ during the swap) complete."""
+        if sharded_weights(self.accelerator):
+            raise UserError("checkpoints are not available under ZeRO-3 or FSDP (the weights are sharded): use ZeRO-2 or DDP to resume")  # fmt: skip
         for name, obj in self.objects.items():
             if isinstance(obj, torch.nn.Module) and not all(p.isfinite().all() for p in obj.parameters()):
                 raise TrainingError(f"non-finite weights in {name} at step {step}: checkpoint not written; last good checkpoint: {self.last_checkpoint()}")  # fmt: skip
@@ -739,6 +828,14 @@ class Run:
             self.close()
             print(f"[run] {self.dir}: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
         self.accelerator.end_training()
+
+
+def sharded_weights(accelerator) -> bool:
+    """True under ZeRO-3 or FSDP, where no process holds the whole model."""
+    from accelerate.utils import DistributedType
+
+    plugin = accelerator.state.deepspeed_plugin
+    return accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3)
 
 
 def threading_main() -> bool:

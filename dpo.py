@@ -65,6 +65,12 @@ class Args:
     """frozen reference pi_ref (default: a separate copy of --model)"""
     reward_model: str | None = "toy-rm"
     """reward model scored at evaluation only (DPO never trains on it; another tokenizer than --model's is re-tokenized); `toy-rm` applies to the toy dataset only; None: no RM score"""
+    lora_r: int = 0
+    """LoRA rank of the policy's adapters (peft; 0 = full fine-tuning); without --ref-model the reference is then the adapter-disabled policy"""
+    lora_alpha: float = 16.0
+    """LoRA alpha: the adapters' scale is alpha / r (DR-PO and REBEL TL;DR: r 1024, alpha 2048)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass of trained models: less memory, about a third more compute"""
 
     # data
     dataset: str = "toy"
@@ -192,10 +198,9 @@ def main(args: Args):
     device, is_toy = accelerator.device, args.dataset == "toy"
     tokenizer = common.load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
-    policy = common.load_model(args.model)
+    policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
     # pi_ref: a separate frozen copy of the SFT model, eval mode, no grad (dropout is off in both)
-    ref_model = common.load_model(args.ref_model or args.model, dtype=common.frozen_dtype())
-    ref_model = ref_model.to(device).eval().requires_grad_(False)
+    ref_model = common.reference_model(args.ref_model or args.model, policy, args.lora_r and not args.ref_model, device)
     reward_model = None
     if args.reward_model is not None and (is_toy or args.reward_model != "toy-rm"):
         reward_model = common.load_model(args.reward_model, kind="reward", dtype=common.frozen_dtype(), tokenizer=tokenizer)
@@ -281,9 +286,8 @@ def main(args: Args):
 
     final = run_eval(total)
     steps_here = max(1, total - first + 1)  # steps this process ran (fewer after --resume)
+    common.save_model(accelerator, policy, tokenizer, run.dir)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(policy).save_pretrained(run.dir)
-        tokenizer.save_pretrained(run.dir)
         before, after = initial.get("eval/win_rate"), final.get("eval/win_rate")
         if before is not None:
             print(f"[dpo] win rate vs the reference summaries: SFT {before:.3f} -> DPO {after:.3f} (KL {final['eval/kl']:.2f})")

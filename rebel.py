@@ -54,6 +54,12 @@ class Args:
     """SFT policy to start from; also the frozen reference (Hub id or local dir; `toy-sft` = the cached toy SFT model)"""
     reward_model: str = "toy-rm"
     """reward model (`toy-rm` = the cached toy reward model)"""
+    lora_r: int = 0
+    """LoRA rank of the policy's adapters (peft; 0 = full fine-tuning); the reference is then the adapter-disabled policy, not a second copy"""
+    lora_alpha: float = 16.0
+    """LoRA alpha: the adapters' scale is alpha / r (DR-PO and REBEL TL;DR: r 1024, alpha 2048)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass of trained models: less memory, about a third more compute"""
 
     # data
     dataset: str = "toy"
@@ -135,8 +141,8 @@ def main(args: Args):
         raise common.UserError(f"--batch-size {args.batch_size} must be a multiple of --num-minibatches {args.num_minibatches} (per process) and at most --total-episodes {args.total_episodes}")  # fmt: skip
     tokenizer = common.load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
-    policy = common.load_model(args.model)
-    ref_policy = common.load_model(args.model, dtype=common.frozen_dtype()).to(device).eval().requires_grad_(False)
+    policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
+    ref_policy = common.reference_model(args.model, policy, args.lora_r, device)
     reward_model = common.load_model(args.reward_model, "reward", common.frozen_dtype(), tokenizer).to(device).eval().requires_grad_(False)  # fmt: skip
     is_toy = args.dataset == "toy"
 
@@ -236,9 +242,7 @@ def main(args: Args):
         run.step_done(update, lambda: {"initial": initial, "cursor": cursor, "order": order, "generator": generator.get_state()})  # fmt: skip
 
     final = run_eval(num_updates)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(policy).save_pretrained(run.dir)
-        tokenizer.save_pretrained(run.dir)
+    common.save_model(accelerator, policy, tokenizer, run.dir)
     print(f"[rebel] last update: {sum(times.values()):.3f} s ({', '.join(f'{k[5:]} {v:.3f}' for k, v in times.items())}), peak memory {common.peak_memory_mb():.0f} MiB")  # fmt: skip
     initial = {f"initial/{k.removeprefix('eval/')}": v for k, v in initial.items()}
     run.finish({**initial, **final, "time/total": time.time() - start, "time/update_last": sum(times.values()), "memory/peak_mb": common.peak_memory_mb()})  # fmt: skip

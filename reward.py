@@ -55,6 +55,8 @@ class Args:
     # model
     model: str = "toy-sft"
     """backbone to start from, usually the SFT model (Hub id or local dir; `toy-sft` = the cached toy SFT model)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass of trained models: less memory, about a third more compute"""
 
     # data
     dataset: str = "toy"
@@ -175,7 +177,7 @@ def main(args: Args):
     common.check_ranges(args, positive=("lr", "epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_steps"), non_negative=("save_every",))  # fmt: skip
     accelerator = common.setup(args)
     tokenizer = common.load_tokenizer(args.model)
-    model = common.load_model(args.model, kind="reward")
+    model = common.trainable(common.load_model(args.model, kind="reward"), args)
     is_toy = args.dataset == "toy"
     pad_id, device = tokenizer.pad_token_id, accelerator.device
 
@@ -245,9 +247,7 @@ def main(args: Args):
     final["eval/reference_score"] = mean_score(unwrapped, tokenizer, refs, args, device)  # ~0 after the shift
     if is_toy:
         final["eval/gold_accuracy_ceiling"] = gold_accuracy(test)
-    if accelerator.is_main_process:
-        unwrapped.save_pretrained(run.dir)
-        tokenizer.save_pretrained(run.dir)
+    common.save_model(accelerator, model, tokenizer, run.dir)
     run.finish({**final, "time/total": time.time() - start})
 
 

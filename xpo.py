@@ -67,6 +67,12 @@ class Args:
     """reward model: labels the pairs under --judge rm, scores evaluations (`toy-rm` = the cached toy reward model)"""
     judge: Literal["rm", "gold"] = "rm"
     """preference oracle: `rm` = reward-model scores; `gold` = the toy task's programmatic gold reward (toy only)"""
+    lora_r: int = 0
+    """LoRA rank of the policy's adapters (peft; 0 = full fine-tuning); the reference is then the adapter-disabled policy, not a second copy"""
+    lora_alpha: float = 16.0
+    """LoRA alpha: the adapters' scale is alpha / r (DR-PO and REBEL TL;DR: r 1024, alpha 2048)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass of trained models: less memory, about a third more compute"""
 
     # data
     dataset: str = "toy"
@@ -164,8 +170,8 @@ def main(args: Args):
         raise common.UserError("--judge gold needs --dataset toy (the gold reward is the toy task's judge); use --judge rm")
     tokenizer = common.load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
-    policy = common.load_model(args.model)
-    ref_policy = common.load_model(args.model, dtype=common.frozen_dtype()).to(device).eval().requires_grad_(False)
+    policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
+    ref_policy = common.reference_model(args.model, policy, args.lora_r, device)
     reward_model = common.load_model(args.reward_model, "reward", common.frozen_dtype(), tokenizer).to(device).eval().requires_grad_(False)  # fmt: skip
 
     train = common.load_data(args.dataset, "train", ("prompt",))
@@ -282,11 +288,9 @@ def main(args: Args):
         run.step_done(update, lambda: {"initial": initial, "cursor": cursor, "order": order, "buffer": buffer, "generator": generator.get_state()})  # fmt: skip
 
     final = run_eval(num_updates)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(policy).save_pretrained(run.dir)
-        tokenizer.save_pretrained(run.dir)
-        if is_toy:
-            print(f"[xpo] win rate vs the reference summaries: SFT {initial['eval/win_rate']:.3f} -> XPO {final['eval/win_rate']:.3f} (KL {final['eval/kl']:.2f})")  # fmt: skip
+    common.save_model(accelerator, policy, tokenizer, run.dir)
+    if accelerator.is_main_process and is_toy:
+        print(f"[xpo] win rate vs the reference summaries: SFT {initial['eval/win_rate']:.3f} -> XPO {final['eval/win_rate']:.3f} (KL {final['eval/kl']:.2f})")  # fmt: skip
     print(f"[xpo] last update: {sum(times.values()):.3f} s ({', '.join(f'{k[5:]} {v:.3f}' for k, v in times.items())}), peak memory {common.peak_memory_mb():.0f} MiB")  # fmt: skip
     initial = {f"initial/{k.removeprefix('eval/')}": v for k, v in initial.items()}
     run.finish({**initial, **final, "time/total": time.time() - start, "time/update_last": sum(times.values()), "memory/peak_mb": common.peak_memory_mb()})  # fmt: skip
