@@ -1,6 +1,6 @@
-"""Every script, two updates, on tiny checkpoints of real architectures (tests/tiny_models.py) and data files in
-real Hub layouts. Each script runs once, and the runs spread so that every architecture, every pad case and
-every data layout is covered:
+"""Every script, two updates, on tiny checkpoints of real architectures (tests/tiny_models.py). First on every
+architecture with TL;DR-style text (the full matrix), then once each on data files in real Hub layouts, spread so
+that every architecture, every pad case and every data layout is covered:
 
 | script | policy (tokenizer case)            | data                                                        |
 | ------ | ---------------------------------- | ----------------------------------------------------------- |
@@ -104,3 +104,35 @@ def test_chat_data_without_a_chat_template_is_one_error_line(tiny_checkpoints, d
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == ["error: conversational data (lists of messages) needs a tokenizer with a chat template; this one has none"]  # fmt: skip
+
+
+def plain_text_runs(lm, rm, data):
+    """Every script on TL;DR-style plain text, which every tokenizer reads (chat data needs a template)."""
+    rl = dict(total_episodes=8, batch_size=4, num_minibatches=2, max_new_tokens=4, eval_every=10**9, **TINY)
+    return {
+        "sft": sft.Args(model=lm, dataset=data["tldr"], max_steps=2, batch_size=4, max_new_tokens=4, **TINY),
+        "reward": reward.Args(model=lm, dataset=data["pref"], reference_dataset=data["tldr"], max_steps=2, batch_size=4,
+                              eval_pairs=4, max_prompt_length=64),
+        "dpo": dpo.Args(model=lm, reward_model=rm, dataset=data["pref"], max_steps=2, batch_size=4, eval_pairs=4,
+                        max_new_tokens=4, **TINY),
+        "ppo": ppo.Args(model=lm, reward_model=rm, dataset=data["tldr"], **rl),
+        "drpo": drpo.Args(model=lm, reward_model=rm, dataset=data["tldr"], **rl),
+        "rebel": rebel.Args(model=lm, reward_model=rm, dataset=data["tldr"], **rl),
+        "xpo": xpo.Args(model=lm, reward_model=rm, dataset=data["tldr"], **rl),
+        "aihf": aihf.Args(model=lm, reward_model=rm, dataset=data["tldr"], preference_dataset=data["pref"], total_steps=2,
+                          batch_size=4, demo_batch_size=4, max_new_tokens=4, eval_every=10**9, **TINY),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen2"])
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_every_script_on_every_architecture(tiny_checkpoints, data, tmp_path, name, arch):
+    """The full matrix: GPT-2 and Llama (no pad token), GPT-NeoX (pad == EOS), Qwen2 (its own pad)."""
+    lm, rm = tiny_checkpoints[arch]
+    args = plain_text_runs(lm, rm, data)[name]
+    args.output_dir, args.run_name = str(tmp_path), f"{name}-{arch}"
+    SCRIPTS[name].main(args)
+    run = tmp_path / f"{name}-{arch}"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values())
+    assert all(math.isfinite(v) for v in json.loads((run / "eval.json").read_text()).values())
