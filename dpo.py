@@ -105,6 +105,8 @@ class Args:
     """passes over the preference data (TL;DR: 1)"""
     batch_size: int = 64
     """pairs per optimizer step, over all processes (TL;DR: 64)"""
+    micro_batch_size: int | None = None
+    """pairs per forward/backward on each process; gradients accumulate up to --batch-size (default: all at once)"""
     eval_every: int = 50
     """evaluate every this many steps (and before the first and after the last)"""
     max_steps: int | None = None
@@ -154,6 +156,14 @@ def collate(rows, pad_id):
     return batch
 
 
+def micro_batches(batch, size: int):
+    """A collated [chosen; rejected] batch cut into micro-batches of `size` pairs, each laid out the same way."""
+    n = batch["prompt"].shape[0] // 2
+    for i in range(0, n, size):
+        pairs = torch.arange(i, min(i + size, n))
+        yield {k: v[torch.cat([pairs, pairs + n])] for k, v in batch.items()}
+
+
 def sequence_logps(model, batch, pad_id):
     """log pi(y|x) of every completion: per-token log-probs at temperature 1 (offline data, no sampling
     temperature to match), summed over completion tokens up to and including EOS. [2B] -> (chosen, rejected)."""
@@ -191,7 +201,7 @@ def held_out_metrics(policy, ref_model, rows, args, pad_id, device, batch_size=1
 
 
 def main(args: Args):
-    common.check_ranges(args, positive=("beta", "lr", "epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens", "max_steps", "num_preferences"), non_negative=("save_every",))  # fmt: skip
+    common.check_ranges(args, positive=("beta", "lr", "epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens", "max_steps", "num_preferences", "micro_batch_size"), non_negative=("save_every",))  # fmt: skip
     if not 0 <= args.label_smoothing < 0.5:
         raise common.UserError(f"--label-smoothing {args.label_smoothing} must be in [0, 0.5): the share of flipped labels")  # fmt: skip
     accelerator = common.setup(args)
@@ -260,21 +270,25 @@ def main(args: Args):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with common.timer(times, "update"):
-            chosen_logps, rejected_logps = sequence_logps(policy, batch, pad_id)
-            if "ref_logps" in batch:
-                ref_chosen, ref_rejected = batch["ref_logps"].chunk(2)
-            else:
-                with torch.no_grad():
-                    ref_chosen, ref_rejected = sequence_logps(ref_model, batch, pad_id)
-            losses, chosen_rewards, rejected_rewards = dpo_loss(
-                chosen_logps, rejected_logps, ref_chosen, ref_rejected, args.beta, args.label_smoothing, args.loss_type
-            )  # fmt: skip
-            loss = losses.mean()
-            run.check_finite(step, loss=loss)  # lower --lr; use fp32/bf16, never fp16
-            accelerator.backward(loss)
+            n_pairs, parts = batch["prompt"].shape[0] // 2, []
+            for mb in micro_batches(batch, args.micro_batch_size or n_pairs):
+                chosen_logps, rejected_logps = sequence_logps(policy, mb, pad_id)
+                if "ref_logps" in mb:
+                    ref_chosen, ref_rejected = mb["ref_logps"].chunk(2)
+                else:
+                    with torch.no_grad():
+                        ref_chosen, ref_rejected = sequence_logps(ref_model, mb, pad_id)
+                losses, chosen_rewards, rejected_rewards = dpo_loss(
+                    chosen_logps, rejected_logps, ref_chosen, ref_rejected, args.beta, args.label_smoothing, args.loss_type
+                )  # fmt: skip
+                loss = losses.mean()
+                run.check_finite(step, loss=loss)  # lower --lr; use fp32/bf16, never fp16
+                accelerator.backward(loss * len(losses) / n_pairs)  # the batch mean, accumulated
+                parts.append((losses.detach(), chosen_rewards, rejected_rewards, chosen_logps.detach(), rejected_logps.detach()))  # fmt: skip
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
+            losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps = (torch.cat(x) for x in zip(*parts))
         run.advance()
         if step % 10 == 0 or step == total:
             metrics = pair_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
