@@ -744,7 +744,8 @@ class Run:
                 if isinstance(obj, torch.nn.Module):
                     from safetensors.torch import load_model
 
-                    load_model(self.accelerator.unwrap_model(obj), self.resume_from / f"{name}.safetensors", device=str(self.accelerator.device))  # fmt: skip
+                    device = self.accelerator.device  # safetensors reads "cuda:1" but not "cpu:0" (torchrun on CPU)
+                    load_model(self.accelerator.unwrap_model(obj), self.resume_from / f"{name}.safetensors", device="cpu" if device.type == "cpu" else str(device))  # fmt: skip
                 else:
                     obj.load_state_dict(torch.load(self.resume_from / f"{name}.pt", weights_only=True))
             state = torch.load(self.resume_from / f"state_{self.accelerator.process_index}.pt", weights_only=True)

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 torch.set_num_threads(1)
 
 import aihf  # noqa: E402
+import common  # noqa: E402
 import dpo  # noqa: E402
 import drpo  # noqa: E402
 import ppo  # noqa: E402
@@ -39,6 +40,27 @@ RUNS = {
 }
 
 
+def interrupt_and_resume(run_dir: Path):
+    """rebel.py's two updates again, stopped after the first as Ctrl-C would stop it (every rank saves its
+    own random and data state) and resumed from the checkpoint."""
+    _, kw = RUNS["rebel"]
+    real_step_done = common.Run.step_done
+
+    def step_done(self, step, state):
+        if step == 1:
+            self.stop_signal = "SIGINT"
+        return real_step_done(self, step, state)
+
+    common.Run.step_done = step_done
+    try:
+        rebel.main(rebel.Args(output_dir=str(run_dir.parent), run_name=run_dir.name, **kw))
+    except common.Interrupted:
+        pass
+    finally:
+        common.Run.step_done = real_step_done
+    rebel.main(common.resume_args(rebel.Args, rebel.Args(resume=str(run_dir))))
+
+
 def main(out: Path, names: list[str]):
     rank = int(os.environ.get("RANK", 0))
     record = {"hashes": [], "first_step": None}
@@ -59,9 +81,12 @@ def main(out: Path, names: list[str]):
     Accelerator.end_training = lambda self: None
     try:
         for name in names:
-            module, kw = RUNS[name]
             record.update(hashes=[], first_step=None)
-            module.main(module.Args(output_dir=str(out), run_name=f"{name}-{os.environ.get('WORLD_SIZE', 1)}", **kw))
+            if name == "rebel-resume":
+                interrupt_and_resume(out / f"{name}-{os.environ.get('WORLD_SIZE', 1)}")
+            else:
+                module, kw = RUNS[name]
+                module.main(module.Args(output_dir=str(out), run_name=f"{name}-{os.environ.get('WORLD_SIZE', 1)}", **kw))
             torch.save(record, out / f"{name}.rank{rank}.pt")
     finally:
         torch.optim.AdamW.step = real_step
