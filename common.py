@@ -233,6 +233,8 @@ def apply_lora(policy, r: int, alpha: float):
     """LoRA adapters (peft) on every linear layer of the policy; only they train. r = 0: the policy itself."""
     if not r:
         return policy
+    if r < 0 or not alpha > 0:
+        raise UserError(f"--lora-r {r} must be >= 0 and --lora-alpha {alpha} > 0")
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:

@@ -288,6 +288,7 @@ CATALOGUE = [
     ("zero temperature", ppo, ["--temperature", "0"], "--temperature 0.0 must be > 0"),
     ("label smoothing 0.5", dpo, ["--label-smoothing", "0.5"], "--label-smoothing 0.5"),
     ("negative demo weight", aihf, ["--w-demo", "-1"], "--w-demo -1.0 must be >= 0"),
+    ("negative lora rank", dpo, ["--lora-r", "-4"], "--lora-r -4 must be >= 0"),
     ("resume: not a run", rebel, ["--resume", "{tmp}"], "not a run directory"),
     ("resume: no checkpoint", rebel, ["--resume", "{no_ckpt}"], "no checkpoint"),
     ("resume: corrupt checkpoint", rebel, ["--resume", "{corrupt}"], "corrupt checkpoint"),
