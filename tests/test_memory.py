@@ -1,9 +1,9 @@
-"""Log-prob memory on a 50k-vocabulary model: completion_logprobs never holds logits for the prompt
-positions, nor a full fp32 log-softmax, so its peak does not grow with vocabulary x full sequence.
+"""Memory: log-probs on a 50k-vocabulary model, gradient checkpointing, and ZeRO-3 weight gathering.
 
-Each measurement runs in a fresh process: the peak resident set (ru_maxrss) of one call, minus the peak
-before it. The naive computation (all logits, one log-softmax) is measured the same way, to show the
-bound is a real one."""
+completion_logprobs never holds logits for the prompt positions, nor a full fp32 log-softmax, so its peak
+does not grow with vocabulary x full sequence. Each measurement runs in a fresh process: the peak resident
+set (ru_maxrss) of one call, minus the peak before it. The naive computation (all logits, one
+log-softmax) is measured the same way, to show the bound is a real one."""
 
 import json
 import os
@@ -12,6 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import common
+import toy
 
 ROOT = Path(__file__).resolve().parents[1]
 B, P, C, V = 4, 1024, 16, 50_000  # full logits: B x (P + C) x V x 4 bytes = 832 MB; kept ones: 14 MB
@@ -61,3 +65,58 @@ def test_logprob_peak_memory_does_not_scale_with_vocab_times_sequence():
     full_logits_mb = B * (P + C) * V * 4 / 2**20
     assert naive["peak_mb"] > 0.8 * full_logits_mb, naive  # the naive path does pay for them
     assert ours["peak_mb"] < 0.15 * full_logits_mb, ours  # ours stays near B x C x V
+
+
+def batch(tokenizer, n=6):
+    data = toy.sft_dataset("test").select(range(n))
+    pairs = [common.tokenize_pair(tokenizer, p, c, 32, 16) for p, c in zip(data["prompt"], data["completion"])]
+    prompt = common.pad([p for p, _ in pairs], tokenizer.pad_token_id, "left")
+    completion = common.pad([c for _, c in pairs], tokenizer.pad_token_id, "right")
+    return prompt, completion
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(toy_cache):
+    tokenizer = common.load_tokenizer("toy-sft")
+    prompt, completion = batch(tokenizer)
+    grads = []
+    for on in (False, True):
+        model = common.trainable(common.load_model("toy-sft"), type("A", (), {"gradient_checkpointing": on})())
+        model.train()
+        common.completion_logprobs(model, prompt, completion, tokenizer.pad_token_id).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert getattr(model, "is_activation_checkpointing", None) in (on, None)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == on
+        common.generate(model, prompt, tokenizer, 4, 1.0)
+        assert model.training  # generate() switches to eval mode (and the KV cache) and back
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_generation_under_zero3_gathers_the_weights_once(toy_cache, monkeypatch):
+    """Under ZeRO-3 each layer's weights are sharded; generate() gathers all of them once for the whole
+    call, not at every new token (DeepSpeed is stood in for: it needs GPUs)."""
+    import sys
+    import types
+
+    import transformers.integrations
+
+    entered = []
+
+    class GatheredParameters:
+        def __init__(self, params):
+            self.params = params
+
+        def __enter__(self):
+            entered.append(len(self.params))
+
+        def __exit__(self, *exc):
+            return False
+
+    fake = types.ModuleType("deepspeed")
+    fake.zero = types.SimpleNamespace(GatheredParameters=GatheredParameters)
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    tokenizer = common.load_tokenizer("toy-sft")
+    model = common.load_model("toy-sft")
+    prompt, _ = batch(tokenizer)
+    common.generate(model, prompt, tokenizer, max_new_tokens=6, temperature=1.0)
+    assert entered == [len(list(model.parameters()))]
