@@ -74,6 +74,8 @@ class Args:
     """run again even where a finished run with the same command exists (default: reuse it)"""
     docs: bool = False
     """copy results.md and the plots into docs/ (for the README)"""
+    no_plots: bool = False
+    """tables and results.json only (without matplotlib installed)"""
     speed: bool = False
     """run the speed benchmark instead of the quality one"""
     speed_repeats: int = 8
@@ -165,7 +167,7 @@ def plan_aihf(a: Args, out: Path) -> list[Job]:
     jobs, steps = [], 32 if a.quick else 100
     for n in a.num_preferences:
         data = out / "data" / f"preferences_{n}"
-        epochs = str(math.ceil(steps * 64 / n) if n >= 64 else steps)
+        epochs = str(math.ceil(steps / (n // 64)))  # the loaders drop a last partial batch: n // 64 steps per epoch
         for seed in a.seeds[:2]:
             limit = ["--eval-prompts", str(a.eval_prompts), "--num-preferences", str(n)]
             jobs.append(make_job(out, "aihf", f"aihf N={n}", seed, "aihf.py", [*limit, "--total-steps", str(steps)]))
@@ -182,6 +184,7 @@ def write_preference_subsets(a: Args, out: Path):
 
     import toy
 
+    datasets.disable_progress_bars()
     for n in a.num_preferences:
         path = out / "data" / f"preferences_{n}"
         if not (path / "dataset_dict.json").exists():
@@ -194,7 +197,7 @@ def run_all(jobs: list[Job], a: Args) -> None:
     threads = max(1, (os.cpu_count() or 1) // a.jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     pending, running, done = list(jobs), {}, {}
-    start, total = time.time(), len(jobs)
+    start, total, ran = time.time(), len(jobs), 0
     print(f"[bench] {total} runs, {a.jobs} at a time, OMP_NUM_THREADS={threads}; logs in <run dir>.log", flush=True)
     while pending or running:
         for job in list(pending):
@@ -212,6 +215,7 @@ def run_all(jobs: list[Job], a: Args) -> None:
             if not a.rerun and (job.dir / "eval.json").exists() and stamp.exists() and stamp.read_text() == " ".join(job.argv):  # fmt: skip
                 job.ok, job.wall = True, json.loads((job.dir.parent / f"{job.name}.wall").read_text())
                 done[job.key] = job
+                print(f"[bench] {len(done)}/{total} {job.key}: reused (same command, finished earlier; --rerun to redo)", flush=True)  # fmt: skip
                 continue
             job.dir.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(job.dir, ignore_errors=True)  # metrics.jsonl appends: start clean
@@ -227,9 +231,9 @@ def run_all(jobs: list[Job], a: Args) -> None:
                 stamp = job.dir.parent / f"{job.name}"
                 Path(f"{stamp}.cmd").write_text(" ".join(job.argv))
                 Path(f"{stamp}.wall").write_text(json.dumps(job.wall))
+            ran += 1
             elapsed = time.time() - start
-            left = len(pending) + len(running)
-            eta = elapsed / len(done) * left if done else 0
+            eta = elapsed / ran * (len(pending) + len(running))  # runs finished in this call set the pace
             print(f"[bench] {len(done)}/{total} {job.key} ({job.wall:.0f} s): {summary(job)} | "
                   f"elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min", flush=True)  # fmt: skip
         if not finished:
@@ -294,7 +298,8 @@ def curve_mean(runs: list[dict], key: str) -> tuple[list[int], list[float], list
 # ---------------------------------------------------------------------------------------------
 
 NAMES = {"sft": "SFT (`sft.py`, retrained)", "ppo": "PPO", "drpo": "DR-PO", "rebel": "REBEL", "xpo": "XPO",
-         "odpo": "online DPO (XPO, α = 0)", "dpo": "DPO", "aihf": "AIHF-DPO"}  # fmt: skip
+         "odpo": "online DPO (XPO, α = 0)", "dpo": "DPO", "aihf": "AIHF-DPO", "drpo reset_prob=0": "DR-PO, reset_prob 0",
+         "drpo reset_prob=0.5": "DR-PO, reset_prob 0.5", "drpo reset_prob=1": "DR-PO, reset_prob 1 (default)"}  # fmt: skip
 
 
 def command(job: Job) -> str:
@@ -403,7 +408,7 @@ def pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("error: the plots need matplotlib: pip install -r requirements-bench.txt") from None
+        raise SystemExit("error: the plots need matplotlib: pip install -r requirements-bench.txt (or --no-plots)") from None
     return plt
 
 
@@ -504,6 +509,8 @@ def quality(a: Args) -> int:
         a = dataclasses.replace(a, seeds=a.seeds[:1], budget=min(a.budget, 256),
                                 eval_every=64, eval_prompts=min(a.eval_prompts, 200),
                                 num_preferences=(100, 10000) if a.num_preferences == Args.num_preferences else a.num_preferences)  # fmt: skip
+    if min(a.num_preferences) < 64:
+        raise SystemExit(f"error: --num-preferences must be >= 64 (one batch), got {min(a.num_preferences)}")
     if a.budget % 64 or a.eval_every % 64 or a.budget < a.eval_every:
         raise SystemExit(f"error: --budget ({a.budget}) and --eval-every ({a.eval_every}) must be multiples of 64, budget >= eval-every")  # fmt: skip
     unknown = set(a.methods) - set(NAMES)
@@ -511,7 +518,7 @@ def quality(a: Args) -> int:
         raise SystemExit(f"error: unknown --methods {sorted(unknown)}; choose from {sorted(NAMES)}")
     out = Path(a.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plt = pyplot()  # fail before an hour of runs, not after
+    plt = None if a.no_plots else pyplot()  # fail before an hour of runs, not after
     jobs = plan(a, out)
     if "aihf" in a.modes:
         write_preference_subsets(a, out)
@@ -532,8 +539,9 @@ def quality(a: Args) -> int:
                      cost_table(jobs)]  # fmt: skip
     if "gold" in a.modes:
         sections += ["\n## Gold reward as the RL reward (oracle)\n", quality_table(jobs, "gold", a, start_row=False)]
-    if "reset" in a.modes:
-        sections += ["\n## DR-PO reset probability (1.0 is the main run)\n", quality_table(jobs, "reset", a, start_row=False)]  # fmt: skip
+    if "reset" in a.modes:  # the main DR-PO runs are reset_prob = 1
+        sweep = jobs + [dataclasses.replace(j, group="reset", label="drpo reset_prob=1") for j in jobs if j.group == "main" and j.label == "drpo"]  # fmt: skip
+        sections += ["\n## DR-PO reset probability (0 is PPO with the same random stream)\n", quality_table(sweep, "reset", a, start_row=False)]  # fmt: skip
     if "aihf" in a.modes:
         sections += ["\n## Fewer preference pairs, demonstrations fixed\n", aihf_table(jobs, a)]
     sections += ["\n## Commands (plus `--seed S --eval-prompts N --output-dir ... --run-name ...`)\n",
@@ -549,7 +557,7 @@ def quality(a: Args) -> int:
          "curve": [{"x": x, **{k: v for k, v in r.items() if k.startswith("eval/")}} for x, r in read_run(j)["curve"]] if j.ok else None}
         for j in jobs]}  # fmt: skip
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    plots = plot_curves(plt, jobs, out) + plot_frontier(plt, jobs, out) + plot_oracle(plt, jobs, out) + plot_aihf(plt, jobs, a, out)  # fmt: skip
+    plots = [] if plt is None else plot_curves(plt, jobs, out) + plot_frontier(plt, jobs, out) + plot_oracle(plt, jobs, out) + plot_aihf(plt, jobs, a, out)  # fmt: skip
     print("\n" + report)
     print(f"[bench] wrote {out / 'results.md'}, {out / 'results.json'}, " + ", ".join(str(p) for p in plots))
     if a.docs:
@@ -566,8 +574,187 @@ def quality(a: Args) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+SPEED_BATCH, SPEED_NEW_TOKENS = 64, 16  # sequences per update, completion length (random models rarely stop early)
+
+
+def speed_models(out: Path, size: str) -> tuple[str, str]:
+    """Fresh (random) policy and reward models of toy.py's tiny / small configs, saved once. The pad token gets
+    an embedding row here (vocabulary 53, not 52) because TRL embeds pad ids; our scripts take either."""
+    path = out / "models" / size
+    if not (path / "reward" / "model.safetensors").exists():
+        import torch
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        import toy
+
+        torch.manual_seed(0)
+        tokenizer = toy.make_tokenizer()
+        config = toy.model_config({"toy-tiny": "tiny", "toy": "small"}[size])
+        config.vocab_size, config.pad_token_id = len(toy.VOCAB), tokenizer.pad_token_id
+        for kind, cls, extra in (("policy", AutoModelForCausalLM, {}), ("reward", AutoModelForSequenceClassification, {"num_labels": 1})):
+            fields = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
+            model = cls.from_config(config.__class__(**{**fields, **extra}))
+            model.save_pretrained(path / kind)
+            tokenizer.save_pretrained(path / kind)
+    return str(path / "policy"), str(path / "reward")
+
+
+def our_speed_runs(policy: str, reward: str, repeats: int) -> dict[str, tuple[str, list[str]]]:
+    """Each script at 64 sequences per update, one update = the same work as one TRL step (speed_trl)."""
+    shape = ["--model", policy, "--reward-model", reward, "--max-new-tokens", str(SPEED_NEW_TOKENS), "--eval-prompts", "16", "--eval-every", str(10**6)]  # fmt: skip
+    n = str(SPEED_BATCH * repeats)
+    return {
+        "ppo": ("ppo.py", [*shape, "--total-episodes", n, "--batch-size", "64"]),  # 2 minibatches x 4 epochs
+        "drpo": ("drpo.py", [*shape, "--total-episodes", n, "--batch-size", "64"]),
+        "rebel": ("rebel.py", [*shape, "--total-episodes", str(32 * repeats), "--batch-size", "32"]),  # 32 prompts x 2
+        "xpo": ("xpo.py", [*shape, "--total-episodes", n, "--batch-size", "64", "--num-minibatches", "1"]),  # 1 step, as TRL
+        "odpo": ("xpo.py", [*shape, "--total-episodes", n, "--batch-size", "64", "--num-minibatches", "1", "--alpha", "0"]),
+        "dpo": ("dpo.py", [*shape, "--max-steps", str(repeats), "--batch-size", "64", "--eval-pairs", "64"]),
+        "aihf": ("aihf.py", [*shape, "--total-steps", str(repeats)]),
+    }
+
+
+def read_speed(run_dir: Path, warmup: int = 2) -> dict:
+    """Median over updates (after `warmup`) of generation / scoring / update time; peak memory from eval.json."""
+    final = json.loads((run_dir / "eval.json").read_text())
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    ups = [r for r in rows if "time/update" in r][warmup:]
+    out = {"memory_mb": final["memory/peak_mb"]}
+    if not ups:  # dpo.py logs only the mean time of an update (eval.json time/update_mean)
+        return {**out, "total": final["time/update_mean"], "note": "mean"}
+    for part in ("generation", "scoring", "update"):
+        if any(f"time/{part}" in u for u in ups):
+            out[part] = statistics.median(u.get(f"time/{part}", 0.0) for u in ups)
+    out["total"] = statistics.median(sum(u.get(f"time/{p}", 0.0) for p in ("generation", "scoring", "update")) for u in ups)  # fmt: skip
+    return out
+
+
+def trl_worker(trainer: str, policy: str, reward: str, repeats: str, out_json: str) -> None:
+    """One TRL trainer at the shapes of our_speed_runs, in its own process (so its peak memory is its own):
+    the median over steps (after 2 warm-up steps) of the wall time between two `on_step_end` callbacks."""
+    import resource
+    import tempfile
+
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+
+    import toy
+
+    torch.manual_seed(0)
+    repeats = int(repeats)
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    model, ref = AutoModelForCausalLM.from_pretrained(policy), AutoModelForCausalLM.from_pretrained(policy)
+    rm = AutoModelForSequenceClassification.from_pretrained(reward)
+    stamps = []
+
+    class Stamp(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+    tmp = tempfile.mkdtemp()
+    common = dict(output_dir=tmp, report_to=[], logging_steps=10**6, save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)  # fmt: skip
+    prompts = datasets.Dataset.from_dict({"prompt": toy.sft_dataset("train")["prompt"][: SPEED_BATCH * (repeats + 2)]})
+    if trainer == "ppo":
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+        data = prompts.map(lambda r: {"input_ids": tokenizer(r["prompt"])["input_ids"]}, remove_columns=["prompt"])
+        config = PPOConfig(**common, learning_rate=3e-5, per_device_train_batch_size=SPEED_BATCH, gradient_accumulation_steps=1,
+                           num_mini_batches=2, num_ppo_epochs=4, total_episodes=SPEED_BATCH * repeats, response_length=SPEED_NEW_TOKENS,
+                           stop_token="eos", temperature=0.7, local_rollout_forward_batch_size=SPEED_BATCH, num_sample_generations=0,
+                           kl_coef=0.05, missing_eos_penalty=1.0)  # fmt: skip
+        value = AutoModelForSequenceClassification.from_pretrained(reward)
+        run = PPOTrainer(args=config, processing_class=tokenizer, model=model, ref_model=ref, reward_model=rm,
+                         train_dataset=data, value_model=value, callbacks=[Stamp()])  # fmt: skip
+    elif trainer in ("xpo", "odpo"):
+        if trainer == "xpo":
+            from trl.experimental.xpo import XPOConfig as Config, XPOTrainer as Trainer
+        else:
+            from trl.experimental.online_dpo import OnlineDPOConfig as Config, OnlineDPOTrainer as Trainer
+        extra = {"alpha": [1e-2]} if trainer == "xpo" else {}
+        config = Config(**common, **extra, learning_rate=5e-5, per_device_train_batch_size=SPEED_BATCH, gradient_accumulation_steps=1,
+                        max_steps=repeats, max_new_tokens=SPEED_NEW_TOKENS, temperature=1.0, beta=0.1, missing_eos_penalty=1.0)  # fmt: skip
+        run = Trainer(model=model, ref_model=ref, reward_funcs=rm, args=config, train_dataset=prompts, processing_class=tokenizer,
+                      reward_processing_classes=tokenizer, callbacks=[Stamp()])  # fmt: skip
+    elif trainer == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        pairs = toy.preference_dataset("train").select(range(SPEED_BATCH * (repeats + 2)))
+        config = DPOConfig(**common, learning_rate=1e-4, per_device_train_batch_size=SPEED_BATCH, max_steps=repeats, beta=0.1)
+        run = DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=pairs, processing_class=tokenizer, callbacks=[Stamp()])  # fmt: skip
+    else:
+        raise ValueError(f"no TRL trainer for {trainer!r}")
+    run.train()
+    steps = [b - a for a, b in zip(stamps, stamps[1:])][2:]
+    result = {"total": statistics.median(steps), "steps": len(steps), "memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+    Path(out_json).write_text(json.dumps(result))
+
+
 def speed(a: Args) -> int:
-    raise SystemExit("error: --speed is not available yet")
+    """Our scripts, then TRL's trainers (when installed), one process at a time on the whole machine."""
+    if a.speed_repeats < 3:
+        raise SystemExit("error: --speed-repeats must be >= 3 (two warm-up updates are dropped)")
+    out = Path(a.output_dir) / "speed"
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1), "TOKENIZERS_PARALLELISM": "false"}
+    try:
+        import trl
+
+        has_trl = trl.__version__
+    except ImportError:
+        has_trl = None
+        print("[speed] trl is not installed: our scripts only (pip install -r requirements-bench.txt for the TRL side)")
+    results = {}
+    for size in a.speed_sizes:
+        policy, reward = speed_models(out, size)
+        for name, (script, argv) in our_speed_runs(policy, reward, a.speed_repeats).items():
+            if a.methods and name not in a.methods:
+                continue
+            run_dir = out / size / name
+            shutil.rmtree(run_dir, ignore_errors=True)
+            cmd = [sys.executable, str(HERE / script), *argv, "--output-dir", str(out / size), "--run-name", name]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE)
+            if proc.returncode != 0:
+                print(f"[speed] {size} {name}: FAILED: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            ours = read_speed(run_dir)
+            theirs = None
+            if has_trl and name in ("ppo", "xpo", "odpo", "dpo"):
+                out_json = out / size / f"trl_{name}.json"
+                worker = f"import benchmark, sys; benchmark.trl_worker(*sys.argv[1:])"
+                proc = subprocess.run([sys.executable, "-c", worker, name, policy, reward, str(a.speed_repeats), str(out_json)],
+                                      capture_output=True, text=True, env=env, cwd=HERE)  # fmt: skip
+                if proc.returncode == 0:
+                    theirs = json.loads(out_json.read_text())
+                else:
+                    print(f"[speed] {size} TRL {name}: FAILED: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+            results[f"{size}/{name}"] = {"size": size, "method": name, "ours": ours, "trl": theirs, "command": " ".join(cmd[1:])}
+            ratio = f", ours/TRL {ours['total'] / theirs['total']:.2f}x" if theirs else ""
+            print(f"[speed] {size} {name}: {ours['total']:.3f} s per update, {ours['memory_mb']:.0f} MiB{ratio}", flush=True)
+    head = (f"# Speed: one update of 64 sequences, completions of {SPEED_NEW_TOKENS} tokens, random models\n\n"
+            f"`python benchmark.py {' '.join(sys.argv[1:])}`; median of {a.speed_repeats - 2} updates after 2 warm-up updates"
+            f" (dpo.py: mean of all {a.speed_repeats}); peak resident memory of the whole process; "
+            f"trl {has_trl or 'not installed'}; {os.cpu_count()} CPU threads.\n\n"
+            "| model | method | generation (s) | scoring (s) | update (s) | total (s) | peak memory (MiB) | TRL total (s) | TRL peak memory (MiB) | time ours / TRL |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")  # fmt: skip
+    lines = []
+    for r in results.values():
+        o, t = r["ours"], r["trl"]
+        cell = lambda k: f"{o[k]:.3f}" if k in o else ""  # noqa: E731
+        trl_cells = f"{t['total']:.3f} | {t['memory_mb']:.0f} | {o['total'] / t['total']:.2f}" if t else " | | "
+        lines.append(f"| {r['size']} | {NAMES[r['method']]} | {cell('generation')} | {cell('scoring')} | {cell('update')} | "
+                     f"{o['total']:.3f}{' (mean)' if o.get('note') else ''} | {o['memory_mb']:.0f} | {trl_cells} |")  # fmt: skip
+    report = head + "\n".join(lines) + "\n"
+    (out / "speed.md").write_text(report)
+    (out / "speed.json").write_text(json.dumps(results, indent=1))
+    print("\n" + report)
+    if a.docs:
+        (HERE / "docs").mkdir(exist_ok=True)
+        shutil.copy(out / "speed.md", HERE / "docs" / "benchmark_speed.md")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,14 +779,19 @@ def cli() -> Args:
     err = io.StringIO()
     real, sys.stderr = sys.stderr, err
     try:
-        return tyro.cli(Args, description=__doc__)
+        return tyro.cli(Args, description=__doc__.split("\n\n")[0] + " Details: the module docstring of benchmark.py.")
     except SystemExit as e:
         text = err.getvalue()
         if e.code == 0:
             real.write(text)
             raise
-        lines = [ln.strip(" │╭╮╰╯─") for ln in text.splitlines()]
-        msg = next((ln for ln in lines if ln and not ln.startswith(("For full", "Unrecognized options ─")) and "─" not in ln), "bad arguments")  # fmt: skip
+        body = []  # the box's first paragraph: between its title and the first rule
+        for line in text.splitlines()[1:]:
+            line = line.strip().strip("│").strip()
+            if not line or set(line) <= set("─╰╯"):
+                break
+            body.append(line)
+        msg = " ".join(body) or "bad arguments"
         real.write(f"error: {msg} (see python benchmark.py --help)\n")
         sys.exit(2)
     finally:
