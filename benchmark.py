@@ -78,8 +78,10 @@ class Args:
     """tables and results.json only (without matplotlib installed)"""
     speed: bool = False
     """run the speed benchmark instead of the quality one"""
-    speed_repeats: int = 8
+    speed_repeats: int = 10
     """--speed: updates per script and shape; the first two are warm-up, the median of the rest is reported"""
+    speed_threads: int = 1
+    """--speed: OMP_NUM_THREADS of each measured process (on a shared machine a second thread mostly waits)"""
     speed_sizes: tuple[str, ...] = ("toy-tiny", "toy")
     """--speed: model sizes (fresh models of toy.py's tiny ~0.1M and small ~1M configs)"""
 
@@ -101,6 +103,7 @@ class Job:
     name: str = ""
     wall: float | None = None
     ok: bool = False
+    reused: bool = False  # finished by an earlier call of the benchmark (same command)
 
     @property
     def key(self) -> str:
@@ -213,7 +216,7 @@ def run_all(jobs: list[Job], a: Args) -> None:
             cmd = [sys.executable, str(HERE / job.script), *job.argv]
             stamp = job.dir.parent / f"{job.name}.cmd"
             if not a.rerun and (job.dir / "eval.json").exists() and stamp.exists() and stamp.read_text() == " ".join(job.argv):  # fmt: skip
-                job.ok, job.wall = True, json.loads((job.dir.parent / f"{job.name}.wall").read_text())
+                job.ok, job.reused, job.wall = True, True, json.loads((job.dir.parent / f"{job.name}.wall").read_text())
                 done[job.key] = job
                 print(f"[bench] {len(done)}/{total} {job.key}: reused (same command, finished earlier; --rerun to redo)", flush=True)  # fmt: skip
                 continue
@@ -528,7 +531,9 @@ def quality(a: Args) -> int:
 
     sections = [f"# Toy-task benchmark\n\n`python benchmark.py {' '.join(sys.argv[1:])}`: seeds {list(a.seeds)}, "
                 f"{a.budget:,} policy samples per online run, {a.eval_prompts} test prompts per evaluation, "
-                f"{a.jobs} runs at a time; {len(jobs)} runs in {wall / 60:.1f} min. Mean ± std over seeds.\n"]  # fmt: skip
+                f"{a.jobs} runs at a time; {sum(not j.reused for j in jobs)} runs in {wall / 60:.1f} min"
+                f"{f' ({sum(j.reused for j in jobs)} more reused from earlier calls)' if any(j.reused for j in jobs) else ''}; "
+                f"wall time is that of each run's process, {a.jobs} at a time. Mean ± std over seeds.\n"]  # fmt: skip
     commands = {}
     for job in jobs:
         commands.setdefault(f"{job.group}: {job.label}", command(job))
@@ -699,7 +704,7 @@ def speed(a: Args) -> int:
         raise SystemExit("error: --speed-repeats must be >= 3 (two warm-up updates are dropped)")
     out = Path(a.output_dir) / "speed"
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.speed_threads), "MKL_NUM_THREADS": str(a.speed_threads), "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     try:
         import trl
 
@@ -737,7 +742,7 @@ def speed(a: Args) -> int:
     head = (f"# Speed: one update of 64 sequences, completions of {SPEED_NEW_TOKENS} tokens, random models\n\n"
             f"`python benchmark.py {' '.join(sys.argv[1:])}`; median of {a.speed_repeats - 2} updates after 2 warm-up updates"
             f" (dpo.py: mean of all {a.speed_repeats}); peak resident memory of the whole process; "
-            f"trl {has_trl or 'not installed'}; {os.cpu_count()} CPU threads.\n\n"
+            f"trl {has_trl or 'not installed'}; one process at a time, {a.speed_threads} CPU thread(s) each.\n\n"
             "| model | method | generation (s) | scoring (s) | update (s) | total (s) | peak memory (MiB) | TRL total (s) | TRL peak memory (MiB) | time ours / TRL |\n"
             "|---|---|---|---|---|---|---|---|---|---|\n")  # fmt: skip
     lines = []
