@@ -604,9 +604,27 @@ def speed_models(out: Path, size: str) -> tuple[str, str]:
     return str(path / "policy"), str(path / "reward")
 
 
-def our_speed_runs(policy: str, reward: str, repeats: int) -> dict[str, tuple[str, list[str]]]:
-    """Each script at 64 sequences per update, one update = the same work as one TRL step (speed_trl)."""
-    shape = ["--model", policy, "--reward-model", reward, "--max-new-tokens", str(SPEED_NEW_TOKENS), "--eval-prompts", "16", "--eval-every", str(10**6)]  # fmt: skip
+def speed_data(out: Path, repeats: int) -> tuple[str, str]:
+    """The rows TRL's side loads (the first 64 * (repeats + 2) toy prompts / pairs), saved for our scripts, so
+    that both sides hold the same data in memory; a 64-row test split for their evaluations."""
+    import datasets
+
+    import toy
+
+    datasets.disable_progress_bars()
+    n, paths = SPEED_BATCH * (repeats + 2), []
+    for name, make in (("prompts", toy.sft_dataset), ("pairs", toy.preference_dataset)):
+        path = out / "data" / f"{name}_{n}"
+        if not (path / "dataset_dict.json").exists():
+            datasets.DatasetDict({"train": make("train").select(range(n)), "test": make("test").select(range(64))}).save_to_disk(str(path))  # fmt: skip
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+def our_speed_runs(policy: str, reward: str, repeats: int, prompts: str, pairs: str) -> dict[str, tuple[str, list[str]]]:
+    """Each script at 64 sequences per update, one update = the same work as one TRL step (trl_worker)."""
+    shape = ["--model", policy, "--reward-model", reward, "--max-new-tokens", str(SPEED_NEW_TOKENS), "--eval-prompts", "16",
+             "--eval-every", str(10**6), "--dataset", prompts]  # fmt: skip
     n = str(SPEED_BATCH * repeats)
     return {
         "ppo": ("ppo.py", [*shape, "--total-episodes", n, "--batch-size", "64"]),  # 2 minibatches x 4 epochs
@@ -614,8 +632,8 @@ def our_speed_runs(policy: str, reward: str, repeats: int) -> dict[str, tuple[st
         "rebel": ("rebel.py", [*shape, "--total-episodes", str(32 * repeats), "--batch-size", "32"]),  # 32 prompts x 2
         "xpo": ("xpo.py", [*shape, "--total-episodes", n, "--batch-size", "64", "--num-minibatches", "1"]),  # 1 step, as TRL
         "odpo": ("xpo.py", [*shape, "--total-episodes", n, "--batch-size", "64", "--num-minibatches", "1", "--alpha", "0"]),
-        "dpo": ("dpo.py", [*shape, "--max-steps", str(repeats), "--batch-size", "64", "--eval-pairs", "64"]),
-        "aihf": ("aihf.py", [*shape, "--total-steps", str(repeats)]),
+        "dpo": ("dpo.py", [*shape[:-1], pairs, "--max-steps", str(repeats), "--batch-size", "64", "--eval-pairs", "64"]),
+        "aihf": ("aihf.py", [*shape, "--preference-dataset", pairs, "--total-steps", str(repeats)]),
     }
 
 
@@ -661,7 +679,9 @@ def trl_worker(trainer: str, policy: str, reward: str, repeats: str, out_json: s
             stamps.append(time.perf_counter())
 
     tmp = tempfile.mkdtemp()
-    common = dict(output_dir=tmp, report_to=[], logging_steps=10**6, save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)  # fmt: skip
+    # TRL's configs default to gradient checkpointing (less memory, more time); our scripts do not checkpoint: off, same work
+    common = dict(output_dir=tmp, report_to=[], logging_steps=10**6, save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
+                  gradient_checkpointing=False)  # fmt: skip
     prompts = datasets.Dataset.from_dict({"prompt": toy.sft_dataset("train")["prompt"][: SPEED_BATCH * (repeats + 2)]})
     if trainer == "ppo":
         from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -712,10 +732,10 @@ def speed(a: Args) -> int:
     except ImportError:
         has_trl = None
         print("[speed] trl is not installed: our scripts only (pip install -r requirements-bench.txt for the TRL side)")
-    results = {}
+    results, (prompts, pairs) = {}, speed_data(out, a.speed_repeats)
     for size in a.speed_sizes:
         policy, reward = speed_models(out, size)
-        for name, (script, argv) in our_speed_runs(policy, reward, a.speed_repeats).items():
+        for name, (script, argv) in our_speed_runs(policy, reward, a.speed_repeats, prompts, pairs).items():
             if a.methods and name not in a.methods:
                 continue
             run_dir = out / size / name
@@ -742,7 +762,8 @@ def speed(a: Args) -> int:
     head = (f"# Speed: one update of 64 sequences, completions of {SPEED_NEW_TOKENS} tokens, random models\n\n"
             f"`python benchmark.py {' '.join(sys.argv[1:])}`; median of {a.speed_repeats - 2} updates after 2 warm-up updates"
             f" (dpo.py: mean of all {a.speed_repeats}); peak resident memory of the whole process; "
-            f"trl {has_trl or 'not installed'}; one process at a time, {a.speed_threads} CPU thread(s) each.\n\n"
+            f"trl {has_trl or 'not installed'} (gradient checkpointing off, as in our scripts); one process at a time, "
+            f"{a.speed_threads} CPU thread(s) each; both sides hold the same {SPEED_BATCH * (a.speed_repeats + 2)} training rows.\n\n"
             "| model | method | generation (s) | scoring (s) | update (s) | total (s) | peak memory (MiB) | TRL total (s) | TRL peak memory (MiB) | time ours / TRL |\n"
             "|---|---|---|---|---|---|---|---|---|---|\n")  # fmt: skip
     lines = []
