@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import math
 import os
@@ -187,6 +188,10 @@ def load_model(name: str, kind: str = "causal", dtype: torch.dtype = torch.float
     come from elsewhere; when its own tokenizer differs, `reward_scores` re-tokenizes for it."""
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     extra = {} if kind == "causal" else {"num_labels": 1}
+    if name == "toy-gold" and kind == "reward":  # the gold oracle: toy-rm's network (a PPO critic may start from
+        model = load_model("toy-rm", kind, dtype)  # it), whose scores reward_scores() replaces by the gold reward
+        model.config.toy_gold = True
+        return model
     if name in ("toy", "toy-tiny"):
         config = toy.model_config({"toy": "small", "toy-tiny": "tiny"}[name])
         model, missing = cls.from_config(config.__class__(**{**config.to_dict(), **extra})), ["score.weight"]
@@ -592,16 +597,39 @@ def token_scores(model, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
 def reward_scores(reward_model, prompt, completion, pad_id, has_eos=None, no_eos_score: float | None = None):
     """Reward-model score read at the EOS token (the last real token), minus the stored normalization
     bias. Completions without EOS get `no_eos_score` instead (N+ replaces the score by -1). A reward model
-    with its own tokenizer (`load_model(..., tokenizer=)`) scores its re-tokenization (`retokenize`)."""
-    if getattr(reward_model, "retokenize", None) is not None:
-        prompt, completion, pad_id = retokenize(prompt, completion, *reward_model.retokenize)
-    scores = token_scores(reward_model, torch.cat([prompt, completion], 1), pad_id)
-    idx = last_token_index(prompt, completion, pad_id)
-    scores = scores[torch.arange(len(idx), device=idx.device), idx].float()
-    scores = scores - getattr(extract_model_from_parallel(reward_model).config, "reward_bias", 0.0)
+    with its own tokenizer (`load_model(..., tokenizer=)`) scores its re-tokenization (`retokenize`);
+    `--reward-model toy-gold` scores with the toy task's gold reward of the decoded text instead."""
+    config = extract_model_from_parallel(reward_model).config
+    if getattr(config, "toy_gold", False):
+        scores = toy_gold_scores(prompt, completion, pad_id)
+    else:
+        if getattr(reward_model, "retokenize", None) is not None:
+            prompt, completion, pad_id = retokenize(prompt, completion, *reward_model.retokenize)
+        scores = token_scores(reward_model, torch.cat([prompt, completion], 1), pad_id)
+        idx = last_token_index(prompt, completion, pad_id)
+        scores = scores[torch.arange(len(idx), device=idx.device), idx].float()
+        scores = scores - getattr(config, "reward_bias", 0.0)
     if has_eos is not None and no_eos_score is not None:
         scores = torch.where(has_eos, scores, torch.full_like(scores, no_eos_score))
     return scores
+
+
+def toy_gold_scores(prompt, completion, pad_id):
+    """toy.gold_reward of each (prompt, completion) decoded with the toy tokenizer: the oracle that separates
+    an optimizer's quality from reward-model error. A fixed function: it cannot be trained."""
+    if torch.is_grad_enabled():
+        raise UserError("--reward-model toy-gold is a fixed oracle (the toy gold reward): it cannot be trained")
+    tokenizer = _toy_tokenizer()
+    prompts = tokenizer.batch_decode(prompt, skip_special_tokens=True)
+    texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
+    has_eos = (completion == tokenizer.eos_token_id).any(1).tolist()
+    scores = [toy.gold_reward(p, t, e) for p, t, e in zip(prompts, texts, has_eos)]
+    return torch.tensor(scores, dtype=torch.float32, device=completion.device)
+
+
+@functools.cache
+def _toy_tokenizer():
+    return toy.make_tokenizer()
 
 
 def retokenize(prompt, completion, tokenizer, rm_tokenizer):

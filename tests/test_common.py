@@ -685,3 +685,26 @@ def test_evaluate_on_the_toy_task():
     assert metrics["eval/length"] == pytest.approx((completion != pad_id).sum(1).float().mean().item())
     assert [s["score"] for s in samples] == pytest.approx(scores.tolist(), abs=1e-5)
     assert metrics["eval/score"] == pytest.approx(scores.mean().item(), abs=1e-5)
+
+
+def test_toy_gold_reward_model_scores_with_the_gold_reward(toy_cache):
+    """`--reward-model toy-gold`: reward_scores gives toy.gold_reward of the decoded texts (then the usual
+    missing-EOS rule); the network is toy-rm's (a PPO critic starts from it); it refuses to be trained."""
+    tokenizer = toy.make_tokenizer()
+    gold_model = common.load_model("toy-gold", "reward").eval().requires_grad_(False)
+    prompts = toy.sft_dataset("test")["prompt"][:3]
+    texts = [" " + " ".join(toy.ideal_summary(toy.post_words(prompts[0]))), " very very", " " + toy.post_words(prompts[2])[0]]  # fmt: skip
+    prompt = common.pad(common.tokenize_prompts(tokenizer, prompts, 32), tokenizer.pad_token_id, "left")
+    completion = common.pad([tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts[:2]]
+                            + [tokenizer(texts[2], add_special_tokens=False)["input_ids"]], tokenizer.pad_token_id, "right")  # fmt: skip
+    has_eos = (completion == tokenizer.eos_token_id).any(1)
+    with torch.no_grad():
+        scores = common.reward_scores(gold_model, prompt, completion, tokenizer.pad_token_id)
+        penalized = common.reward_scores(gold_model, prompt, completion, tokenizer.pad_token_id, has_eos, -1.0)
+    expected = [toy.gold_reward(p, t, bool(e)) for p, t, e in zip(prompts, texts, has_eos)]
+    torch.testing.assert_close(scores, torch.tensor(expected))
+    assert scores[0] == 1.0 and penalized[2] == -1.0 and penalized[1] == scores[1]
+    rm = common.load_model("toy-rm", "reward")
+    assert all(torch.equal(a, b) for a, b in zip(gold_model.state_dict().values(), rm.state_dict().values()))
+    with pytest.raises(common.UserError, match="toy-gold"):
+        common.reward_scores(gold_model, prompt, completion, tokenizer.pad_token_id)  # gradients on: a training step
