@@ -54,19 +54,19 @@ def test_bad_flags_give_one_line_errors(tmp_path, argv, needle):
 
 
 def test_quick_run(toy_cache, tmp_path):
-    """The whole pipeline at a tiny budget: 64 policy samples, 16 eval prompts, 9 runs of the real scripts."""
+    """The whole pipeline at a tiny budget: 64 policy samples, 16 eval prompts, 7 runs of the real scripts."""
     cmd = [sys.executable, str(ROOT / "benchmark.py"), "--quick", "--output-dir", str(tmp_path), "--modes", "main", "gold", "aihf",
-           "--methods", "ppo", "xpo", "dpo", "--budget", "64", "--eval-prompts", "16", "--num-preferences", "100", "--jobs", "2"]  # fmt: skip
+           "--methods", "ppo", "dpo", "--budget", "64", "--eval-prompts", "16", "--num-preferences", "100", "--jobs", "2"]  # fmt: skip
     if not HAS_MATPLOTLIB:
         cmd.append("--no-plots")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     progress = [ln for ln in out.stdout.splitlines() if ln.startswith("[bench] ") and "ETA" in ln]
-    assert len(progress) == 9, out.stdout  # one line per finished run: 3 main, 2 gold, 4 aihf
+    assert len(progress) == 7, out.stdout  # one line per finished run: 2 main, 1 gold, 4 aihf
 
     results = json.loads((tmp_path / "results.json").read_text())
     runs = results["runs"]
-    assert len(runs) == 9 and all(r["ok"] for r in runs)
+    assert len(runs) == 7 and all(r["ok"] for r in runs)
     for r in runs:
         final = r["final"]
         if r["label"].startswith("rm "):
@@ -81,7 +81,7 @@ def test_quick_run(toy_cache, tmp_path):
     assert "--reward-model toy-gold" in gold_ppo["command"]
 
     table = (tmp_path / "results.md").read_text()
-    for needle in ("| PPO | 64 samples |", "| XPO | 64 samples |", "| DPO |", "SFT checkpoint",
+    for needle in ("| PPO | 64 samples |", "| DPO |", "SFT checkpoint",
                    "Gold reward as the RL reward", "| 100 | AIHF-DPO", "| 100 | SFT → RM → PPO", "peak memory"):  # fmt: skip
         assert needle in table, needle
     row = next(ln for ln in table.splitlines() if ln.startswith("| PPO | 64 samples |"))
