@@ -749,7 +749,7 @@ def speed(a: Args) -> int:
             theirs = None
             if has_trl and name in ("ppo", "xpo", "odpo", "dpo"):
                 out_json = out / size / f"trl_{name}.json"
-                worker = f"import benchmark, sys; benchmark.trl_worker(*sys.argv[1:])"
+                worker = "import benchmark, sys; benchmark.trl_worker(*sys.argv[1:])"
                 proc = subprocess.run([sys.executable, "-c", worker, name, policy, reward, str(a.speed_repeats), str(out_json)],
                                       capture_output=True, text=True, env=env, cwd=HERE)  # fmt: skip
                 if proc.returncode == 0:

@@ -13,23 +13,15 @@ import dpo
 import ppo
 import rebel
 import sft
-import toy
 import xpo
+from toy_batches import toy_batch
 
 pytest.importorskip("peft")
 
 
-def batch(tokenizer, n=6):
-    data = toy.sft_dataset("test").select(range(n))
-    pairs = [common.tokenize_pair(tokenizer, p, c, 32, 16) for p, c in zip(data["prompt"], data["completion"])]
-    prompt = common.pad([p for p, _ in pairs], tokenizer.pad_token_id, "left")
-    completion = common.pad([c for _, c in pairs], tokenizer.pad_token_id, "right")
-    return prompt, completion
-
-
 def test_adapter_disabled_reference_is_the_base_model_after_training(toy_cache):
     tokenizer = common.load_tokenizer("toy-sft")
-    prompt, completion = batch(tokenizer)
+    prompt, completion = toy_batch(tokenizer)
     base = common.load_model("toy-sft").eval()
     policy = common.apply_lora(common.load_model("toy-sft"), r=4, alpha=8)
     ref = common.reference_model("toy-sft", policy, lora_r=4, device="cpu")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import common
-import toy
+from toy_batches import toy_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 B, P, C, V = 4, 1024, 16, 50_000  # full logits: B x (P + C) x V x 4 bytes = 832 MB; kept ones: 14 MB
@@ -67,17 +67,9 @@ def test_logprob_peak_memory_does_not_scale_with_vocab_times_sequence():
     assert ours["peak_mb"] < 0.15 * full_logits_mb, ours  # ours stays near B x C x V
 
 
-def batch(tokenizer, n=6):
-    data = toy.sft_dataset("test").select(range(n))
-    pairs = [common.tokenize_pair(tokenizer, p, c, 32, 16) for p, c in zip(data["prompt"], data["completion"])]
-    prompt = common.pad([p for p, _ in pairs], tokenizer.pad_token_id, "left")
-    completion = common.pad([c for _, c in pairs], tokenizer.pad_token_id, "right")
-    return prompt, completion
-
-
 def test_gradient_checkpointing_gives_the_same_gradients(toy_cache):
     tokenizer = common.load_tokenizer("toy-sft")
-    prompt, completion = batch(tokenizer)
+    prompt, completion = toy_batch(tokenizer)
     grads = []
     for on in (False, True):
         model = common.trainable(common.load_model("toy-sft"), type("A", (), {"gradient_checkpointing": on})())
@@ -117,6 +109,6 @@ def test_generation_under_zero3_gathers_the_weights_once(toy_cache, monkeypatch)
     monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
     tokenizer = common.load_tokenizer("toy-sft")
     model = common.load_model("toy-sft")
-    prompt, _ = batch(tokenizer)
+    prompt, _ = toy_batch(tokenizer)
     common.generate(model, prompt, tokenizer, max_new_tokens=6, temperature=1.0)
     assert entered == [len(list(model.parameters()))]
