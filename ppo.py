@@ -57,7 +57,7 @@ class Args:
     lora_alpha: float = 16.0
     """LoRA alpha: the adapters' scale is alpha / r (DR-PO and REBEL TL;DR: r 1024, alpha 2048)"""
     gradient_checkpointing: bool = False
-    """recompute activations in the backward pass of trained models: less memory, about a third more compute"""
+    """recompute activations in the backward pass of trained models: less memory, more compute"""
 
     # data
     dataset: str = "toy"

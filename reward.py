@@ -56,7 +56,7 @@ class Args:
     model: str = "toy-sft"
     """backbone to start from, usually the SFT model (Hub id or local dir; `toy-sft` = the cached toy SFT model)"""
     gradient_checkpointing: bool = False
-    """recompute activations in the backward pass of trained models: less memory, about a third more compute"""
+    """recompute activations in the backward pass of trained models: less memory, more compute"""
 
     # data
     dataset: str = "toy"
