@@ -162,9 +162,9 @@ def tokenize_pairs(tokenizer, data, args):
 
 
 def collate(rows, first, second, pad_id, device):
-    """[first; second] completions of the rows (chosen/rejected, or demonstration/generated) sharing
-    left-padded prompts, completions right-padded to one width."""
-    prompt = common.pad([r["prompt"] for r in rows] * 2, pad_id, "left")
+    """The rows' prompts left-padded, once for both of their completions [first; second] (chosen/rejected, or
+    demonstration/generated), right-padded to one width: each prompt runs once (common.shared_prompt_forward)."""
+    prompt = common.pad([r["prompt"] for r in rows], pad_id, "left")
     completion = common.pad([r[first] for r in rows] + [r[second] for r in rows], pad_id, "right")
     return prompt.to(device), completion.to(device)
 
@@ -418,12 +418,13 @@ def main(args: Args):
                 rows = draw_demos(per_prompts)
                 prompt = common.pad([r["prompt"] for r in rows] * args.rloo_k, pad_id, "left").to(device)
                 completion, has_eos = common.generate(unwrapped, prompt, tokenizer, args.max_new_tokens, args.temperature)
+            unique = prompt[: len(rows)]  # each prompt once: its forward is shared by its k samples
             with common.timer(times, "time/scoring"), torch.no_grad():
-                ref_logps = common.completion_logprobs(ref_policy, prompt, completion, pad_id, args.temperature).sum(1)
-                scores = common.reward_scores(rm, prompt, completion, pad_id, has_eos, args.no_eos_score)
+                ref_logps = common.completion_logprobs(ref_policy, unique, completion, pad_id, args.temperature).sum(1)
+                scores = common.reward_scores(rm, unique, completion, pad_id, has_eos, args.no_eos_score)
                 run.check_finite(step, reward=scores)
             with common.timer(times, "time/update"):
-                logps = common.completion_logprobs(policy, prompt, completion, pad_id, args.temperature).sum(1)
+                logps = common.completion_logprobs(policy, unique, completion, pad_id, args.temperature).sum(1)
                 kl = logps.detach() - ref_logps  # on-policy: log pi_theta is also the sampler's log-prob
                 rewards = scores - args.kl_coef * kl  # ALGO LOGIC: s(x, y) - beta_KL * sum_t log(pi/pi_ref)
                 advantages = rloo_advantages(rewards.view(args.rloo_k, -1)).flatten()

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import inspect
 import json
 import math
 import os
@@ -548,12 +549,52 @@ def gathered_weights(model):
     return deepspeed.zero.GatheredParameters(list(model.parameters()))
 
 
+def shared_prompt_forward(model, prompt, completion, pad_id, logits_to_keep: int | None = None):
+    """Forward of k completions per prompt with each prompt computed once. `prompt` is [B, P] (left-padded),
+    `completion` [k*B, C] (right-padded) laid out [all first completions; all second; ...]. The prompts run
+    alone, their KV cache is tiled k times, and the completions run on it: under causal attention this is
+    the same computation as k forwards of cat([prompt, completion]), without repeating the prompt tokens
+    (DPO's chosen and rejected, XPO's y and y~). With `logits_to_keep`, a causal LM's prompt output keeps the
+    logits of the last prompt position only. Returns (prompt output, completion output), or None where a
+    cache cannot be shared (no prompt tokens, gradient checkpointing, a model without a KV cache)."""
+    inner = extract_model_from_parallel(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft: the transformers model
+    if hasattr(inner, "is_activation_checkpointing"):  # the name since transformers 5.x
+        checkpointing = inner.is_activation_checkpointing
+    else:
+        checkpointing = getattr(inner, "is_gradient_checkpointing", False)
+    if prompt.shape[1] == 0 or (checkpointing and inner.training):  # checkpointing turns the cache off in training
+        return None
+    # the cache's argument and output field: `cache` in recent transformers, `past_key_values` before
+    name = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    k, mask, comp_mask = completion.shape[0] // prompt.shape[0], prompt != pad_id, completion != pad_id
+    keep = lambda n: {} if logits_to_keep is None else {"logits_to_keep": n}  # noqa: E731
+    first = forward(model, prompt, pad_id, use_cache=True, **keep(1))
+    cache = getattr(first, name, None)
+    if cache is None or not hasattr(cache, "reorder_cache"):
+        return None
+    cache.reorder_cache(torch.arange(prompt.shape[0], device=prompt.device).repeat(k))  # out of place: grads flow
+    full_mask = torch.cat([mask.repeat(k, 1), comp_mask], 1)  # the completions attend to the real prompt tokens
+    position_ids = (full_mask.cumsum(1) - 1).clamp(min=0)[:, prompt.shape[1] :]
+    second = model(input_ids=completion.masked_fill(~comp_mask, 0), attention_mask=full_mask.long(),
+                   position_ids=position_ids, use_cache=True, **{name: cache}, **keep(logits_to_keep))  # fmt: skip
+    return first, second
+
+
 def completion_logprobs(model, prompt, completion, pad_id, temperature=1.0, chunk_rows=16, with_entropy=False):
     """Per-token log pi(y_t | x, y_<t) of the completion tokens, [B, C], 0 on padding. Logits come only
     for completion positions (`logits_to_keep`), are divided by the sampling temperature, and go
-    through an fp32 log-softmax a few rows at a time (never a full fp32 batch x length x vocab tensor)."""
-    C = completion.shape[1]
-    logits = forward(model, torch.cat([prompt, completion], 1), pad_id, logits_to_keep=C + 1).logits[:, :-1]
+    through an fp32 log-softmax a few rows at a time (never a full fp32 batch x length x vocab tensor).
+    `completion` may hold k completions per prompt (k * B rows, laid out as in `shared_prompt_forward`):
+    each prompt then runs once."""
+    C, k = completion.shape[1], completion.shape[0] // prompt.shape[0]
+    if completion.shape[0] != k * prompt.shape[0]:
+        raise ValueError(f"{completion.shape[0]} completions for {prompt.shape[0]} prompts: not a multiple")
+    shared = shared_prompt_forward(model, prompt, completion, pad_id, logits_to_keep=C) if k > 1 else None
+    if shared is not None:  # logit of y_1 at the last prompt position, of y_t+1 at completion position t
+        logits = torch.cat([shared[0].logits[:, -1:].repeat(k, 1, 1), shared[1].logits[:, :-1]], 1)
+    else:
+        logits = forward(model, torch.cat([prompt.repeat(k, 1), completion], 1), pad_id, logits_to_keep=C + 1).logits[:, :-1]  # fmt: skip
     targets = completion.masked_fill(completion == pad_id, 0)
     logps, entropies = [], []
     for i in range(0, logits.shape[0], chunk_rows):
@@ -575,37 +616,43 @@ def last_token_index(prompt: torch.Tensor, completion: torch.Tensor, pad_id: int
     return prompt.shape[1] + (completion != pad_id).sum(1) - 1
 
 
-def token_scores(model, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Per-token outputs [B, T] of the scalar head (`.score`) of a 1-label AutoModelForSequenceClassification.
+def token_scores(model, prompt: torch.Tensor, completion: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Per-token outputs [k*B, P + C] of the scalar head (`.score`) of a 1-label AutoModelForSequenceClassification
+    on cat([prompt, completion]); k completions per prompt share its forward (`shared_prompt_forward`).
     They come from the model's own forward, read by a hook on the head: a DDP or DeepSpeed wrapper sees
     the whole forward (so gradients are synchronized), and no architecture's pooling is relied on."""
     inner = extract_model_from_parallel(model)
     captured = []
-    hook = inner.score.register_forward_hook(lambda module, args, output: captured.append(output))
+    hook = inner.score.register_forward_hook(lambda module, args, output: captured.append(output.squeeze(-1)))
     config = inner.config.get_text_config()
     pad_before = config.pad_token_id
     if pad_before is None:  # the model's own pooling (unused here) refuses batches without a pad id
         config.pad_token_id = pad_id
+    k = completion.shape[0] // prompt.shape[0]
     try:
-        forward(model, ids, pad_id)
+        if k == 1 or shared_prompt_forward(model, prompt, completion, pad_id) is None:
+            captured.clear()
+            forward(model, torch.cat([prompt.repeat(k, 1), completion], 1), pad_id)
     finally:
         hook.remove()
         config.pad_token_id = pad_before
-    return captured[0].squeeze(-1)
+    return captured[0] if len(captured) == 1 else torch.cat([captured[0].repeat(k, 1), captured[1]], 1)
 
 
 def reward_scores(reward_model, prompt, completion, pad_id, has_eos=None, no_eos_score: float | None = None):
     """Reward-model score read at the EOS token (the last real token), minus the stored normalization
-    bias. Completions without EOS get `no_eos_score` instead (N+ replaces the score by -1). A reward model
+    bias. Completions without EOS get `no_eos_score` instead (N+ replaces the score by -1). `completion` may
+    hold k completions per prompt, as in `shared_prompt_forward` (each prompt then runs once). A reward model
     with its own tokenizer (`load_model(..., tokenizer=)`) scores its re-tokenization (`retokenize`);
     `--reward-model toy-gold` scores with the toy task's gold reward of the decoded text instead."""
     config = extract_model_from_parallel(reward_model).config
+    k = completion.shape[0] // prompt.shape[0]  # completions per prompt (`shared_prompt_forward`)
     if getattr(config, "toy_gold", False):
-        scores = toy_gold_scores(prompt, completion, pad_id)
+        scores = toy_gold_scores(prompt.repeat(k, 1), completion, pad_id)
     else:
         if getattr(reward_model, "retokenize", None) is not None:
-            prompt, completion, pad_id = retokenize(prompt, completion, *reward_model.retokenize)
-        scores = token_scores(reward_model, torch.cat([prompt, completion], 1), pad_id)
+            prompt, completion, pad_id = retokenize(prompt.repeat(k, 1), completion, *reward_model.retokenize)
+        scores = token_scores(reward_model, prompt, completion, pad_id)
         idx = last_token_index(prompt, completion, pad_id)
         scores = scores[torch.arange(len(idx), device=idx.device), idx].float()
         scores = scores - getattr(config, "reward_bias", 0.0)

@@ -145,10 +145,11 @@ def tokenize_pairs(tokenizer, data, args):
 
 
 def collate(rows, pad_id):
-    """[chosen; rejected] in one batch: the shared prompts left-padded, the completions right-padded to one
-    width. The completion mask (completion != pad) of each half covers its own completion only."""
+    """Each prompt once (left-padded) and its completions [chosen; rejected] (right-padded to one width): the
+    prompt runs once for both (common.shared_prompt_forward). The completion mask (completion != pad) of
+    each half covers its own completion only."""
     batch = {
-        "prompt": common.pad([r["prompt"] for r in rows] * 2, pad_id, "left"),
+        "prompt": common.pad([r["prompt"] for r in rows], pad_id, "left"),
         "completion": common.pad([r["chosen"] for r in rows] + [r["rejected"] for r in rows], pad_id, "right"),
     }
     if "ref_logps" in rows[0]:  # precomputed (chosen, rejected) log pi_ref
@@ -157,16 +158,16 @@ def collate(rows, pad_id):
 
 
 def micro_batches(batch, size: int):
-    """A collated [chosen; rejected] batch cut into micro-batches of `size` pairs, each laid out the same way."""
-    n = batch["prompt"].shape[0] // 2
+    """A collated batch cut into micro-batches of `size` pairs, each laid out the same way."""
+    n = batch["prompt"].shape[0]
     for i in range(0, n, size):
         pairs = torch.arange(i, min(i + size, n))
-        yield {k: v[torch.cat([pairs, pairs + n])] for k, v in batch.items()}
+        yield {k: v[pairs if k == "prompt" else torch.cat([pairs, pairs + n])] for k, v in batch.items()}
 
 
 def sequence_logps(model, batch, pad_id):
     """log pi(y|x) of every completion: per-token log-probs at temperature 1 (offline data, no sampling
-    temperature to match), summed over completion tokens up to and including EOS. [2B] -> (chosen, rejected)."""
+    temperature to match), summed over completion tokens up to and including EOS. -> (chosen [B], rejected [B])."""
     return common.completion_logprobs(model, batch["prompt"], batch["completion"], pad_id).sum(1).chunk(2)
 
 
@@ -270,7 +271,7 @@ def main(args: Args):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with common.timer(times, "update"):
-            n_pairs, parts = batch["prompt"].shape[0] // 2, []
+            n_pairs, parts = batch["prompt"].shape[0], []
             for mb in micro_batches(batch, args.micro_batch_size or n_pairs):
                 chosen_logps, rejected_logps = sequence_logps(policy, mb, pad_id)
                 if "ref_logps" in mb:

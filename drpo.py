@@ -133,7 +133,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: 
 
 def token_values(value_model, prompt, completion, pad_id):
     """V(s_t) for every completion token t: the critic's head on the hidden state just before y_t."""
-    return common.token_scores(value_model, torch.cat([prompt, completion], 1), pad_id)[:, prompt.shape[1] - 1 : -1].float()
+    return common.token_scores(value_model, prompt, completion, pad_id)[:, prompt.shape[1] - 1 : -1].float()
 
 
 class ForcePrefix(LogitsProcessor):

@@ -189,9 +189,10 @@ def main(args: Args):
             completion, has_eos = common.generate(unwrapped, prompt, tokenizer, args.max_new_tokens, args.temperature)
         with common.timer(times, "time/scoring"), torch.no_grad():
             mask = completion != pad_id  # completion tokens up to and including the first EOS
-            old_logps = common.completion_logprobs(unwrapped, prompt, completion, pad_id, args.temperature)
-            ref_logps = common.completion_logprobs(ref_policy, prompt, completion, pad_id, args.temperature)
-            scores = common.reward_scores(reward_model, prompt, completion, pad_id, has_eos, args.no_eos_score)
+            unique = prompt[:per_process]  # each prompt once: its forward is shared by y and y'
+            old_logps = common.completion_logprobs(unwrapped, unique, completion, pad_id, args.temperature)
+            ref_logps = common.completion_logprobs(ref_policy, unique, completion, pad_id, args.temperature)
+            scores = common.reward_scores(reward_model, unique, completion, pad_id, has_eos, args.no_eos_score)
             kl = (old_logps - ref_logps).masked_fill(~mask, 0)  # k1 estimate per token, 0 after EOS
             rewards = sequence_rewards(scores, kl, mask, args.kl_coef)
             run.check_finite(update, reward=rewards)
@@ -206,7 +207,8 @@ def main(args: Args):
                     n_rows = sum(len(idx) for idx in minibatch)
                     for idx in minibatch:
                         idx = idx.to(device)
-                        new_logps = common.completion_logprobs(policy, prompt[idx], completion[idx], pad_id, args.temperature).sum(1)  # fmt: skip
+                        pair_prompt = prompt[idx[: len(idx) // 2]]  # idx = [pairs, pairs + n]: y and y' share it
+                        new_logps = common.completion_logprobs(policy, pair_prompt, completion[idx], pad_id, args.temperature).sum(1)  # fmt: skip
                         loss, s = rebel_loss(new_logps, old_seq_logps[idx], rewards[idx], args.eta)
                         run.check_finite(update, loss=loss)
                         accelerator.backward(loss * len(idx) / n_rows)

@@ -149,8 +149,8 @@ def to_rows(prompt, completion, tilde, policy_won, ref_logps, ref_tilde_logps, p
 
 
 def collate(rows, pad_id, device):
-    """Prompts left-padded twice ([y rows; y~ rows]), completions right-padded to one width."""
-    prompt = common.pad([r["prompt"] for r in rows] * 2, pad_id, "left").to(device)
+    """Prompts left-padded, once for both completions [y rows; y~ rows] (right-padded to one width)."""
+    prompt = common.pad([r["prompt"] for r in rows], pad_id, "left").to(device)
     completion = common.pad([r["y"] for r in rows] + [r["tilde"] for r in rows], pad_id, "right").to(device)
     extra = {k: torch.tensor([r[k] for r in rows], device=device) for k in ("policy_won", "ref_y", "ref_tilde")}
     return prompt, completion, extra
@@ -227,11 +227,12 @@ def main(args: Args):
             tilde, tilde_eos = common.generate(explorer, prompt, tokenizer, args.max_new_tokens, args.temperature)
         # ---- step 2: the preference oracle labels (y, y~) -> (y+, y-); ties go to the policy sample ----
         with common.timer(times, "time/scoring"), torch.no_grad():
-            scores, ref_scores = judge(prompt, completion, has_eos, texts), judge(prompt, tilde, tilde_eos, texts)
+            width = max(completion.shape[1], tilde.shape[1])  # [y; y~] share each prompt's forward
+            both = torch.cat([F.pad(c, (0, width - c.shape[1]), value=pad_id) for c in (completion, tilde)])
+            scores, ref_scores = judge(prompt, both, torch.cat([has_eos, tilde_eos]), texts * 2).chunk(2)
             run.check_finite(update, reward=torch.cat([scores, ref_scores]))
             policy_won = label_pairs(scores, ref_scores)
-            ref_logps = common.completion_logprobs(ref_policy, prompt, completion, pad_id, args.temperature).sum(1)
-            ref_tilde_logps = common.completion_logprobs(ref_policy, prompt, tilde, pad_id, args.temperature).sum(1)
+            ref_logps, ref_tilde_logps = common.completion_logprobs(ref_policy, prompt, both, pad_id, args.temperature).sum(1).chunk(2)  # fmt: skip
             old_logps = common.completion_logprobs(unwrapped, prompt, completion, pad_id, args.temperature).sum(1)
         # ---- step 3: D_t = D_{t-1} + {(x, y+, y-, y~)} with --replay; else the newest pairs only (TRL) ----
         rows = to_rows(prompt, completion, tilde, policy_won, ref_logps, ref_tilde_logps, pad_id)

@@ -238,6 +238,56 @@ def test_left_padded_batch_equals_one_at_a_time(arch, pad_id):
             assert batch_scores[i].item() == pytest.approx(one_score.item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("pad_id", [0, PAD_OUT])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prompt_equals_the_prompt_repeated(arch, pad_id):
+    """k = 3 completions per prompt through one prompt forward and a tiled KV cache: the log-probs, entropies,
+    reward scores and per-token head outputs of cat([prompt, completion]) computed k times (1e-5), and the
+    same gradients."""
+    lm, rm = tiny_lm(arch).train(), tiny_rm(arch)
+    prompt = common.pad(PROMPTS, pad_id, "left")
+    completion = common.pad(COMPLETIONS + [[30, EOS], [31, 32, 33, 34, 35, EOS], [EOS]] + COMPLETIONS[::-1], pad_id, "right")  # fmt: skip
+    full = prompt.repeat(3, 1)
+    shared, shared_entropy = common.completion_logprobs(lm, prompt, completion, pad_id, temperature=0.7, with_entropy=True)
+    alone, alone_entropy = common.completion_logprobs(lm, full, completion, pad_id, temperature=0.7, with_entropy=True)
+    torch.testing.assert_close(shared, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared_entropy, alone_entropy, atol=1e-5, rtol=0)
+    grads = []
+    for logps in (shared, alone):
+        lm.zero_grad()
+        logps.sum().backward()
+        grads.append([q.grad.clone() for q in lm.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(common.reward_scores(rm, prompt, completion, pad_id), common.reward_scores(rm, full, completion, pad_id), atol=1e-5, rtol=0)  # fmt: skip
+        real = torch.cat([full, completion], 1) != pad_id  # head outputs at padding are arbitrary
+        torch.testing.assert_close(common.token_scores(rm, prompt, completion, pad_id)[real], common.token_scores(rm, full, completion, pad_id)[real], atol=1e-5, rtol=0)  # fmt: skip
+
+
+def test_shared_prompt_forward_computes_the_prompt_once_or_declines():
+    """The prompt tokens run once: the first forward sees [B, P], the second only the completions. With
+    gradient checkpointing in training mode (no KV cache) or an empty prompt it declines (None), and
+    completion_logprobs then repeats the prompt: same values."""
+    lm = tiny_lm("llama").train()
+    prompt, completion = common.pad(PROMPTS, PAD_OUT, "left"), common.pad(COMPLETIONS * 2, PAD_OUT, "right")
+    shapes = []
+    hook = lm.model.embed_tokens.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    first, second = common.shared_prompt_forward(lm, prompt, completion, PAD_OUT, logits_to_keep=completion.shape[1])
+    assert shapes == [tuple(prompt.shape), tuple(completion.shape)]
+    assert first.logits.shape[1] == 1 and second.logits.shape[:2] == completion.shape
+    assert common.shared_prompt_forward(lm, prompt[:, :0], completion, PAD_OUT) is None
+    expected = common.completion_logprobs(lm, prompt, completion, PAD_OUT).detach()
+    lm.activation_checkpointing_enable({"use_reentrant": False})
+    shapes.clear()
+    assert common.shared_prompt_forward(lm, prompt, completion, PAD_OUT) is None and shapes == []
+    torch.testing.assert_close(common.completion_logprobs(lm, prompt, completion, PAD_OUT), expected, atol=1e-5, rtol=0)
+    assert shapes == [(6, prompt.shape[1] + completion.shape[1])]  # the prompt repeated: one full forward
+    hook.remove()
+    with pytest.raises(ValueError, match="not a multiple"):
+        common.completion_logprobs(lm, prompt, completion[:5], PAD_OUT)
+
+
 def test_gpt2_without_position_ids_would_differ():
     """The parity test above is sensitive: with learned absolute positions (GPT-2), left padding without
     position ids shifts every position of the shorter rows."""

@@ -77,9 +77,10 @@ def test_collator_completion_masks_exclude_each_prompt():
     rows = [{"prompt": [1, 2, 3], "chosen": [4, 5], "rejected": [6]},
             {"prompt": [7, 8], "chosen": [9, 10], "rejected": [11, 12, 13]}]  # fmt: skip
     batch = dpo.collate(rows, pad_id=0)
-    assert batch["prompt"].tolist() == [[1, 2, 3], [0, 7, 8], [1, 2, 3], [0, 7, 8]]  # left-padded, shared
-    ids = torch.cat([batch["prompt"], batch["completion"]], 1)
-    completion_mask = torch.cat([torch.zeros_like(batch["prompt"]), batch["completion"] != 0], 1)
+    assert batch["prompt"].tolist() == [[1, 2, 3], [0, 7, 8]]  # left-padded, once for both completions
+    prompt = batch["prompt"].repeat(2, 1)  # the [chosen; rejected] sequences the shared forward computes
+    ids = torch.cat([prompt, batch["completion"]], 1)
+    completion_mask = torch.cat([torch.zeros_like(prompt), batch["completion"] != 0], 1)
     real = ids != 0
     flush = [(ids[i][real[i]].tolist(), completion_mask[i][real[i]].long().tolist()) for i in range(4)]
     assert [r + [0] * (5 - len(r)) for r, _ in flush] == [[1, 2, 3, 4, 5], [7, 8, 9, 10, 0], [1, 2, 3, 6, 0], [7, 8, 11, 12, 13]]  # fmt: skip
@@ -173,9 +174,9 @@ def test_micro_batches_keep_pairs_and_precomputed_ref_logps_aligned():
         [{"prompt": [3, i], "chosen": [5, 1], "rejected": [6, 7, 1], "ref_logps": (-i, -10.0 - i)} for i in range(5)], 45
     )
     parts = list(dpo.micro_batches(batch, 2))
-    assert [len(p["prompt"]) for p in parts] == [4, 4, 2]
+    assert [len(p["prompt"]) for p in parts] == [2, 2, 1] and [len(p["completion"]) for p in parts] == [4, 4, 2]
     for p in parts:
-        n = len(p["prompt"]) // 2
-        assert torch.equal(p["prompt"][:n], p["prompt"][n:])  # each pair shares its prompt
+        assert (p["completion"][: len(p["prompt"]), :2] == torch.tensor([5, 1])).all()  # [chosen; rejected]
+        assert p["prompt"][:, 1].tolist() == (-p["ref_logps"][: len(p["prompt"])]).long().tolist()  # its own pair
         chosen_ref, rejected_ref = p["ref_logps"].chunk(2)
         torch.testing.assert_close(rejected_ref, chosen_ref - 10.0)
