@@ -643,8 +643,8 @@ def read_speed(run_dir: Path, warmup: int = 2) -> dict:
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     ups = [r for r in rows if "time/update" in r][warmup:]
     out = {"memory_mb": final["memory/peak_mb"]}
-    if not ups:  # dpo.py logs only the mean time of an update (eval.json time/update_mean)
-        return {**out, "total": final["time/update_mean"], "note": "mean"}
+    if not ups:  # dpo.py logs every 10th step: the median of all its steps after 2 warm-up steps is in eval.json
+        return {**out, "update": final["time/update_median"], "total": final["time/update_median"]}
     for part in ("generation", "scoring", "update"):
         if any(f"time/{part}" in u for u in ups):
             out[part] = statistics.median(u.get(f"time/{part}", 0.0) for u in ups)
@@ -761,7 +761,7 @@ def speed(a: Args) -> int:
             print(f"[speed] {size} {name}: {ours['total']:.3f} s per update, {ours['memory_mb']:.0f} MiB{ratio}", flush=True)
     head = (f"# Speed: one update of 64 sequences, completions of {SPEED_NEW_TOKENS} tokens, random models\n\n"
             f"`python benchmark.py {' '.join(sys.argv[1:])}`; median of {a.speed_repeats - 2} updates after 2 warm-up updates"
-            f" (dpo.py: mean of all {a.speed_repeats}); peak resident memory of the whole process; "
+            "; peak resident memory of the whole process; "
             f"trl {has_trl or 'not installed'} (gradient checkpointing off, as in our scripts); one process at a time, "
             f"{a.speed_threads} CPU thread(s) each; both sides hold the same {SPEED_BATCH * (a.speed_repeats + 2)} training rows.\n\n"
             "| model | method | generation (s) | scoring (s) | update (s) | total (s) | peak memory (MiB) | TRL total (s) | TRL peak memory (MiB) | time ours / TRL |\n"
@@ -772,7 +772,7 @@ def speed(a: Args) -> int:
         cell = lambda k: f"{o[k]:.3f}" if k in o else ""  # noqa: E731
         trl_cells = f"{t['total']:.3f} | {t['memory_mb']:.0f} | {o['total'] / t['total']:.2f}" if t else " | | "
         lines.append(f"| {r['size']} | {NAMES[r['method']]} | {cell('generation')} | {cell('scoring')} | {cell('update')} | "
-                     f"{o['total']:.3f}{' (mean)' if o.get('note') else ''} | {o['memory_mb']:.0f} | {trl_cells} |")  # fmt: skip
+                     f"{o['total']:.3f} | {o['memory_mb']:.0f} | {trl_cells} |")  # fmt: skip
     report = head + "\n".join(lines) + "\n"
     (out / "speed.md").write_text(report)
     (out / "speed.json").write_text(json.dumps(results, indent=1))

@@ -509,9 +509,12 @@ def truncate_after_eos(completion: torch.Tensor, eos_id: int, pad_id: int) -> tu
 
 
 @torch.no_grad()
-def generate(model, prompt: torch.Tensor, tokenizer, max_new_tokens: int, temperature: float, top_p: float = 1.0, logits_processor=None):  # fmt: skip
+def generate(model, prompt: torch.Tensor, tokenizer, max_new_tokens: int, temperature: float, top_p: float = 1.0,
+             logits_processor=None, return_logprobs: bool = False):  # fmt: skip
     """Sample completions for left-padded prompts ([B, P] -> [B, C]) at `temperature` (0 = greedy), then
-    pad everything after the first EOS. Returns (completion, has_eos)."""
+    pad everything after the first EOS. Returns (completion, has_eos), and with `return_logprobs` also the
+    per-token log-probs [B, C] of the sampled tokens under softmax(logits / T), 0 on padding: what
+    completion_logprobs computes (to ~1e-5, from the KV-cached logits), without another forward."""
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     mask = prompt != pad_id
     config = GenerationConfig(
@@ -520,6 +523,8 @@ def generate(model, prompt: torch.Tensor, tokenizer, max_new_tokens: int, temper
         eos_token_id=eos_id, pad_token_id=eos_id, bos_token_id=tokenizer.bos_token_id,
         suppress_tokens=[pad_id] if pad_id < model.config.vocab_size else None,  # a sampled pad would read as padding
     )  # fmt: skip
+    recorder = SampledLogprobs(temperature) if return_logprobs else None
+    processors = ([recorder] if recorder else []) + list(logits_processor or [])  # the recorder sees the model's logits
     # transformers fills unset fields from the checkpoint's generation_config.json (repetition_penalty,
     # min_p...): sample from softmax(logits / T) only, which is what completion_logprobs scores
     default, model.generation_config = model.generation_config, GenerationConfig()
@@ -529,12 +534,40 @@ def generate(model, prompt: torch.Tensor, tokenizer, max_new_tokens: int, temper
         with gathered_weights(model):
             out = model.generate(
                 input_ids=prompt.masked_fill(~mask, 0), attention_mask=mask.long(), generation_config=config,
-                logits_processor=logits_processor,
+                logits_processor=processors or None,
             )  # fmt: skip
     finally:
         model.generation_config = default
         model.train(was_training)
-    return truncate_after_eos(out[:, prompt.shape[1] :], eos_id, pad_id)
+    completion, has_eos = truncate_after_eos(out[:, prompt.shape[1] :], eos_id, pad_id)
+    if recorder is None:
+        return completion, has_eos
+    return completion, has_eos, recorder.result(out[:, -1]).masked_fill(completion == pad_id, 0.0)
+
+
+class SampledLogprobs(transformers.LogitsProcessor):
+    """Keeps log softmax(logits / T) of the last step only (one [B, V] tensor, not one per step) and, at the
+    next step, the log-prob of the token sampled from it. Placed before generate's own processors that
+    force tokens (DR-PO's prefix), after the pad suppression that completion_logprobs applies too."""
+
+    def __init__(self, temperature: float):
+        if not temperature > 0:
+            raise ValueError("sampled log-probs need a temperature > 0")
+        self.temperature, self.last, self.logps = temperature, None, []
+
+    def __call__(self, input_ids, scores):
+        self.take(input_ids[:, -1])
+        self.last = F.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def take(self, sampled: torch.Tensor):
+        if self.last is not None:  # the token just sampled from the kept distribution
+            self.logps.append(self.last.gather(-1, sampled[:, None]).squeeze(-1))
+            self.last = None
+
+    def result(self, last_sampled: torch.Tensor) -> torch.Tensor:
+        self.take(last_sampled)
+        return torch.stack(self.logps, 1)
 
 
 def gathered_weights(model):
@@ -552,11 +585,14 @@ def gathered_weights(model):
 def shared_prompt_forward(model, prompt, completion, pad_id, logits_to_keep: int | None = None):
     """Forward of k completions per prompt with each prompt computed once. `prompt` is [B, P] (left-padded),
     `completion` [k*B, C] (right-padded) laid out [all first completions; all second; ...]. The prompts run
-    alone, their KV cache is tiled k times, and the completions run on it: under causal attention this is
-    the same computation as k forwards of cat([prompt, completion]), without repeating the prompt tokens
-    (DPO's chosen and rejected, XPO's y and y~). With `logits_to_keep`, a causal LM's prompt output keeps the
-    logits of the last prompt position only. Returns (prompt output, completion output), or None where a
-    cache cannot be shared (no prompt tokens, gradient checkpointing, a model without a KV cache)."""
+    alone, each row of their KV cache is repeated k times, and the completions run on it: under causal
+    attention this is the same computation as k forwards of cat([prompt, completion]), without repeating the
+    prompt tokens (DPO's chosen and rejected, XPO's y and y~). The completions run grouped by prompt
+    (row r of the completion output is completion row order[r]): the cache is repeat-interleaved, whose
+    gradient is a cheap sum, where tiling it would need a scatter. With `logits_to_keep`, a causal LM's
+    prompt output keeps the logits of the last prompt position only. Returns (prompt output, completion
+    output, order), or None where a cache cannot be shared (no prompt tokens, gradient checkpointing, a
+    model without a KV cache)."""
     inner = extract_model_from_parallel(model)
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft: the transformers model
     if hasattr(inner, "is_activation_checkpointing"):  # the name since transformers 5.x
@@ -571,14 +607,16 @@ def shared_prompt_forward(model, prompt, completion, pad_id, logits_to_keep: int
     keep = lambda n: {} if logits_to_keep is None else {"logits_to_keep": n}  # noqa: E731
     first = forward(model, prompt, pad_id, use_cache=True, **keep(1))
     cache = getattr(first, name, None)
-    if cache is None or not hasattr(cache, "reorder_cache"):
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return None
-    cache.reorder_cache(torch.arange(prompt.shape[0], device=prompt.device).repeat(k))  # out of place: grads flow
-    full_mask = torch.cat([mask.repeat(k, 1), comp_mask], 1)  # the completions attend to the real prompt tokens
+    cache.batch_repeat_interleave(k)  # out of place: gradients flow back into the prompt's forward
+    order = torch.arange(completion.shape[0], device=completion.device).view(k, -1).T.reshape(-1)  # grouped by prompt
+    completion, comp_mask = completion[order], comp_mask[order]
+    full_mask = torch.cat([mask.repeat_interleave(k, 0), comp_mask], 1)  # completions attend to the real prompt tokens
     position_ids = (full_mask.cumsum(1) - 1).clamp(min=0)[:, prompt.shape[1] :]
     second = model(input_ids=completion.masked_fill(~comp_mask, 0), attention_mask=full_mask.long(),
                    position_ids=position_ids, use_cache=True, **{name: cache}, **keep(logits_to_keep))  # fmt: skip
-    return first, second
+    return first, second, order
 
 
 def completion_logprobs(model, prompt, completion, pad_id, temperature=1.0, chunk_rows=16, with_entropy=False):
@@ -592,10 +630,12 @@ def completion_logprobs(model, prompt, completion, pad_id, temperature=1.0, chun
         raise ValueError(f"{completion.shape[0]} completions for {prompt.shape[0]} prompts: not a multiple")
     shared = shared_prompt_forward(model, prompt, completion, pad_id, logits_to_keep=C) if k > 1 else None
     if shared is not None:  # logit of y_1 at the last prompt position, of y_t+1 at completion position t
-        logits = torch.cat([shared[0].logits[:, -1:].repeat(k, 1, 1), shared[1].logits[:, :-1]], 1)
+        first, second, order = shared
+        logits = torch.cat([first.logits[:, -1:].repeat_interleave(k, 0), second.logits[:, :-1]], 1)
     else:
         logits = forward(model, torch.cat([prompt.repeat(k, 1), completion], 1), pad_id, logits_to_keep=C + 1).logits[:, :-1]  # fmt: skip
-    targets = completion.masked_fill(completion == pad_id, 0)
+        order = torch.arange(completion.shape[0], device=completion.device)
+    targets = completion[order].masked_fill(completion[order] == pad_id, 0)  # in the rows' order of `logits`
     logps, entropies = [], []
     for i in range(0, logits.shape[0], chunk_rows):
         scaled = logits[i : i + chunk_rows].float() / temperature
@@ -605,9 +645,9 @@ def completion_logprobs(model, prompt, completion, pad_id, temperature=1.0, chun
         logps.append(logp.gather(-1, targets[i : i + chunk_rows, :, None]).squeeze(-1))
         if with_entropy:
             entropies.append(-(logp.exp() * logp).sum(-1))
-    valid = completion != pad_id
-    logps = torch.cat(logps).masked_fill(~valid, 0.0)
-    return (logps, torch.cat(entropies).masked_fill(~valid, 0.0)) if with_entropy else logps
+    back, valid = torch.argsort(order), completion != pad_id  # back to the layout of `completion`
+    logps = torch.cat(logps)[back].masked_fill(~valid, 0.0)
+    return (logps, torch.cat(entropies)[back].masked_fill(~valid, 0.0)) if with_entropy else logps
 
 
 def last_token_index(prompt: torch.Tensor, completion: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -630,13 +670,16 @@ def token_scores(model, prompt: torch.Tensor, completion: torch.Tensor, pad_id: 
         config.pad_token_id = pad_id
     k = completion.shape[0] // prompt.shape[0]
     try:
-        if k == 1 or shared_prompt_forward(model, prompt, completion, pad_id) is None:
+        shared = shared_prompt_forward(model, prompt, completion, pad_id) if k > 1 else None
+        if shared is None:
             captured.clear()
             forward(model, torch.cat([prompt.repeat(k, 1), completion], 1), pad_id)
     finally:
         hook.remove()
         config.pad_token_id = pad_before
-    return captured[0] if len(captured) == 1 else torch.cat([captured[0].repeat(k, 1), captured[1]], 1)
+    if shared is None:
+        return captured[0]
+    return torch.cat([captured[0].repeat_interleave(k, 0), captured[1]], 1)[torch.argsort(shared[2])]
 
 
 def reward_scores(reward_model, prompt, completion, pad_id, has_eos=None, no_eos_score: float | None = None):

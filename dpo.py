@@ -23,6 +23,7 @@ lr 3e-6, batch 64, 1 epoch; TRL's DPOConfig: beta 0.1.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -264,12 +265,13 @@ def main(args: Args):
     initial = run_eval(0) if state is None else state["initial"]  # step 0: the SFT policy, pi_theta = pi_ref
     first = 1 if state is None else state["step"] + 1
     batches = common.epochs(loader, loader_rng, None if state is None else state["position"])
-    start, times = time.time(), {"update": 0.0}
+    start, step_times = time.time(), []
     policy.train()
     for step in range(first, total + 1):
         batch, position = next(batches)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        times = {}
         with common.timer(times, "update"):
             n_pairs, parts = batch["prompt"].shape[0], []
             for mb in micro_batches(batch, args.micro_batch_size or n_pairs):
@@ -290,26 +292,28 @@ def main(args: Args):
             scheduler.step()
             optimizer.zero_grad()
             losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps = (torch.cat(x) for x in zip(*parts))
+        step_times.append(times["update"])
         run.advance()
         if step % 10 == 0 or step == total:
             metrics = pair_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
-            metrics.update({"lr": scheduler.get_last_lr()[0], "time/elapsed": time.time() - start})
+            metrics.update({"lr": scheduler.get_last_lr()[0], "time/update": times["update"], "time/elapsed": time.time() - start})
             run.log(metrics, step, show=("loss", "rewards/accuracies"))
         if step % args.eval_every == 0 and step < total:
             run_eval(step)
         run.step_done(step, lambda: {"initial": initial, "position": position})
 
     final = run_eval(total)
-    steps_here = max(1, total - first + 1)  # steps this process ran (fewer after --resume)
+    # this process's steps (fewer after --resume); the median leaves out two warm-up steps where it can
+    mean, median = sum(step_times) / max(1, len(step_times)), statistics.median(step_times[2:] or step_times or [0.0])
     common.save_model(accelerator, policy, tokenizer, run.dir)
     if accelerator.is_main_process:
         before, after = initial.get("eval/win_rate"), final.get("eval/win_rate")
         if before is not None:
             print(f"[dpo] win rate vs the reference summaries: SFT {before:.3f} -> DPO {after:.3f} (KL {final['eval/kl']:.2f})")
-        print(f"[dpo] one update ({args.batch_size} pairs): {times['update'] / steps_here:.3f} s (mean of {steps_here}); "
+        print(f"[dpo] one update ({args.batch_size} pairs): {median:.3f} s (median of {len(step_times[2:] or step_times)}); "
               f"peak memory {common.peak_memory_mb():.0f} MiB")
     initial = {f"initial/{k.removeprefix('eval/')}": v for k, v in initial.items()}
-    run.finish({**initial, **final, "time/update_mean": times["update"] / steps_here, "memory/peak_mb": common.peak_memory_mb(), "time/total": time.time() - start})  # fmt: skip
+    run.finish({**initial, **final, "time/update_mean": mean, "time/update_median": median, "memory/peak_mb": common.peak_memory_mb(), "time/total": time.time() - start})  # fmt: skip
 
 
 if __name__ == "__main__":

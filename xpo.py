@@ -222,7 +222,8 @@ def main(args: Args):
             prompt = common.pad([prompts[i] for i in order[cursor : cursor + per_process]], pad_id, "left").to(device)
             cursor += per_process
             unwrapped = accelerator.unwrap_model(policy)
-            completion, has_eos = common.generate(unwrapped, prompt, tokenizer, args.max_new_tokens, args.temperature)
+            # log pi_t(y|x) of the samples (for the KL and entropy metrics) from the sampler itself: no extra forward
+            completion, has_eos, sampled_logps = common.generate(unwrapped, prompt, tokenizer, args.max_new_tokens, args.temperature, return_logprobs=True)  # fmt: skip
             explorer = ref_policy if args.explore_from == "reference" else unwrapped
             tilde, tilde_eos = common.generate(explorer, prompt, tokenizer, args.max_new_tokens, args.temperature)
         # ---- step 2: the preference oracle labels (y, y~) -> (y+, y-); ties go to the policy sample ----
@@ -233,7 +234,7 @@ def main(args: Args):
             run.check_finite(update, reward=torch.cat([scores, ref_scores]))
             policy_won = label_pairs(scores, ref_scores)
             ref_logps, ref_tilde_logps = common.completion_logprobs(ref_policy, prompt, both, pad_id, args.temperature).sum(1).chunk(2)  # fmt: skip
-            old_logps = common.completion_logprobs(unwrapped, prompt, completion, pad_id, args.temperature).sum(1)
+            old_logps = sampled_logps.sum(1)
         # ---- step 3: D_t = D_{t-1} + {(x, y+, y-, y~)} with --replay; else the newest pairs only (TRL) ----
         rows = to_rows(prompt, completion, tilde, policy_won, ref_logps, ref_tilde_logps, pad_id)
         buffer = buffer + rows if args.replay else rows

@@ -273,8 +273,8 @@ def test_shared_prompt_forward_computes_the_prompt_once_or_declines():
     prompt, completion = common.pad(PROMPTS, PAD_OUT, "left"), common.pad(COMPLETIONS * 2, PAD_OUT, "right")
     shapes = []
     hook = lm.model.embed_tokens.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
-    first, second = common.shared_prompt_forward(lm, prompt, completion, PAD_OUT, logits_to_keep=completion.shape[1])
-    assert shapes == [tuple(prompt.shape), tuple(completion.shape)]
+    first, second, order = common.shared_prompt_forward(lm, prompt, completion, PAD_OUT, logits_to_keep=completion.shape[1])
+    assert shapes == [tuple(prompt.shape), tuple(completion.shape)] and order.tolist() == [0, 3, 1, 4, 2, 5]  # grouped by prompt
     assert first.logits.shape[1] == 1 and second.logits.shape[:2] == completion.shape
     assert common.shared_prompt_forward(lm, prompt[:, :0], completion, PAD_OUT) is None
     expected = common.completion_logprobs(lm, prompt, completion, PAD_OUT).detach()
@@ -479,6 +479,38 @@ def test_sampler_logprobs_equal_completion_logprobs():
             c = completion[i][valid[i]]
             one = common.completion_logprobs(model, torch.tensor([prompts[i]]), c[None], PAD_OUT, temperature=T)
             torch.testing.assert_close(logps[i][valid[i]], one[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pad_id", [0, PAD_OUT])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_returns_the_sampled_tokens_logprobs(arch, pad_id):
+    """return_logprobs: the log-probs of the sampled tokens under softmax(logits / T), read during sampling,
+    equal completion_logprobs of the returned completions (1e-5), 0 on padding; also when every row stops
+    early (a processor forces EOS at step 3: the recorded distribution is still the model's)."""
+
+    class EosAtStep3(LogitsProcessor):
+        def __init__(self, prompt_len):
+            self.prompt_len = prompt_len
+
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] - self.prompt_len == 2:
+                scores = torch.full_like(scores, -float("inf"))
+                scores[:, EOS] = 0.0
+            return scores
+
+    torch.manual_seed(0)
+    model, tok = tiny_lm(arch), stub_tokenizer(pad_id)
+    prompt = common.pad(random_prompts(16, seed=2), pad_id, "left")
+    for processors, width in ((None, 8), ([EosAtStep3(prompt.shape[1])], 3)):
+        completion, has_eos, logps = common.generate(model, prompt, tok, 8, 0.7, logits_processor=processors, return_logprobs=True)  # fmt: skip
+        assert completion.shape == logps.shape == (16, width)
+        with torch.no_grad():
+            expected = common.completion_logprobs(model, prompt, completion, pad_id, temperature=0.7)
+        torch.testing.assert_close(logps, expected, atol=1e-5, rtol=0)
+        assert (logps[completion == pad_id] == 0).all()
+    assert has_eos.all()
+    with pytest.raises(ValueError, match="temperature > 0"):
+        common.generate(model, prompt, tok, 8, 0.0, return_logprobs=True)
 
 
 def test_toy_policy_never_emits_the_pad_token():

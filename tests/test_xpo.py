@@ -117,12 +117,12 @@ def test_reference_samples_come_from_the_frozen_reference(toy_cache, tmp_path, m
     calls, generate = [], common.generate
 
     def recording_generate(model, prompt, tokenizer, *a, **kw):
-        completion, has_eos = generate(model, prompt, tokenizer, *a, **kw)
+        out = generate(model, prompt, tokenizer, *a, **kw)
         if not any(p.requires_grad for p in model.parameters()):
             with torch.no_grad():
-                logps = common.completion_logprobs(model, prompt, completion, tokenizer.pad_token_id, 1.0)
-            calls.append((model, prompt, completion, tokenizer.pad_token_id, logps))
-        return completion, has_eos
+                logps = common.completion_logprobs(model, prompt, out[0], tokenizer.pad_token_id, 1.0)
+            calls.append((model, prompt, out[0], tokenizer.pad_token_id, logps))
+        return out
 
     monkeypatch.setattr(common, "generate", recording_generate)
     args = xpo.Args(output_dir=str(tmp_path), run_name="ref", total_episodes=96, batch_size=32, eval_prompts=16, lr=1e-3)  # fmt: skip
