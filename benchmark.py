@@ -82,8 +82,9 @@ class Args:
     """--speed: updates per script and shape; the first two are warm-up, the median of the rest is reported"""
     speed_threads: int = 1
     """--speed: OMP_NUM_THREADS of each measured process (on a shared machine a second thread mostly waits)"""
-    speed_sizes: tuple[str, ...] = ("toy-tiny", "toy")
-    """--speed: model sizes (fresh models of toy.py's tiny ~0.1M and small ~1M configs)"""
+    speed_sizes: tuple[Literal["toy-tiny", "toy", "toy-32k"], ...] = ("toy-tiny", "toy", "toy-32k")
+    """--speed: model sizes: fresh models of toy.py's tiny (~0.1M) and small (~1M) configs, and the small one
+    with a 32,000-token vocabulary (Llama 2's size; 4.1M parameters in the tied embedding)"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,7 +585,8 @@ SPEED_BATCH, SPEED_NEW_TOKENS = 64, 16  # sequences per update, completion lengt
 
 def speed_models(out: Path, size: str) -> tuple[str, str]:
     """Fresh (random) policy and reward models of toy.py's tiny / small configs, saved once. The pad token gets
-    an embedding row here (vocabulary 53, not 52) because TRL embeds pad ids; our scripts take either."""
+    an embedding row here (vocabulary 46, not 45) because TRL embeds pad ids; our scripts take either. toy-32k
+    adds unused words after <pad>, up to 32,000 tokens: the toy prompts, a real-sized LM head and softmax."""
     path = out / "models" / size
     if not (path / "reward" / "model.safetensors").exists():
         import torch
@@ -593,9 +595,10 @@ def speed_models(out: Path, size: str) -> tuple[str, str]:
         import toy
 
         torch.manual_seed(0)
-        tokenizer = toy.make_tokenizer()
-        config = toy.model_config({"toy-tiny": "tiny", "toy": "small"}[size])
-        config.vocab_size, config.pad_token_id = len(toy.VOCAB), tokenizer.pad_token_id
+        vocab = 32000 if size == "toy-32k" else len(toy.VOCAB)
+        tokenizer = toy.make_tokenizer(extra_words=vocab - len(toy.VOCAB))
+        config = toy.model_config("tiny" if size == "toy-tiny" else "small")
+        config.vocab_size, config.pad_token_id = vocab, tokenizer.pad_token_id
         for kind, cls, extra in (("policy", AutoModelForCausalLM, {}), ("reward", AutoModelForSequenceClassification, {"num_labels": 1})):
             fields = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
             model = cls.from_config(config.__class__(**{**fields, **extra}))

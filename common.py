@@ -514,17 +514,21 @@ def generate(model, prompt: torch.Tensor, tokenizer, max_new_tokens: int, temper
     """Sample completions for left-padded prompts ([B, P] -> [B, C]) at `temperature` (0 = greedy), then
     pad everything after the first EOS. Returns (completion, has_eos), and with `return_logprobs` also the
     per-token log-probs [B, C] of the sampled tokens under softmax(logits / T), 0 on padding: what
-    completion_logprobs computes (to ~1e-5, from the KV-cached logits), without another forward."""
+    completion_logprobs computes (to ~1e-5, from the KV-cached logits), without another forward.
+    transformers' generate() runs the model (KV cache, stopping, padding); the draw itself is InverseCdfSampler."""
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p {top_p} must be in (0, 1]")
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     mask = prompt != pad_id
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-        top_k=0 if temperature > 0 else None, top_p=top_p if temperature > 0 else None,
+        max_new_tokens=max_new_tokens, do_sample=False,  # greedy over the sampler's one-hot scores = its draw
         eos_token_id=eos_id, pad_token_id=eos_id, bos_token_id=tokenizer.bos_token_id,
         suppress_tokens=[pad_id] if pad_id < model.config.vocab_size else None,  # a sampled pad would read as padding
     )  # fmt: skip
     recorder = SampledLogprobs(temperature) if return_logprobs else None
-    processors = ([recorder] if recorder else []) + list(logits_processor or [])  # the recorder sees the model's logits
+    sampler = [InverseCdfSampler(temperature, top_p)] if temperature > 0 else []
+    # the recorder sees the model's logits, the sampler draws last (after a caller's forced tokens)
+    processors = ([recorder] if recorder else []) + list(logits_processor or []) + sampler
     # transformers fills unset fields from the checkpoint's generation_config.json (repetition_penalty,
     # min_p...): sample from softmax(logits / T) only, which is what completion_logprobs scores
     default, model.generation_config = model.generation_config, GenerationConfig()
@@ -543,6 +547,29 @@ def generate(model, prompt: torch.Tensor, tokenizer, max_new_tokens: int, temper
     if recorder is None:
         return completion, has_eos
     return completion, has_eos, recorder.result(out[:, -1]).masked_fill(completion == pad_id, 0.0)
+
+
+class InverseCdfSampler(transformers.LogitsProcessor):
+    """Draws one token per row from softmax(scores / T) (within the top-p nucleus when top_p < 1) by inverting
+    the cumulative distribution with one uniform number per row, and returns scores that are 0 at the draw
+    and -inf elsewhere, which generate()'s greedy step then picks. torch.multinomial, which generate() would
+    use, draws an exponential number for every vocabulary entry: most of a step's time with a 32k vocabulary."""
+
+    def __init__(self, temperature: float, top_p: float = 1.0):
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids, scores):
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        index = None
+        if self.top_p < 1:  # the smallest set of most likely tokens whose mass reaches top_p (at least one)
+            probs, index = probs.sort(dim=-1, descending=True)
+            probs = probs.masked_fill(probs.cumsum(-1) - probs >= self.top_p, 0.0)
+        cdf = probs.cumsum(-1)
+        u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]  # uniform on [0, total mass)
+        token = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)  # first entry with cdf > u
+        if index is not None:
+            token = index.gather(-1, token)
+        return torch.full_like(scores, -float("inf")).scatter_(-1, token, 0.0)
 
 
 class SampledLogprobs(transformers.LogitsProcessor):

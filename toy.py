@@ -69,9 +69,11 @@ BT_TEMPERATURE = 0.3  # Bradley-Terry temperature of the simulated labellers
 MAX_NEW_TOKENS = 8  # enough for the ideal summary (<= 3 words + EOS) plus room to ramble
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over VOCAB; prepends <bos> like Llama; pad, bos, eos and unk are distinct."""
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+def make_tokenizer(extra_words: int = 0) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over VOCAB; prepends <bos> like Llama; pad, bos, eos and unk are distinct.
+    `extra_words` unused words w0, w1, ... follow <pad> (a real-sized vocabulary for speed measurements)."""
+    words = VOCAB + [f"w{i}" for i in range(extra_words)]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])

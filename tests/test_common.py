@@ -513,6 +513,27 @@ def test_generate_returns_the_sampled_tokens_logprobs(arch, pad_id):
         common.generate(model, prompt, tok, 8, 0.0, return_logprobs=True)
 
 
+def test_inverse_cdf_sampler_draws_from_softmax_at_temperature_and_top_p():
+    """200,000 draws of one distribution (four tokens, one suppressed to -inf): the frequencies match
+    softmax(scores / T) within 0.005 (about 5 standard errors), the suppressed token never comes, and with
+    top_p only the nucleus (the most likely tokens whose mass first reaches top_p) is drawn, renormalized.
+    The output is 0 at the draw and -inf elsewhere, so generate()'s greedy step picks the draw."""
+    torch.manual_seed(0)
+    n, T = 200_000, 0.7
+    scores = torch.tensor([[1.0, 0.2, -float("inf"), -0.5]]).repeat(n, 1)
+    probs = torch.softmax(scores / T, -1)[0]
+    out = common.InverseCdfSampler(T)(None, scores)
+    assert ((out == 0).sum(1) == 1).all() and ((out == 0) | (out == -float("inf"))).all()
+    freq = torch.bincount(out.argmax(-1), minlength=4).float() / n
+    torch.testing.assert_close(freq, probs, atol=5e-3, rtol=0)
+    assert freq[2] == 0
+    top_p = probs[0].item() + 0.01  # the nucleus: tokens 0 and 1
+    freq = torch.bincount(common.InverseCdfSampler(T, top_p)(None, scores).argmax(-1), minlength=4).float() / n
+    torch.testing.assert_close(freq, torch.tensor([probs[0], probs[1], 0, 0]) / (probs[0] + probs[1]), atol=5e-3, rtol=0)
+    freq = torch.bincount(common.InverseCdfSampler(T, probs[0].item() - 0.01)(None, scores).argmax(-1), minlength=4)
+    assert freq[0] == n  # a nucleus of one token
+
+
 def test_toy_policy_never_emits_the_pad_token():
     """Regression: a sampled pad is read as padding everywhere: masked out of attention with shifted
     positions (its log-probs no longer match the sampler's, so the PPO ratio is not 1) and

@@ -151,12 +151,15 @@ def test_cli_bad_batch_size(toy_cache, tmp_path):
 
 
 def test_learning_check(toy_cache, tmp_path):
-    """On the tiny toy models, PPO raises the gold reward of its training samples within a few updates."""
+    """On the tiny toy models, PPO raises the reward-model score of its training samples (what it maximizes)
+    and the greedy policy's gold reward and win rate. (The tiny reward model is weak: the gold reward of the
+    sampled training completions rises within two or three updates, then wanders within about 0.05.)"""
     args = ppo.Args(output_dir=str(tmp_path), run_name="learn", total_episodes=64 * 24, batch_size=64,
                     lr=1e-4, eval_prompts=200, eval_every=10**9)  # fmt: skip
     ppo.main(args)
     rows = read_metrics(tmp_path / "learn")
-    gold = [r["objective/gold"] for r in rows if "objective/gold" in r]
+    scores = [r["objective/scores"] for r in rows if "objective/scores" in r]
     evals = [r for r in rows if "eval/win_rate" in r]
-    assert sum(gold[-8:]) / 8 > sum(gold[:4]) / 4 + 0.03, gold
+    assert sum(scores[-8:]) / 8 > sum(scores[:4]) / 4 + 0.2, scores
+    assert evals[-1]["eval/gold"] > evals[0]["eval/gold"] + 0.05, evals
     assert evals[-1]["eval/win_rate"] > evals[0]["eval/win_rate"] + 0.1, evals
