@@ -609,7 +609,7 @@ def gathered_weights(model):
     return deepspeed.zero.GatheredParameters(list(model.parameters()))
 
 
-def shared_prompt_forward(model, prompt, completion, pad_id, logits_to_keep: int | None = None):
+def shared_prompt_forward(model, prompt, completion, pad_id, logits_to_keep: int | torch.Tensor | None = None):
     """Forward of k completions per prompt with each prompt computed once. `prompt` is [B, P] (left-padded),
     `completion` [k*B, C] (right-padded) laid out [all first completions; all second; ...]. The prompts run
     alone, each row of their KV cache is repeated k times, and the completions run on it: under causal
@@ -617,7 +617,8 @@ def shared_prompt_forward(model, prompt, completion, pad_id, logits_to_keep: int
     prompt tokens (DPO's chosen and rejected, XPO's y and y~). The completions run grouped by prompt
     (row r of the completion output is completion row order[r]): the cache is repeat-interleaved, whose
     gradient is a cheap sum, where tiling it would need a scatter. With `logits_to_keep`, a causal LM's
-    prompt output keeps the logits of the last prompt position only. Returns (prompt output, completion
+    prompt output keeps the logits of the last prompt position only, the completion output those that
+    `logits_to_keep` selects (a count of last positions, or their indices). Returns (prompt output, completion
     output, order), or None where a cache cannot be shared (no prompt tokens, gradient checkpointing, a
     model without a KV cache)."""
     inner = extract_model_from_parallel(model)
@@ -649,32 +650,74 @@ def shared_prompt_forward(model, prompt, completion, pad_id, logits_to_keep: int
 def completion_logprobs(model, prompt, completion, pad_id, temperature=1.0, chunk_rows=16, with_entropy=False):
     """Per-token log pi(y_t | x, y_<t) of the completion tokens, [B, C], 0 on padding. Logits come only
     for completion positions (`logits_to_keep`), are divided by the sampling temperature, and go
-    through an fp32 log-softmax a few rows at a time (never a full fp32 batch x length x vocab tensor).
-    `completion` may hold k completions per prompt (k * B rows, laid out as in `shared_prompt_forward`):
-    each prompt then runs once."""
+    through an fp32 log-softmax a few rows at a time (`TokenLogprobs`: the model's logits are the only
+    vocabulary-sized tensor kept for the backward pass). `completion` may hold k completions per prompt
+    (k * B rows, laid out as in `shared_prompt_forward`): each prompt then runs once."""
     C, k = completion.shape[1], completion.shape[0] // prompt.shape[0]
     if completion.shape[0] != k * prompt.shape[0]:
         raise ValueError(f"{completion.shape[0]} completions for {prompt.shape[0]} prompts: not a multiple")
-    shared = shared_prompt_forward(model, prompt, completion, pad_id, logits_to_keep=C) if k > 1 else None
+    if prompt.shape[1] == 0:
+        raise ValueError("completion_logprobs needs at least one prompt token (the first completion token's context)")
+    # logits at exactly the positions that predict completion tokens (index tensors: a slice of the logits
+    # would allocate a zero-filled gradient the size of all of them in the backward pass)
+    keep = lambda start, n: torch.arange(start, start + n, device=completion.device)  # noqa: E731
+    shared = shared_prompt_forward(model, prompt, completion, pad_id, logits_to_keep=keep(0, max(C - 1, 1))) if k > 1 else None
     if shared is not None:  # logit of y_1 at the last prompt position, of y_t+1 at completion position t
         first, second, order = shared
-        logits = torch.cat([first.logits[:, -1:].repeat_interleave(k, 0), second.logits[:, :-1]], 1)
+        parts = [first.logits[:, -1:].repeat_interleave(k, 0)] + ([second.logits] if C > 1 else [])  # [kB, 1 | C-1, V]
     else:
-        logits = forward(model, torch.cat([prompt.repeat(k, 1), completion], 1), pad_id, logits_to_keep=C + 1).logits[:, :-1]  # fmt: skip
+        parts = [forward(model, torch.cat([prompt.repeat(k, 1), completion], 1), pad_id, logits_to_keep=keep(prompt.shape[1] - 1, C)).logits]  # fmt: skip
         order = torch.arange(completion.shape[0], device=completion.device)
-    targets = completion[order].masked_fill(completion[order] == pad_id, 0)  # in the rows' order of `logits`
-    logps, entropies = [], []
-    for i in range(0, logits.shape[0], chunk_rows):
-        scaled = logits[i : i + chunk_rows].float() / temperature
-        if pad_id < scaled.shape[-1]:  # generate() never samples an in-vocabulary pad: score that same distribution
-            scaled[..., pad_id] = torch.finfo(scaled.dtype).min
-        logp = F.log_softmax(scaled, dim=-1)
-        logps.append(logp.gather(-1, targets[i : i + chunk_rows, :, None]).squeeze(-1))
-        if with_entropy:
-            entropies.append(-(logp.exp() * logp).sum(-1))
+    targets = completion[order].masked_fill(completion[order] == pad_id, 0)  # in the rows' order of the logits
+    columns, t = [], 0
+    for logits in parts:  # views of the model's logits: nothing vocabulary-sized is copied
+        columns.append(TokenLogprobs.apply(logits, targets[:, t : t + logits.shape[1]], temperature, pad_id, chunk_rows))
+        t += logits.shape[1]
     back, valid = torch.argsort(order), completion != pad_id  # back to the layout of `completion`
-    logps = torch.cat(logps)[back].masked_fill(~valid, 0.0)
-    return (logps, torch.cat(entropies)[back].masked_fill(~valid, 0.0)) if with_entropy else logps
+    logps, entropies = torch.cat(columns, 1)[back].unbind(-1)
+    return (logps.masked_fill(~valid, 0.0), entropies.masked_fill(~valid, 0.0)) if with_entropy else logps.masked_fill(~valid, 0.0)  # fmt: skip
+
+
+class TokenLogprobs(torch.autograd.Function):
+    """[N, T, V] logits -> [N, T, 2]: log softmax(z)[target] and the entropy of softmax(z), z = logits / temperature
+    (fp32, an in-vocabulary pad id masked out), `chunk_rows` rows at a time. The softmax is recomputed in the
+    backward pass, which writes the logits' gradient chunk by chunk into one tensor, so the logits are the only
+    vocabulary-sized tensor alive between the passes (autograd through a log_softmax would keep its output,
+    and the backward of each chunk's slice would allocate a zero-filled gradient the size of all the logits)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, pad_id, chunk_rows):
+        out = torch.empty(*logits.shape[:-1], 2, dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
+        for i in range(0, logits.shape[0], chunk_rows):
+            logp = _scaled_log_softmax(logits[i : i + chunk_rows], temperature, pad_id)
+            out[i : i + chunk_rows, :, 0] = logp.gather(-1, targets[i : i + chunk_rows, :, None]).squeeze(-1)
+            out[i : i + chunk_rows, :, 1] = -(logp.exp() * logp).sum(-1)
+        ctx.save_for_backward(logits, targets, out)
+        ctx.temperature, ctx.pad_id, ctx.chunk_rows = temperature, pad_id, chunk_rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets, out = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for i in range(0, logits.shape[0], ctx.chunk_rows):
+            rows = slice(i, i + ctx.chunk_rows)
+            logp = _scaled_log_softmax(logits[rows], ctx.temperature, ctx.pad_id)
+            g_logp, g_entropy, entropy = grad_out[rows, :, 0, None], grad_out[rows, :, 1, None], out[rows, :, 1, None]
+            # d log p_y / dz = onehot(y) - p;   d H / dz = -p * (log p + H)
+            g = -logp.exp() * (g_logp + g_entropy * (logp + entropy))
+            g.scatter_add_(-1, targets[rows, :, None], g_logp)
+            if ctx.pad_id < g.shape[-1]:
+                g[..., ctx.pad_id] = 0.0  # the masked logit is a constant
+            grad[rows] = g / ctx.temperature
+        return grad, None, None, None, None
+
+
+def _scaled_log_softmax(logits, temperature, pad_id):
+    scaled = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32
+    if pad_id < scaled.shape[-1]:  # generate() never samples an in-vocabulary pad: score that same distribution
+        scaled[..., pad_id] = torch.finfo(scaled.dtype).min
+    return F.log_softmax(scaled, dim=-1)
 
 
 def last_token_index(prompt: torch.Tensor, completion: torch.Tensor, pad_id: int) -> torch.Tensor:

@@ -221,6 +221,23 @@ def test_completion_logprobs_equal_full_log_softmax_at_temperature(chunk_rows):
         assert (logps[i, len(c) :] == 0).all() and (entropy[i, len(c) :] == 0).all()  # padding gives 0
 
 
+@pytest.mark.parametrize("pad_id", [2, 99])
+def test_token_logprobs_backward_is_the_exact_gradient(pad_id):
+    """TokenLogprobs (chunked log-softmax with a hand-written backward): float64 gradcheck of both outputs,
+    the target log-prob and the entropy, at a temperature and with an in-vocabulary pad masked (2) or none (99);
+    and the values of plain autograd through log_softmax."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 3, 7, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 7, (5, 3))
+    targets[targets == pad_id] = 0
+    fn = lambda x: common.TokenLogprobs.apply(x, targets, 0.7, pad_id, 2)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (logits,))
+    z = (logits / 0.7).masked_fill(torch.arange(7) == pad_id, torch.finfo(torch.float64).min)
+    logp = F.log_softmax(z, -1)
+    expected = torch.stack([logp.gather(-1, targets[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)], -1)
+    torch.testing.assert_close(fn(logits), expected)
+
+
 @pytest.mark.parametrize("pad_id", [0, PAD_OUT])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_left_padded_batch_equals_one_at_a_time(arch, pad_id):
@@ -273,7 +290,7 @@ def test_shared_prompt_forward_computes_the_prompt_once_or_declines():
     prompt, completion = common.pad(PROMPTS, PAD_OUT, "left"), common.pad(COMPLETIONS * 2, PAD_OUT, "right")
     shapes = []
     hook = lm.model.embed_tokens.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
-    first, second, order = common.shared_prompt_forward(lm, prompt, completion, PAD_OUT, logits_to_keep=completion.shape[1])
+    first, second, order = common.shared_prompt_forward(lm, prompt, completion, PAD_OUT, logits_to_keep=completion.shape[1])  # the last C
     assert shapes == [tuple(prompt.shape), tuple(completion.shape)] and order.tolist() == [0, 3, 1, 4, 2, 5]  # grouped by prompt
     assert first.logits.shape[1] == 1 and second.logits.shape[:2] == completion.shape
     assert common.shared_prompt_forward(lm, prompt[:, :0], completion, PAD_OUT) is None
