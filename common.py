@@ -671,27 +671,29 @@ def completion_logprobs(model, prompt, completion, pad_id, temperature=1.0, chun
     targets = completion[order].masked_fill(completion[order] == pad_id, 0)  # in the rows' order of the logits
     columns, t = [], 0
     for logits in parts:  # views of the model's logits: nothing vocabulary-sized is copied
-        columns.append(TokenLogprobs.apply(logits, targets[:, t : t + logits.shape[1]], temperature, pad_id, chunk_rows))
+        columns.append(TokenLogprobs.apply(logits, targets[:, t : t + logits.shape[1]], temperature, pad_id, chunk_rows, with_entropy))  # fmt: skip
         t += logits.shape[1]
     back, valid = torch.argsort(order), completion != pad_id  # back to the layout of `completion`
-    logps, entropies = torch.cat(columns, 1)[back].unbind(-1)
-    return (logps.masked_fill(~valid, 0.0), entropies.masked_fill(~valid, 0.0)) if with_entropy else logps.masked_fill(~valid, 0.0)  # fmt: skip
+    out = torch.cat(columns, 1)[back].masked_fill(~valid[..., None], 0.0)
+    return (out[..., 0], out[..., 1]) if with_entropy else out[..., 0]
 
 
 class TokenLogprobs(torch.autograd.Function):
-    """[N, T, V] logits -> [N, T, 2]: log softmax(z)[target] and the entropy of softmax(z), z = logits / temperature
-    (fp32, an in-vocabulary pad id masked out), `chunk_rows` rows at a time. The softmax is recomputed in the
+    """[N, T, V] logits -> [N, T, 1 or 2]: log softmax(z)[target] and, `with_entropy`, the entropy of softmax(z),
+    z = logits / temperature (fp32, an in-vocabulary pad id masked out), `chunk_rows` rows at a time. The softmax is recomputed in the
     backward pass, which writes the logits' gradient chunk by chunk into one tensor, so the logits are the only
     vocabulary-sized tensor alive between the passes (autograd through a log_softmax would keep its output,
     and the backward of each chunk's slice would allocate a zero-filled gradient the size of all the logits)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, temperature, pad_id, chunk_rows):
-        out = torch.empty(*logits.shape[:-1], 2, dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
+    def forward(ctx, logits, targets, temperature, pad_id, chunk_rows, with_entropy):
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        out = torch.empty(*logits.shape[:-1], 1 + with_entropy, dtype=dtype, device=logits.device)
         for i in range(0, logits.shape[0], chunk_rows):
             logp = _scaled_log_softmax(logits[i : i + chunk_rows], temperature, pad_id)
             out[i : i + chunk_rows, :, 0] = logp.gather(-1, targets[i : i + chunk_rows, :, None]).squeeze(-1)
-            out[i : i + chunk_rows, :, 1] = -(logp.exp() * logp).sum(-1)
+            if with_entropy:
+                out[i : i + chunk_rows, :, 1] = -(logp.exp() * logp).sum(-1)
         ctx.save_for_backward(logits, targets, out)
         ctx.temperature, ctx.pad_id, ctx.chunk_rows = temperature, pad_id, chunk_rows
         return out
@@ -703,14 +705,17 @@ class TokenLogprobs(torch.autograd.Function):
         for i in range(0, logits.shape[0], ctx.chunk_rows):
             rows = slice(i, i + ctx.chunk_rows)
             logp = _scaled_log_softmax(logits[rows], ctx.temperature, ctx.pad_id)
-            g_logp, g_entropy, entropy = grad_out[rows, :, 0, None], grad_out[rows, :, 1, None], out[rows, :, 1, None]
+            g_logp = grad_out[rows, :, 0, None]
             # d log p_y / dz = onehot(y) - p;   d H / dz = -p * (log p + H)
-            g = -logp.exp() * (g_logp + g_entropy * (logp + entropy))
+            if out.shape[-1] == 2:
+                g = -logp.exp() * (g_logp + grad_out[rows, :, 1, None] * (logp + out[rows, :, 1, None]))
+            else:
+                g = logp.exp_().mul_(-g_logp)  # in place: logp is not needed again
             g.scatter_add_(-1, targets[rows, :, None], g_logp)
             if ctx.pad_id < g.shape[-1]:
                 g[..., ctx.pad_id] = 0.0  # the masked logit is a constant
             grad[rows] = g / ctx.temperature
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def _scaled_log_softmax(logits, temperature, pad_id):

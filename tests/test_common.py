@@ -230,8 +230,9 @@ def test_token_logprobs_backward_is_the_exact_gradient(pad_id):
     logits = torch.randn(5, 3, 7, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 7, (5, 3))
     targets[targets == pad_id] = 0
-    fn = lambda x: common.TokenLogprobs.apply(x, targets, 0.7, pad_id, 2)  # noqa: E731
+    fn = lambda x: common.TokenLogprobs.apply(x, targets, 0.7, pad_id, 2, True)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (logits,))
+    assert torch.autograd.gradcheck(lambda x: common.TokenLogprobs.apply(x, targets, 0.7, pad_id, 2, False), (logits,))
     z = (logits / 0.7).masked_fill(torch.arange(7) == pad_id, torch.finfo(torch.float64).min)
     logp = F.log_softmax(z, -1)
     expected = torch.stack([logp.gather(-1, targets[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)], -1)
