@@ -19,8 +19,8 @@ Quality modes (`--modes`, all by default):
     reset   DR-PO's reset probability 0 / 0.5 (1.0 is the main run)
     aihf    AIHF vs DPO vs SFT -> RM -> PPO as the number of preference pairs shrinks (demonstrations fixed)
 Speed (`--speed`): per-update time (median of repeats) split into generation / scoring / update and peak
-memory of each script at fixed shapes and two model sizes; with trl installed, TRL's trainers on the same
-shapes and the ratio ours / TRL.
+memory of each script at fixed shapes and three model sizes (the third with a 32,000-token vocabulary);
+with trl installed, TRL's trainers on the same shapes and the ratio ours / TRL.
 
     python benchmark.py                       # everything: 69 runs, 48 minutes on 2 (shared) CPU cores
     python benchmark.py --quick               # 22 runs, 1 seed, 256 samples: 3.7 minutes
