@@ -661,7 +661,7 @@ def completion_logprobs(model, prompt, completion, pad_id, temperature=1.0, chun
     # logits at exactly the positions that predict completion tokens (index tensors: a slice of the logits
     # would allocate a zero-filled gradient the size of all of them in the backward pass)
     keep = lambda start, n: torch.arange(start, start + n, device=completion.device)  # noqa: E731
-    shared = shared_prompt_forward(model, prompt, completion, pad_id, logits_to_keep=keep(0, max(C - 1, 1))) if k > 1 else None
+    shared = shared_prompt_forward(model, prompt, completion, pad_id, keep(0, max(C - 1, 1))) if k > 1 else None
     if shared is not None:  # logit of y_1 at the last prompt position, of y_t+1 at completion position t
         first, second, order = shared
         parts = [first.logits[:, -1:].repeat_interleave(k, 0)] + ([second.logits] if C > 1 else [])  # [kB, 1 | C-1, V]
@@ -679,11 +679,12 @@ def completion_logprobs(model, prompt, completion, pad_id, temperature=1.0, chun
 
 
 class TokenLogprobs(torch.autograd.Function):
-    """[N, T, V] logits -> [N, T, 1 or 2]: log softmax(z)[target] and, `with_entropy`, the entropy of softmax(z),
-    z = logits / temperature (fp32, an in-vocabulary pad id masked out), `chunk_rows` rows at a time. The softmax is recomputed in the
-    backward pass, which writes the logits' gradient chunk by chunk into one tensor, so the logits are the only
-    vocabulary-sized tensor alive between the passes (autograd through a log_softmax would keep its output,
-    and the backward of each chunk's slice would allocate a zero-filled gradient the size of all the logits)."""
+    """[N, T, V] logits -> [N, T, 1 or 2]: log softmax(z)[target] and, `with_entropy`, the entropy of
+    softmax(z), z = logits / temperature (fp32, an in-vocabulary pad id masked out), `chunk_rows` rows at a
+    time. The softmax is recomputed in the backward pass, which writes the logits' gradient chunk by chunk
+    into one tensor, so the logits are the only vocabulary-sized tensor alive between the passes (autograd
+    through a log_softmax would keep its output, and the backward of each chunk's slice would allocate a
+    zero-filled gradient the size of all the logits)."""
 
     @staticmethod
     def forward(ctx, logits, targets, temperature, pad_id, chunk_rows, with_entropy):
