@@ -304,6 +304,9 @@ def test_shared_prompt_forward_computes_the_prompt_once_or_declines():
     hook.remove()
     with pytest.raises(ValueError, match="not a multiple"):
         common.completion_logprobs(lm, prompt, completion[:5], PAD_OUT)
+    lm.activation_checkpointing_disable() if hasattr(lm, "activation_checkpointing_disable") else lm.gradient_checkpointing_disable()
+    one = torch.tensor([[EOS]] * 6)  # one-token completions: only the prompt's last logits are read
+    torch.testing.assert_close(common.completion_logprobs(lm, prompt, one, PAD_OUT), common.completion_logprobs(lm, prompt.repeat(2, 1), one, PAD_OUT), atol=1e-5, rtol=0)  # fmt: skip
 
 
 def test_gpt2_without_position_ids_would_differ():
