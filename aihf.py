@@ -40,6 +40,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 
 import common
 import toy
@@ -246,7 +247,7 @@ def main(args: Args):
     ref_policy = common.reference_model(args.model, policy, args.lora_r, device)
     scorer = None  # frozen reward model: the eval RM score only
     if rm_name is not None:
-        scorer = common.load_model(rm_name, "reward", common.frozen_dtype(), tokenizer).to(device).eval().requires_grad_(False)
+        scorer = common.load_model(rm_name, "reward", tokenizer=tokenizer, frozen=True).to(device)
 
     demos = common.load_data(args.dataset, "train", ("prompt", "completion"))
     prefs = common.load_data(args.preference_dataset, "train", PREFERENCE_COLUMNS)
@@ -280,14 +281,18 @@ def main(args: Args):
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / total)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    policy, optimizer = common.prepare(accelerator, policy, optimizer, micro_batch_size=2 * max(per_pref, per_demo))
+    if args.self_play and common.zero_stage() == 3:
+        raise common.UserError("--self-play copies the policy into its opponent each round, which ZeRO-3's sharded weights do not allow: use ZeRO-2")  # fmt: skip
     if args.variant == "explicit":  # r_phi: trained, separate from the frozen eval scorer
         reward_model = common.trainable(common.load_model(args.reward_init or rm_name, "reward", tokenizer=tokenizer), args)
         if getattr(reward_model, "retokenize", None) is not None:  # r_phi is trained on the policy's tokens
             raise common.UserError(f"{args.reward_init or rm_name} has its own tokenizer: --variant explicit trains r_phi on the policy's tokens and needs the policy's tokenizer")  # fmt: skip
         reward_optimizer = torch.optim.AdamW(reward_model.parameters(), lr=args.reward_lr, eps=1e-5)
-        reward_model, reward_optimizer = accelerator.prepare(reward_model, reward_optimizer)
-        rm = accelerator.unwrap_model(reward_model)
+        # r_phi gets an Accelerator of its own: DeepSpeed trains one model per Accelerator (same processes)
+        reward_accelerator = Accelerator()
+        reward_model, reward_optimizer = common.prepare(reward_accelerator, reward_model, reward_optimizer, micro_batch_size=2 * max(per_pref, per_demo))  # fmt: skip
+        rm = reward_accelerator.unwrap_model(reward_model)
         center = [{"prompt": r["prompt"], "demo": r["demo"]} for r in demo_rows[: args.center_demos]]
     run = common.Run(args, accelerator, total)
 
@@ -343,7 +348,7 @@ def main(args: Args):
             demo, fresh = common.reward_scores(reward_model, *collate(rows, "demo", "gen", pad_id, device), pad_id).chunk(2)
         loss, stats = reward_loss(chosen, rejected, demo, fresh, args.w_pref, args.w_demo)
         run.check_finite(step, reward_loss=loss)
-        accelerator.backward(loss)
+        reward_accelerator.backward(loss)
         reward_optimizer.step()
         reward_optimizer.zero_grad()
         return stats
@@ -359,9 +364,9 @@ def main(args: Args):
     # Self-Play AIHF: each round's frozen opponent (and reference) is the iterate the previous round ended at
     opponent = copy.deepcopy(unwrapped).eval().requires_grad_(False) if args.self_play else None
     if args.variant == "dpo":
-        state = run.resume(policy=policy, optimizer=optimizer, scheduler=scheduler, **({"opponent": opponent} if opponent else {}))  # fmt: skip
+        state = run.resume(scheduler=scheduler, **({"opponent": opponent} if opponent else {}))
     else:
-        state = run.resume(policy=policy, optimizer=optimizer, scheduler=scheduler, reward_model=reward_model, reward_optimizer=reward_optimizer)  # fmt: skip
+        state = run.resume(reward_accelerator, scheduler=scheduler)
     if state is None:
         initial, first, round_rows = run_eval(0), 1, None
     else:  # --resume: fast-forward the index samplers; this round's generated rows and r_phi's bias come back
@@ -458,7 +463,7 @@ def main(args: Args):
     final = run_eval(total)
     common.save_model(accelerator, policy, tokenizer, run.dir)
     if args.variant == "explicit":
-        common.save_model(accelerator, reward_model, tokenizer, run.dir / "reward_model")
+        common.save_model(reward_accelerator, reward_model, tokenizer, run.dir / "reward_model")
     if accelerator.is_main_process:
         if is_toy:
             print(f"[aihf] win rate vs the reference summaries: SFT {initial['eval/win_rate']:.3f} -> AIHF {final['eval/win_rate']:.3f} (KL {final['eval/kl']:.2f})")  # fmt: skip

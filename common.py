@@ -17,7 +17,6 @@ import inspect
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -26,12 +25,11 @@ import time
 from pathlib import Path
 
 import datasets
-import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import extract_model_from_parallel, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, extract_model_from_parallel, set_seed
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
 import toy
@@ -123,15 +121,61 @@ TRUST_REMOTE_CODE = False  # set by setup() from --trust-remote-code; read by ev
 
 
 def setup(args) -> Accelerator:
-    """One process on CPU or one GPU by default; `accelerate launch` / `torchrun` for more. bf16 autocast
-    on CUDA (weights stay fp32 for the optimizer), fp32 on CPU. Each rank gets its own seed. Hub code
-    (trust_remote_code) runs only when --trust-remote-code asks for it."""
+    """One process on CPU or one GPU by default; `accelerate launch` / `torchrun` for more (DDP, DeepSpeed
+    ZeRO-2/3 or FSDP from the launcher's config). bf16 autocast on CUDA (weights stay fp32 for the optimizer),
+    fp32 on CPU. Each rank gets its own seed. Hub code (trust_remote_code) runs only when --trust-remote-code
+    asks for it. Prints one line naming the setup."""
     global TRUST_REMOTE_CODE
     TRUST_REMOTE_CODE, seed = getattr(args, "trust_remote_code", False), args.seed
-    # cpu=True on a CPU machine: without it accelerate ignores torchrun's ranks (every rank runs alone)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    cuda = torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"  # set by accelerate launch
+    # without CUDA, cpu=True makes torchrun's ranks one DDP job, but would silently replace DeepSpeed by DDP:
+    # DeepSpeed on CPU needs the gloo backend named instead
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and not cuda else []
+    precision = "bf16" if cuda else "no"
+    accelerator = Accelerator(cpu=not (cuda or deepspeed), mixed_precision=precision, kwargs_handlers=handlers)
     set_seed(seed + 100003 * accelerator.process_index)
+    if accelerator.is_main_process:
+        print(f"[setup] {describe_setup(accelerator)}", flush=True)
     return accelerator
+
+
+def describe_setup(accelerator) -> str:
+    """e.g. `2 processes, DeepSpeed ZeRO-3, cpu, fp32`."""
+    kind = accelerator.distributed_type
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        how = f"DeepSpeed ZeRO-{plugin.zero_stage}"
+    else:
+        how = {DistributedType.FSDP: "FSDP", DistributedType.NO: "single process"}.get(kind, "DDP")
+    n = accelerator.num_processes
+    precision = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
+    return f"{n} process{'es' * (n > 1)}, {how}, {accelerator.device.type}, {precision}"
+
+
+def prepare(accelerator: Accelerator, *objects, micro_batch_size: int):
+    """accelerator.prepare, with what DeepSpeed needs filled in: its micro-batch size (it cannot read one
+    from a dataloader here) and no gradient clipping (accelerate's "auto" would clip at 1.0 under DeepSpeed
+    alone; the scripts clip nowhere). One call per script: DeepSpeed takes one model per Accelerator."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        config = plugin.deepspeed_config
+        if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            config["train_micro_batch_size_per_gpu"] = micro_batch_size
+        if config.get("gradient_clipping", "auto") == "auto":
+            config["gradient_clipping"] = 0.0
+    return accelerator.prepare(*objects)
+
+
+@contextlib.contextmanager
+def accumulate(accelerator: Accelerator, model, last: bool):
+    """Forward and backward of one micro-batch of a minibatch whose gradients accumulate: gradients are
+    synchronized across processes (and a DeepSpeed engine, which steps inside `backward`, takes its
+    optimizer step) only with the last micro-batch. The caller weights each micro-batch's loss so that the
+    sum is the minibatch's loss, and calls optimizer.step() after the last one (a no-op under DeepSpeed)."""
+    accelerator.sync_gradients = last
+    with contextlib.nullcontext() if last else accelerator.no_sync(model):
+        yield
 
 
 def frozen_dtype() -> torch.dtype:
@@ -182,11 +226,17 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def load_model(name: str, kind: str = "causal", dtype: torch.dtype = torch.float32, tokenizer=None):
+def load_model(name: str, kind: str = "causal", dtype: torch.dtype = torch.float32, tokenizer=None, frozen=False):
     """AutoModelForCausalLM (kind="causal") or a 1-label AutoModelForSequenceClassification ("reward"),
     dropout off. `toy` / `toy-tiny` build a fresh ~1M / ~0.1M-parameter model for the toy task. A new
     scalar head gets std 1/sqrt(H+1) (N+). `tokenizer`: the policy's, for a frozen reward model that may
-    come from elsewhere; when its own tokenizer differs, `reward_scores` re-tokenizes for it."""
+    come from elsewhere; when its own tokenizer differs, `reward_scores` re-tokenizes for it. `frozen`: a
+    model that is never trained (reference, reward model), in frozen_dtype(), eval mode, without gradients,
+    and whole on every process (under ZeRO-3 only the models given to accelerator.prepare are sharded)."""
+    if frozen:
+        with whole_weights():
+            model = load_model(name, kind, frozen_dtype(), tokenizer)
+        return model.eval().requires_grad_(False)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     extra = {} if kind == "causal" else {"num_labels": 1}
     if name == "toy-gold" and kind == "reward":  # the gold oracle: toy-rm's network (a PPO critic may start from
@@ -200,7 +250,8 @@ def load_model(name: str, kind: str = "causal", dtype: torch.dtype = torch.float
         model, info = _from_pretrained(cls, resolve_model(name), dtype=dtype, output_loading_info=True, **extra)
         missing = info["missing_keys"]
     if kind == "reward" and any(k.startswith("score.") for k in missing):  # fresh head: N+ init
-        torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
+        with gathered_weights(model.score, modifier_rank=0):  # ZeRO-3 loads it sharded
+            torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
     disable_dropout(model)
     if kind == "reward" and tokenizer is not None:
         own = load_tokenizer(name)
@@ -208,6 +259,23 @@ def load_model(name: str, kind: str = "causal", dtype: torch.dtype = torch.float
             print(f"[reward] {name} has its own tokenizer: completions are decoded and re-tokenized for it")
             model.retokenize = (tokenizer, own)
     return model
+
+
+@contextlib.contextmanager
+def whole_weights():
+    """Models loaded in this block are not sharded. Under ZeRO-3, transformers reads accelerate's DeepSpeed
+    config and shards every model it loads; a model that accelerator.prepare never sees must stay whole."""
+    if zero_stage() != 3:
+        yield
+        return
+    from accelerate.state import AcceleratorState
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        AcceleratorState().deepspeed_plugin.set_deepspeed_weakref()
 
 
 def _from_pretrained(cls, name, **kwargs):
@@ -273,22 +341,41 @@ class AdapterDisabled:
             setattr(self.policy, name, value)
 
 
+class PolicyAndCritic(torch.nn.Module):
+    """The policy and its critic as one module, for PPO-style scripts: one accelerator.prepare (DeepSpeed trains
+    one model per Accelerator) and one forward for both (DDP synchronizes the gradients of what its forward
+    ran). The forward returns the policy's output with `critic_values`: the critic's head at every position."""
+
+    def __init__(self, policy, critic):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    def forward(self, logits_to_keep=None, **inputs):
+        out = self.policy(**inputs, logits_to_keep=logits_to_keep)
+        hidden = self.critic.base_model(**inputs).last_hidden_state
+        out["critic_values"] = self.critic.score(hidden).squeeze(-1)
+        return out
+
+
 def reference_model(name: str, policy, lora_r: int, device):
     """The frozen reference pi_ref: the adapter-disabled policy under LoRA, else a separate copy of `name`
     in eval mode, without gradients, in frozen_dtype()."""
     if lora_r:
         return AdapterDisabled(policy)
-    return load_model(name, dtype=frozen_dtype()).to(device).eval().requires_grad_(False)
+    return load_model(name, frozen=True).to(device)
 
 
-def save_model(accelerator, model, tokenizer, path: Path):
+def save_model(accelerator, model, tokenizer, path: Path, part: str | None = None):
     """The final model, whole, with its tokenizer (call on every process: under ZeRO-3/FSDP the weights are
-    gathered first). A LoRA policy is saved merged, so later stages load it like any model, and its
-    adapter alone goes to path/adapter."""
+    gathered first); `part`: only that submodule of `model`. A LoRA policy is saved merged, so later stages
+    load it like any model, and its adapter alone goes to path/adapter."""
     state_dict = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
     model = accelerator.unwrap_model(model)
+    if part is not None:  # one submodule: the policy of a PolicyAndCritic
+        model = getattr(model, part)
+        state_dict = {k.removeprefix(f"{part}."): v for k, v in state_dict.items() if k.startswith(f"{part}.")}
     if hasattr(model, "merge_and_unload"):  # peft
         model.save_pretrained(path / "adapter")
         tokenizer.save_pretrained(path / "adapter")
@@ -597,16 +684,23 @@ class SampledLogprobs(transformers.LogitsProcessor):
         return torch.stack(self.logps, 1)
 
 
-def gathered_weights(model):
-    """Under DeepSpeed ZeRO-3, gather the sharded weights once for a whole generate() call (otherwise every
-    layer is gathered again at every new token); elsewhere, nothing."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
+def zero_stage() -> int:
+    """The DeepSpeed ZeRO stage of this run (0: no DeepSpeed)."""
+    from accelerate.state import AcceleratorState
 
-    if not is_deepspeed_zero3_enabled():
+    plugin = AcceleratorState().deepspeed_plugin if AcceleratorState._shared_state else None
+    return 0 if plugin is None else plugin.zero_stage
+
+
+def gathered_weights(model, modifier_rank: int | None = None):
+    """Under DeepSpeed ZeRO-3, gather the sharded weights of `model` for the block: once for a whole
+    generate() call (otherwise every layer is gathered again at every new token), or to write them
+    (`modifier_rank`: that process's values are kept); elsewhere, nothing."""
+    if zero_stage() != 3:
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(list(model.parameters()))
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=modifier_rank)
 
 
 def shared_prompt_forward(model, prompt, completion, pad_id, logits_to_keep: int | torch.Tensor | None = None):
@@ -676,6 +770,14 @@ def completion_logprobs(model, prompt, completion, pad_id, temperature=1.0, chun
     back, valid = torch.argsort(order), completion != pad_id  # back to the layout of `completion`
     out = torch.cat(columns, 1)[back].masked_fill(~valid[..., None], 0.0)
     return (out[..., 0], out[..., 1]) if with_entropy else out[..., 0]
+
+
+def token_logprobs(logits, completion, pad_id, temperature=1.0, chunk_rows=16):
+    """Per-token log-probs [B, C] of the completion tokens from the logits [B, C, V] that predict them (as
+    completion_logprobs, for a caller that runs the forward itself), 0 on padding."""
+    targets = completion.masked_fill(completion == pad_id, 0)
+    out = TokenLogprobs.apply(logits, targets, temperature, pad_id, chunk_rows, False)[..., 0]
+    return out.masked_fill(completion == pad_id, 0.0)
 
 
 class TokenLogprobs(torch.autograd.Function):
@@ -863,7 +965,7 @@ class Run:
         self.ckpt = self.dir / "checkpoint"
         self.main = accelerator.is_main_process
         self.writer = self.bar = None
-        self.objects, self.stop_signal, self.closed = {}, None, False
+        self.accelerators, self.models, self.stop_signal, self.closed = [accelerator], [], None, False
         resume_step = None
         if getattr(args, "resume", None):
             if (self.dir / "eval.json").exists():
@@ -928,27 +1030,25 @@ class Run:
 
     # ---- checkpoints ----
 
-    def resume(self, **objects) -> dict | None:
-        """Name what a checkpoint holds: models (saved as safetensors) and anything with a state_dict
-        (optimizers, schedulers). With --resume, load them and the RNG states, and return the loop state
-        the script saved (step, data position...); else None."""
-        self.objects = objects
+    def resume(self, *accelerators, **objects) -> dict | None:
+        """Name what a checkpoint holds beyond what `accelerator.prepare` returned (its models and optimizers,
+        which `accelerator.save_state` saves: DeepSpeed engines as their own sharded checkpoints): objects
+        with a state_dict (the scheduler), and any further Accelerator (a second DeepSpeed engine). With --resume, load them all with
+        every process's RNG states, and return the loop state this process saved (step, data position...);
+        else None."""
+        self.accelerators = [self.accelerator, *accelerators]
+        for obj in objects.values():
+            self.accelerator.register_for_checkpointing(obj)
+        self.models = [m for acc in self.accelerators for m in acc._models]
         if not getattr(self.args, "resume", None):
             return None
         try:
-            for name, obj in objects.items():
-                if isinstance(obj, torch.nn.Module):
-                    from safetensors.torch import load_model
-
-                    device = self.accelerator.device  # safetensors reads "cuda:1" but not "cpu:0" (torchrun on CPU)
-                    load_model(self.accelerator.unwrap_model(obj), self.resume_from / f"{name}.safetensors", device="cpu" if device.type == "cpu" else str(device))  # fmt: skip
-                else:
-                    obj.load_state_dict(torch.load(self.resume_from / f"{name}.pt", weights_only=True))
+            for i, acc in enumerate(self.accelerators):
+                acc.load_state(str(self.resume_from / f"accelerator_{i}"))
             state = torch.load(self.resume_from / f"state_{self.accelerator.process_index}.pt", weights_only=True)
         except Exception as e:  # a truncated or hand-edited checkpoint: say which, never a traceback
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"--resume {self.dir}: corrupt checkpoint ({detail})") from None
-        set_rng_state(state.pop("rng"))
         print(f"[run] resumed {self.dir} at step {state['step']}")
         return state
 
@@ -966,27 +1066,20 @@ class Run:
             raise Interrupted(f"at step {step}, checkpoint saved; continue with --resume {self.dir}")
 
     def save_checkpoint(self, step: int, state: dict):
-        """Write checkpoint/ atomically: into checkpoint.tmp/, then swap it in by renames, so a crash at
-        any moment leaves the previous checkpoint (or checkpoint.old/ during the swap) complete."""
-        if sharded_weights(self.accelerator):
-            raise UserError("checkpoints are not available under ZeRO-3 or FSDP (the weights are sharded): use ZeRO-2 or DDP to resume")  # fmt: skip
-        for name, obj in self.objects.items():
-            if isinstance(obj, torch.nn.Module) and not all(p.isfinite().all() for p in obj.parameters()):
-                raise TrainingError(f"non-finite weights in {name} at step {step}: checkpoint not written; last good checkpoint: {self.last_checkpoint()}")  # fmt: skip
+        """Write checkpoint/ atomically: `accelerator.save_state` (models, optimizers, scheduler, RNG states of
+        every process) and each process's loop state into checkpoint.tmp/, then swap it in by renames, so a
+        crash at any moment leaves the previous checkpoint (or checkpoint.old/ during the swap) complete."""
+        for model in self.models:  # local shards under ZeRO-3: each process checks its own
+            if not all(p.isfinite().all() for p in model.parameters()):
+                raise TrainingError(f"non-finite weights at step {step}: checkpoint not written; last good checkpoint: {self.last_checkpoint()}")  # fmt: skip
         tmp, old = self.dir / "checkpoint.tmp", self.dir / "checkpoint.old"
         if self.main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        if self.main:
-            from safetensors.torch import save_model
-
-            for name, obj in self.objects.items():
-                if isinstance(obj, torch.nn.Module):  # identical on every rank (DDP); shared tensors stored once
-                    save_model(self.accelerator.unwrap_model(obj), str(tmp / f"{name}.safetensors"))
-                else:
-                    torch.save(obj.state_dict(), tmp / f"{name}.pt")
-        torch.save({**state, "step": step, "rng": get_rng_state()}, tmp / f"state_{self.accelerator.process_index}.pt")
+        for i, acc in enumerate(self.accelerators):
+            acc.save_state(str(tmp / f"accelerator_{i}"))
+        torch.save({**state, "step": step}, tmp / f"state_{self.accelerator.process_index}.pt")
         self.accelerator.wait_for_everyone()
         if self.main:
             (tmp / "meta.json").write_text(json.dumps({"step": step, "processes": self.accelerator.num_processes}))
@@ -1027,14 +1120,6 @@ class Run:
         self.accelerator.end_training()
 
 
-def sharded_weights(accelerator) -> bool:
-    """True under ZeRO-3 or FSDP, where no process holds the whole model."""
-    from accelerate.utils import DistributedType
-
-    plugin = accelerator.state.deepspeed_plugin
-    return accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3)
-
-
 def threading_main() -> bool:
     import threading
 
@@ -1058,26 +1143,6 @@ def cut_log(path: Path, step: int):
     if path.exists():
         lines = [line for line in path.read_text().splitlines(keepends=True) if line.strip() and json.loads(line)["step"] <= step]
         path.write_text("".join(lines))
-
-
-def get_rng_state() -> dict:
-    """Python, NumPy, torch CPU and CUDA generator states, as tensors and plain data (weights_only loads)."""
-    version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": [version, list(mt), gauss], "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }  # fmt: skip
-
-
-def set_rng_state(state: dict):
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def epochs(loader, generator: torch.Generator, position=None):

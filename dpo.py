@@ -215,8 +215,7 @@ def main(args: Args):
     ref_model = common.reference_model(args.ref_model or args.model, policy, args.lora_r and not args.ref_model, device)
     reward_model = None
     if args.reward_model is not None and (is_toy or args.reward_model != "toy-rm"):
-        reward_model = common.load_model(args.reward_model, kind="reward", dtype=common.frozen_dtype(), tokenizer=tokenizer)
-        reward_model = reward_model.to(device).eval().requires_grad_(False)
+        reward_model = common.load_model(args.reward_model, "reward", tokenizer=tokenizer, frozen=True).to(device)
 
     train = common.load_data(args.dataset, "train", PREFERENCE_COLUMNS)
     train = train.select(range(min(args.num_preferences or len(train), len(train))))
@@ -248,7 +247,7 @@ def main(args: Args):
     total = min(args.max_steps or 10**12, args.epochs * len(loader))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=total)
-    policy, optimizer, loader = accelerator.prepare(policy, optimizer, loader)
+    policy, optimizer, loader = common.prepare(accelerator, policy, optimizer, loader, micro_batch_size=args.micro_batch_size or per_process)  # fmt: skip
     run = common.Run(args, accelerator, total)
 
     def run_eval(step):
@@ -261,7 +260,7 @@ def main(args: Args):
         run.write_samples(samples, step)
         return run.log(metrics, step, show=("eval/win_rate", "eval/kl", "eval/rewards/accuracies"))
 
-    state = run.resume(policy=policy, optimizer=optimizer, scheduler=scheduler)
+    state = run.resume(scheduler=scheduler)
     initial = run_eval(0) if state is None else state["initial"]  # step 0: the SFT policy, pi_theta = pi_ref
     first = 1 if state is None else state["step"] + 1
     batches = common.epochs(loader, loader_rng, None if state is None else state["position"])
@@ -274,19 +273,21 @@ def main(args: Args):
         times = {}
         with common.timer(times, "update"):
             n_pairs, parts = batch["prompt"].shape[0], []
-            for mb in micro_batches(batch, args.micro_batch_size or n_pairs):
-                chosen_logps, rejected_logps = sequence_logps(policy, mb, pad_id)
-                if "ref_logps" in mb:
-                    ref_chosen, ref_rejected = mb["ref_logps"].chunk(2)
-                else:
-                    with torch.no_grad():
-                        ref_chosen, ref_rejected = sequence_logps(ref_model, mb, pad_id)
-                losses, chosen_rewards, rejected_rewards = dpo_loss(
-                    chosen_logps, rejected_logps, ref_chosen, ref_rejected, args.beta, args.label_smoothing, args.loss_type
-                )  # fmt: skip
-                loss = losses.mean()
-                run.check_finite(step, loss=loss)  # lower --lr; use fp32/bf16, never fp16
-                accelerator.backward(loss * len(losses) / n_pairs)  # the batch mean, accumulated
+            mbs = list(micro_batches(batch, args.micro_batch_size or n_pairs))
+            for i, mb in enumerate(mbs):
+                with common.accumulate(accelerator, policy, last=i == len(mbs) - 1):
+                    chosen_logps, rejected_logps = sequence_logps(policy, mb, pad_id)
+                    if "ref_logps" in mb:
+                        ref_chosen, ref_rejected = mb["ref_logps"].chunk(2)
+                    else:
+                        with torch.no_grad():
+                            ref_chosen, ref_rejected = sequence_logps(ref_model, mb, pad_id)
+                    losses, chosen_rewards, rejected_rewards = dpo_loss(
+                        chosen_logps, rejected_logps, ref_chosen, ref_rejected, args.beta, args.label_smoothing, args.loss_type
+                    )  # fmt: skip
+                    loss = losses.mean()
+                    run.check_finite(step, loss=loss)  # lower --lr; use fp32/bf16, never fp16
+                    accelerator.backward(loss * len(losses) / n_pairs)  # the batch mean, accumulated
                 parts.append((losses.detach(), chosen_rewards, rejected_rewards, chosen_logps.detach(), rejected_logps.detach()))  # fmt: skip
             optimizer.step()
             scheduler.step()

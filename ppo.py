@@ -126,9 +126,14 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: 
     return advantages, advantages + values
 
 
-def token_values(value_model, prompt, completion, pad_id):
-    """V(s_t) for every completion token t: the critic's head on the hidden state just before y_t."""
-    return common.token_scores(value_model, prompt, completion, pad_id)[:, prompt.shape[1] - 1 : -1].float()
+def logprobs_and_values(model, prompt, completion, pad_id, temperature):
+    """log pi(y_t | x, y_<t) and V(s_t) for every completion token t, [B, C] each, from one forward of the
+    policy-and-critic module: logits / temperature, and the critic's head on the hidden state just before y_t."""
+    P, C = prompt.shape[1], completion.shape[1]
+    keep = torch.arange(P - 1, P + C - 1, device=completion.device)  # the positions that predict y_1..y_C
+    out = common.forward(model, torch.cat([prompt, completion], 1), pad_id, logits_to_keep=keep)
+    logps = common.token_logprobs(out.logits, completion, pad_id, temperature)
+    return logps, out["critic_values"][:, P - 1 : -1].float()
 
 
 def ppo_losses(new_logps, old_logps, advantages, new_values, old_values, returns, mask, args):
@@ -160,9 +165,9 @@ def main(args: Args):
     pad_id = tokenizer.pad_token_id
     policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
     ref_policy = common.reference_model(args.model, policy, args.lora_r, device)
-    reward_model = common.load_model(args.reward_model, "reward", common.frozen_dtype(), tokenizer).to(device).eval().requires_grad_(False)  # fmt: skip
-    value_model = common.trainable(common.load_model(args.reward_model, "reward"), args)  # the critic starts from the reward model, head included
-    if getattr(reward_model, "retokenize", None) is not None:  # the critic reads policy tokens
+    reward_model = common.load_model(args.reward_model, "reward", tokenizer=tokenizer, frozen=True).to(device)
+    critic = common.trainable(common.load_model(args.reward_model, "reward"), args)  # starts from the reward model, head included
+    if getattr(reward_model, "retokenize", None) is not None:  # the critic reads the policy's tokens
         raise common.UserError(f"--reward-model {args.reward_model} has its own tokenizer, but the critic starts from it and reads the policy's tokens: use a reward model with the policy's tokenizer")  # fmt: skip
     is_toy = args.dataset == "toy"
 
@@ -173,23 +178,25 @@ def main(args: Args):
     train_texts = list(train["prompt"])
     prompts = common.tokenize_prompts(tokenizer, train_texts, args.max_prompt_length)
 
-    optimizer = torch.optim.AdamW([*policy.parameters(), *value_model.parameters()], lr=args.lr, eps=1e-5)
+    model = common.PolicyAndCritic(policy, critic)  # one module: trained by one optimizer, one forward for both
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / num_updates)  # N+: linear to 0
-    policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
+    model, optimizer = common.prepare(accelerator, model, optimizer, micro_batch_size=args.micro_batch_size)
+    policy = accelerator.unwrap_model(model).policy  # generation and evaluation run the policy alone
     run = common.Run(args, accelerator, num_updates)
     generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
     order = torch.randperm(len(prompts), generator=generator).tolist()
 
     def run_eval(update):
         metrics, samples = common.evaluate(
-            accelerator.unwrap_model(policy), tokenizer, test["prompt"], references, is_toy=is_toy,
+            policy, tokenizer, test["prompt"], references, is_toy=is_toy,
             max_prompt=args.max_prompt_length, max_new_tokens=args.max_new_tokens, ref_model=ref_policy,
             reward_model=reward_model, no_eos_score=args.no_eos_score,
         )  # fmt: skip
         run.write_samples(samples, update)
         return run.log(metrics, update, show=("eval/win_rate", "eval/kl") if is_toy else ("eval/score", "eval/kl"))
 
-    state = run.resume(policy=policy, critic=value_model, optimizer=optimizer, scheduler=scheduler)
+    state = run.resume(scheduler=scheduler)
     if state is None:
         initial, first, cursor = run_eval(0), 1, 0  # step 0: the SFT policy, pi_theta = pi_ref
     else:  # --resume: the data position and generators where the checkpoint left them
@@ -205,13 +212,12 @@ def main(args: Args):
             rows = order[cursor : cursor + per_process]
             prompt = common.pad([prompts[i] for i in rows], pad_id, "left").to(device)
             cursor += per_process
-            unwrapped = accelerator.unwrap_model(policy)
-            completion, has_eos = common.generate(unwrapped, prompt, tokenizer, args.max_new_tokens, args.temperature)
+            completion, has_eos = common.generate(policy, prompt, tokenizer, args.max_new_tokens, args.temperature)
         with common.timer(times, "time/scoring"), torch.no_grad():
             mask = completion != pad_id  # completion tokens up to and including the first EOS
-            old_logps = common.completion_logprobs(unwrapped, prompt, completion, pad_id, args.temperature)
+            old_logps, old_values = logprobs_and_values(accelerator.unwrap_model(model), prompt, completion, pad_id, args.temperature)  # fmt: skip
             ref_logps = common.completion_logprobs(ref_policy, prompt, completion, pad_id, args.temperature)
-            old_values = token_values(accelerator.unwrap_model(value_model), prompt, completion, pad_id).masked_fill(~mask, 0)  # fmt: skip
+            old_values = old_values.masked_fill(~mask, 0)
             scores = common.reward_scores(reward_model, prompt, completion, pad_id, has_eos, args.no_eos_score)
             kl = (old_logps - ref_logps).masked_fill(~mask, 0)  # k1 estimate per token, 0 after EOS
             rewards = per_token_rewards(kl, scores, mask, args.kl_coef)
@@ -226,16 +232,17 @@ def main(args: Args):
             for _ in range(args.ppo_epochs):
                 perm = torch.randperm(per_process, generator=generator).to(device)
                 for mb in perm.split(minibatch):
-                    for idx in mb.split(args.micro_batch_size):
-                        new_logps = common.completion_logprobs(policy, prompt[idx], completion[idx], pad_id, args.temperature)  # fmt: skip
-                        new_values = token_values(value_model, prompt[idx], completion[idx], pad_id)
-                        pg_loss, vf_loss, s = ppo_losses(
-                            new_logps, old_logps[idx], advantages[idx], new_values, old_values[idx], returns[idx],
-                            mask[idx], args,
-                        )  # fmt: skip
-                        loss = pg_loss + args.vf_coef * vf_loss  # ALGO LOGIC: N+ total loss
-                        run.check_finite(update, loss=loss)
-                        accelerator.backward(loss * len(idx) / len(mb))
+                    micro_batches = mb.split(args.micro_batch_size)
+                    for i, idx in enumerate(micro_batches):
+                        with common.accumulate(accelerator, model, last=i == len(micro_batches) - 1):
+                            new_logps, new_values = logprobs_and_values(model, prompt[idx], completion[idx], pad_id, args.temperature)  # fmt: skip
+                            pg_loss, vf_loss, s = ppo_losses(
+                                new_logps, old_logps[idx], advantages[idx], new_values, old_values[idx], returns[idx],
+                                mask[idx], args,
+                            )  # fmt: skip
+                            loss = pg_loss + args.vf_coef * vf_loss  # ALGO LOGIC: N+ total loss
+                            run.check_finite(update, loss=loss)
+                            accelerator.backward(loss * len(idx) / len(mb))
                         stats.append({"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), **{k: v.item() for k, v in s.items()}})  # fmt: skip
                     optimizer.step()
                     optimizer.zero_grad()
@@ -264,7 +271,7 @@ def main(args: Args):
         run.step_done(update, lambda: {"initial": initial, "cursor": cursor, "order": order, "generator": generator.get_state()})  # fmt: skip
 
     final = run_eval(num_updates)
-    common.save_model(accelerator, policy, tokenizer, run.dir)
+    common.save_model(accelerator, model, tokenizer, run.dir, part="policy")
     print(f"[ppo] last update: {sum(times.values()):.3f} s ({', '.join(f'{k[5:]} {v:.3f}' for k, v in times.items())}), peak memory {common.peak_memory_mb():.0f} MiB")  # fmt: skip
     initial = {f"initial/{k.removeprefix('eval/')}": v for k, v in initial.items()}
     run.finish({**initial, **final, "time/total": time.time() - start, "time/update_last": sum(times.values()), "memory/peak_mb": common.peak_memory_mb()})  # fmt: skip

@@ -143,7 +143,7 @@ def main(args: Args):
     pad_id = tokenizer.pad_token_id
     policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
     ref_policy = common.reference_model(args.model, policy, args.lora_r, device)
-    reward_model = common.load_model(args.reward_model, "reward", common.frozen_dtype(), tokenizer).to(device).eval().requires_grad_(False)  # fmt: skip
+    reward_model = common.load_model(args.reward_model, "reward", tokenizer=tokenizer, frozen=True).to(device)
     is_toy = args.dataset == "toy"
 
     train = common.load_data(args.dataset, "train", ("prompt",))
@@ -155,7 +155,7 @@ def main(args: Args):
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / num_updates)  # as N+: linear to 0
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    policy, optimizer = common.prepare(accelerator, policy, optimizer, micro_batch_size=2 * args.micro_batch_size)
     run = common.Run(args, accelerator, num_updates)
     generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
     order = torch.randperm(len(prompts), generator=generator).tolist()
@@ -169,7 +169,7 @@ def main(args: Args):
         run.write_samples(samples, update)
         return run.log(metrics, update, show=("eval/win_rate", "eval/kl") if is_toy else ("eval/score", "eval/kl"))
 
-    state = run.resume(policy=policy, optimizer=optimizer, scheduler=scheduler)
+    state = run.resume(scheduler=scheduler)
     if state is None:
         initial, first, cursor = run_eval(0), 1, 0  # step 0: the SFT policy, pi_theta = pi_ref
     else:  # --resume: the data position and generator where the checkpoint left them
@@ -205,13 +205,14 @@ def main(args: Args):
                 epoch = {"delta_logratio": [], "target": []}  # pair statistics: last epoch (each pair once)
                 for minibatch in pair_minibatches(per_process, args.num_minibatches, args.micro_batch_size, generator):
                     n_rows = sum(len(idx) for idx in minibatch)
-                    for idx in minibatch:
+                    for i, idx in enumerate(minibatch):
                         idx = idx.to(device)
                         pair_prompt = prompt[idx[: len(idx) // 2]]  # idx = [pairs, pairs + n]: y and y' share it
-                        new_logps = common.completion_logprobs(policy, pair_prompt, completion[idx], pad_id, args.temperature).sum(1)  # fmt: skip
-                        loss, s = rebel_loss(new_logps, old_seq_logps[idx], rewards[idx], args.eta)
-                        run.check_finite(update, loss=loss)
-                        accelerator.backward(loss * len(idx) / n_rows)
+                        with common.accumulate(accelerator, policy, last=i == len(minibatch) - 1):
+                            new_logps = common.completion_logprobs(policy, pair_prompt, completion[idx], pad_id, args.temperature).sum(1)  # fmt: skip
+                            loss, s = rebel_loss(new_logps, old_seq_logps[idx], rewards[idx], args.eta)
+                            run.check_finite(update, loss=loss)
+                            accelerator.backward(loss * len(idx) / n_rows)
                         stats.append({"loss/policy": loss.item(), "rebel/residual": s["residual"].mean().item(),
                                       "rebel/residual_abs": s["residual"].abs().mean().item()})  # fmt: skip
                         epoch["delta_logratio"].append(s["delta_logratio"])

@@ -150,7 +150,7 @@ def gold_accuracy(data) -> float:
 def sft_sample_pairs(tokenizer, policy_name, prompts, args, device):
     """Toy task: two SFT samples (T=1) per test prompt with their gold rewards, for the check that the
     reward model orders the policy's own samples like the gold reward (what RL will ask of it)."""
-    policy = common.load_model(policy_name).to(device).eval()
+    policy = common.load_model(policy_name, frozen=True).to(device)
     prompt = common.pad(common.tokenize_prompts(tokenizer, prompts, args.max_prompt_length), tokenizer.pad_token_id, "left").to(device)  # fmt: skip
     pairs = []
     for _ in range(2):
@@ -200,7 +200,7 @@ def main(args: Args):
     total = min(args.max_steps or 10**12, args.epochs * len(loader))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-5)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=total)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer, loader = common.prepare(accelerator, model, optimizer, loader, micro_batch_size=per_process)
     run = common.Run(args, accelerator, total)
 
     def run_eval(step):
@@ -210,7 +210,7 @@ def main(args: Args):
             metrics["eval/gold_agreement_sft_samples"] = sft_sample_agreement(unwrapped, sft_pairs, pad_id)
         return run.log(metrics, step, show=("eval/accuracy",))
 
-    state = run.resume(model=model, optimizer=optimizer, scheduler=scheduler)
+    state = run.resume(scheduler=scheduler)
     first = 1 if state is None else state["step"] + 1
     batches = common.epochs(loader, loader_rng, None if state is None else state["position"])
     start = time.time()

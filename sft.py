@@ -116,7 +116,7 @@ def main(args: Args):
     total = min(args.max_steps or 10**12, args.epochs * len(loader))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-5)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=total)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer, loader = common.prepare(accelerator, model, optimizer, loader, micro_batch_size=per_process)
     run = common.Run(args, accelerator, total)
 
     def run_eval(step):
@@ -127,7 +127,7 @@ def main(args: Args):
         run.write_samples(samples, step)
         return run.log(metrics, step, show=("eval/win_rate", "eval/eos"))
 
-    state = run.resume(model=model, optimizer=optimizer, scheduler=scheduler)
+    state = run.resume(scheduler=scheduler)
     first = 1 if state is None else state["step"] + 1
     batches = common.epochs(loader, loader_rng, None if state is None else state["position"])
     start = time.time()

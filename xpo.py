@@ -172,7 +172,7 @@ def main(args: Args):
     pad_id = tokenizer.pad_token_id
     policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
     ref_policy = common.reference_model(args.model, policy, args.lora_r, device)
-    reward_model = common.load_model(args.reward_model, "reward", common.frozen_dtype(), tokenizer).to(device).eval().requires_grad_(False)  # fmt: skip
+    reward_model = common.load_model(args.reward_model, "reward", tokenizer=tokenizer, frozen=True).to(device)
 
     train = common.load_data(args.dataset, "train", ("prompt",))
     test = common.load_data(args.dataset, "test", ("prompt",))
@@ -183,7 +183,7 @@ def main(args: Args):
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / num_updates)  # linear to 0
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    policy, optimizer = common.prepare(accelerator, policy, optimizer, micro_batch_size=2 * args.micro_batch_size)
     run = common.Run(args, accelerator, num_updates)
     generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
     order = torch.randperm(len(prompts), generator=generator).tolist()
@@ -204,7 +204,7 @@ def main(args: Args):
             return torch.tensor([toy.gold_reward(p, t, bool(e)) for p, t, e in zip(texts, decoded, has_eos)], device=device)  # fmt: skip
         return common.reward_scores(reward_model, prompt, completion, pad_id, has_eos, args.no_eos_score)
 
-    state = run.resume(policy=policy, optimizer=optimizer, scheduler=scheduler)
+    state = run.resume(scheduler=scheduler)
     if state is None:
         initial, first, cursor, buffer = run_eval(0), 1, 0, []  # step 0: the SFT policy, pi_theta = pi_ref
     else:  # --resume: data position, generator and replay buffer where the checkpoint left them
@@ -246,18 +246,20 @@ def main(args: Args):
             for _ in range(args.epochs):
                 perm = torch.randperm(len(buffer), generator=generator)[:per_process]  # replay: uniform over D_t
                 for mb in perm.split(minibatch):
-                    for idx in mb.split(args.micro_batch_size):
-                        mb_prompt, mb_completion, b = collate([buffer[i] for i in idx], pad_id, device)
-                        logps_y, logps_tilde = common.completion_logprobs(policy, mb_prompt, mb_completion, pad_id, args.temperature).sum(1).chunk(2)  # fmt: skip
-                        won = b["policy_won"]
-                        losses, dpo_losses, bonus, r_c, r_r = xpo_loss(
-                            torch.where(won, logps_y, logps_tilde), torch.where(won, logps_tilde, logps_y),
-                            torch.where(won, b["ref_y"], b["ref_tilde"]), torch.where(won, b["ref_tilde"], b["ref_y"]),
-                            logps_tilde, args.beta, alpha,
-                        )  # fmt: skip
-                        loss = losses.mean()
-                        run.check_finite(update, loss=loss)  # lower --lr or --alpha
-                        accelerator.backward(loss * len(idx) / len(mb))
+                    micro_batches = mb.split(args.micro_batch_size)
+                    for i, idx in enumerate(micro_batches):
+                        with common.accumulate(accelerator, policy, last=i == len(micro_batches) - 1):
+                            mb_prompt, mb_completion, b = collate([buffer[i] for i in idx], pad_id, device)
+                            logps_y, logps_tilde = common.completion_logprobs(policy, mb_prompt, mb_completion, pad_id, args.temperature).sum(1).chunk(2)  # fmt: skip
+                            won = b["policy_won"]
+                            losses, dpo_losses, bonus, r_c, r_r = xpo_loss(
+                                torch.where(won, logps_y, logps_tilde), torch.where(won, logps_tilde, logps_y),
+                                torch.where(won, b["ref_y"], b["ref_tilde"]), torch.where(won, b["ref_tilde"], b["ref_y"]),
+                                logps_tilde, args.beta, alpha,
+                            )  # fmt: skip
+                            loss = losses.mean()
+                            run.check_finite(update, loss=loss)  # lower --lr or --alpha
+                            accelerator.backward(loss * len(idx) / len(mb))
                         stats.append({
                             "loss/dpo": dpo_losses.mean().item(), "loss/xpo": bonus.mean().item(), "loss/total": loss.item(),
                             "rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),

@@ -3,6 +3,8 @@ the toy SFT / reward models that the scripts' defaults ask for are tiny ones tra
 session (in a temporary RLHF_TOY_CACHE), so every script runs with its default arguments."""
 
 import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +18,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models gain nothing from a second thread; other processes may need the core
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: several processes (DDP, DeepSpeed); `pytest -m 'not slow'` skips them")
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +48,32 @@ def tiny_checkpoints(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_models")
     return {arch: tiny_models.save_tiny(root, arch) for arch in tiny_models.ARCHS}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+RESUMED = ["rebel-resume", "ppo-resume", "aihf-explicit-resume"]  # one script of each shape, stopped and resumed
+
+
+def launch_two_processes(launcher: list[str], out: Path) -> subprocess.CompletedProcess:
+    """tests/ddp_worker.py under `launcher` (2 processes): every script for two updates, then RESUMED."""
+    import ddp_worker
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [*launcher, str(ROOT / "tests" / "ddp_worker.py"), str(out), *ddp_worker.RUNS, *RESUMED]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-6000:])
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def two_ranks(toy_cache, tmp_path_factory):
+    """Every script under `torchrun --nproc_per_node 2` (gloo, DDP): the reference for the DeepSpeed runs."""
+    out = tmp_path_factory.mktemp("ddp")
+    launch_two_processes([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], out)
+    return out

@@ -3,29 +3,13 @@ updates with identical parameters on both ranks after every optimizer step, writ
 dpo.py's first update with 2 processes x B/2 pairs equals one process with B pairs; and a two-process
 run stopped and resumed from its checkpoint ends exactly where the uninterrupted one does."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import ddp_worker
+from conftest import RESUMED
 
-ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the gloo CPU path")
-
-
-@pytest.fixture(scope="module")
-def two_ranks(toy_cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "ddp_worker.py"), str(out), *ddp_worker.RUNS, "rebel-resume"]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return out
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(torch.cuda.is_available(), reason="the gloo CPU path")]
 
 
 @pytest.mark.parametrize("name", list(ddp_worker.RUNS))
@@ -47,12 +31,13 @@ def test_dpo_two_halves_equal_one_batch(two_ranks, tmp_path):
     torch.testing.assert_close(two, one, rtol=0, atol=1e-6)
 
 
-def test_interrupted_and_resumed_on_two_ranks_ends_where_the_uninterrupted_run_does(two_ranks):
-    """Each rank saves and restores its own random state and prompt order; the resumed two-process run
+@pytest.mark.parametrize("name", [r.removesuffix("-resume") for r in RESUMED])
+def test_interrupted_and_resumed_on_two_ranks_ends_where_the_uninterrupted_run_does(name, two_ranks):
+    """Each rank saves and restores its own random state and data position; the resumed two-process run
     takes exactly the optimizer steps of the uninterrupted one."""
     for rank in (0, 1):
-        full = torch.load(two_ranks / f"rebel.rank{rank}.pt", weights_only=True)["hashes"]
-        resumed = torch.load(two_ranks / f"rebel-resume.rank{rank}.pt", weights_only=True)["hashes"]
+        full = torch.load(two_ranks / f"{name}.rank{rank}.pt", weights_only=True)["hashes"]
+        resumed = torch.load(two_ranks / f"{name}-resume.rank{rank}.pt", weights_only=True)["hashes"]
         assert resumed == full
-    ckpt = two_ranks / "rebel-resume-2" / "checkpoint"
+    ckpt = two_ranks / f"{name}-resume-2" / "checkpoint"
     assert sorted(p.name for p in ckpt.glob("state_*.pt")) == ["state_0.pt", "state_1.pt"]
