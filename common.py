@@ -245,7 +245,8 @@ def load_model(name: str, kind: str = "causal", dtype: torch.dtype = torch.float
         return model
     if name in ("toy", "toy-tiny"):
         config = toy.model_config({"toy": "small", "toy-tiny": "tiny"}[name])
-        model, missing = cls.from_config(config.__class__(**{**config.to_dict(), **extra})), ["score.weight"]
+        with whole_weights():  # built whole as without DeepSpeed (ZeRO-3 then shards rank 0's weights)
+            model, missing = cls.from_config(config.__class__(**{**config.to_dict(), **extra})), ["score.weight"]
     else:
         model, info = _from_pretrained(cls, resolve_model(name), dtype=dtype, output_loading_info=True, **extra)
         missing = info["missing_keys"]

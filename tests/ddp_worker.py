@@ -80,7 +80,7 @@ def main(out: Path, names: list[str]):
 
     def step_done(self, step, state):
         models = [acc.get_state_dict(m) for acc in self.accelerators for m in acc._models]  # collective under ZeRO-3
-        values = [v.flatten().float().cpu() for sd in models for v in sd.values()]  # ZeRO-3: on rank 0 only
+        values = [v.flatten().float().cpu() for sd in models for v in (sd or {}).values()]  # ZeRO-3: rank 0 only
         record["updates"].append(torch.cat(values) if values else torch.empty(0))
         record["steps"].append(len(record["hashes"]) - sum(record["steps"]))
         return real_step_done(self, step, state)

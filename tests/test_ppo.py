@@ -84,12 +84,12 @@ def test_ratio_is_one_at_the_first_minibatch():
     completion, _ = common.generate(policy, prompt, tokenizer, 8, temperature=0.7)
     pad_id = tokenizer.pad_token_id
     mask = completion != pad_id
+    model = common.PolicyAndCritic(policy, value)
     with torch.no_grad():
-        old_logps = common.completion_logprobs(policy, prompt, completion, pad_id, 0.7)
-        old_values = ppo.token_values(value, prompt, completion, pad_id).masked_fill(~mask, 0)
+        old_logps, old_values = ppo.logprobs_and_values(model, prompt, completion, pad_id, 0.7)
+        old_values = old_values.masked_fill(~mask, 0)
     idx = torch.randperm(16, generator=torch.Generator().manual_seed(1))[:8]
-    new_logps = common.completion_logprobs(policy, prompt[idx], completion[idx], pad_id, 0.7)
-    new_values = ppo.token_values(value, prompt[idx], completion[idx], pad_id)
+    new_logps, new_values = ppo.logprobs_and_values(model, prompt[idx], completion[idx], pad_id, 0.7)
     advantages = torch.randn(8, completion.shape[1]).masked_fill(~mask[idx], 0)
     pg_loss, vf_loss, stats = ppo.ppo_losses(new_logps, old_logps[idx], advantages, new_values, old_values[idx],
                                              old_values[idx], mask[idx], args)  # fmt: skip
@@ -163,3 +163,16 @@ def test_learning_check(toy_cache, tmp_path):
     assert sum(scores[-8:]) / 8 > sum(scores[:4]) / 4 + 0.2, scores
     assert evals[-1]["eval/gold"] > evals[0]["eval/gold"] + 0.05, evals
     assert evals[-1]["eval/win_rate"] > evals[0]["eval/win_rate"] + 0.1, evals
+
+
+def test_one_forward_gives_the_policy_log_probs_and_the_critic_values():
+    """PolicyAndCritic runs both in one forward: its log-probs are completion_logprobs', its values the
+    critic's head read at the state before each completion token (common.token_scores)."""
+    tokenizer, policy, value = tiny_models()
+    prompt = common.pad(common.tokenize_prompts(tokenizer, toy.sft_dataset("test")["prompt"][:6], 32), tokenizer.pad_token_id, "left")  # fmt: skip
+    completion, _ = common.generate(policy, prompt, tokenizer, 6, temperature=1.0)
+    pad_id, P = tokenizer.pad_token_id, prompt.shape[1]
+    logps, values = ppo.logprobs_and_values(common.PolicyAndCritic(policy, value), prompt, completion, pad_id, 0.7)
+    torch.testing.assert_close(logps, common.completion_logprobs(policy, prompt, completion, pad_id, 0.7), rtol=0, atol=1e-5)
+    expected = common.token_scores(value, prompt, completion, pad_id)[:, P - 1 : -1]
+    torch.testing.assert_close(values, expected, rtol=0, atol=1e-5)

@@ -230,7 +230,7 @@ def test_non_finite_loss_or_reward_stops_the_run(name, toy_cache, tmp_path, monk
     assert f"{run_dir / 'checkpoint'} (step 1)" in str(e.value)
     assert not (run_dir / "model.safetensors").exists() and not (run_dir / "eval.json").exists()
     assert json.loads((run_dir / "checkpoint" / "meta.json").read_text())["step"] == 1
-    assert all(t.isfinite().all() for t in load_file(next((run_dir / "checkpoint").glob("*.safetensors"))).values())
+    assert all(t.isfinite().all() for t in load_file(next((run_dir / "checkpoint").rglob("*.safetensors"))).values())
 
 
 def test_non_finite_weights_are_never_checkpointed(toy_cache, tmp_path, monkeypatch):
@@ -245,7 +245,7 @@ def test_non_finite_weights_are_never_checkpointed(toy_cache, tmp_path, monkeypa
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    with pytest.raises(common.TrainingError, match="non-finite weights in model at step 1: checkpoint not written"):
+    with pytest.raises(common.TrainingError, match="non-finite weights at step 1: checkpoint not written"):
         sft.main(sft.Args(output_dir=str(tmp_path), run_name="w", save_every=1, **TINY["sft"][1]))
     assert not (tmp_path / "w" / "checkpoint").exists()
 
@@ -363,13 +363,14 @@ def test_prompt_longer_than_the_maximum_keeps_its_end(toy_cache, tmp_path):
 
 
 def test_checkpoint_loads_with_weights_only(toy_cache, tmp_path):
-    """Safe loading: weights are safetensors, and every .pt of a checkpoint loads with weights_only=True."""
+    """A checkpoint is accelerate's save_state (weights as safetensors) plus each process's loop state, which
+    loads with weights_only=True."""
     with pytest.MonkeyPatch.context() as m:
         stop_at(m, 1)
         with pytest.raises(common.Interrupted):
             ppo.main(ppo.Args(output_dir=str(tmp_path), run_name="r", **TINY["ppo"][1]))
     ckpt = tmp_path / "r" / "checkpoint"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["critic.safetensors", "meta.json", "optimizer.pt", "policy.safetensors", "scheduler.pt", "state_0.pt"]  # fmt: skip
-    for f in ckpt.glob("*.pt"):
-        torch.load(f, weights_only=True)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["accelerator_0", "meta.json", "state_0.pt"]
+    assert (ckpt / "accelerator_0" / "model.safetensors").exists()  # policy and critic: one module
+    torch.load(ckpt / "state_0.pt", weights_only=True)
     assert not common.TRUST_REMOTE_CODE
