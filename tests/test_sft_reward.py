@@ -201,7 +201,7 @@ def test_reward_model_learns_the_toy_preferences(toy_cache):
 def cli(tmp_path_factory, toy_cache):
     out = tmp_path_factory.mktemp("cli")
     bad = out / "no_completion.jsonl"
-    bad.write_text('{"prompt": "POST: rain so rain TL;DR:", "answer": " rain"}\n')
+    bad.write_text('{"prompt": "POST: rain so rain TL;DR:", "answer": " rain"}\n' * 2)
     commands = {
         "sft": ["sft.py", "--model", "toy-tiny", "--max-steps", "3", "--batch-size", "16", "--eval-prompts", "8"],
         "reward": ["reward.py", "--max-steps", "3", "--batch-size", "16", "--eval-pairs", "50"],
