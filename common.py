@@ -398,8 +398,9 @@ def load_data(name: str, split: str, columns: tuple[str, ...]) -> datasets.Datas
         data = (toy.preference_dataset if "chosen" in columns else toy.sft_dataset)(split)
     elif os.path.isdir(name):
         data = _read(name, datasets.load_from_disk, name)
-        if isinstance(data, datasets.DatasetDict):
-            data = _pick_split(data, split, name, columns)
+        if isinstance(data, datasets.Dataset):  # a saved Dataset is a train split without a test split
+            data = datasets.DatasetDict({"train": data})
+        data = _pick_split(data, split, name, columns)
     elif os.path.isfile(name):
         ext = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(name.rsplit(".", 1)[-1])
         if ext is None:
@@ -436,19 +437,46 @@ def _read(name, load, *args, **kwargs):
 def _pick_split(data: datasets.DatasetDict, split: str, name: str, columns: tuple[str, ...] = ()) -> datasets.Dataset:
     """`split`, else the Hub's other names for it: `validation` for `test` (trl-lib/tldr-preference), and
     `<split>_prefs` / `<split>_sft` / `<split>_gen` by the data the script asks for (ultrafeedback_binarized).
-    A file or saved dataset with only a train split: the test split is its last 10% (at most 500 rows)."""
-    kind = ["prefs"] if "chosen" in columns else ["sft"] if "completion" in columns else ["gen", "prefs", "sft"]
-    candidates = [split] + (["validation"] if split == "test" else []) + [f"{split}_{k}" for k in kind]
+    Data with a train split but no test split (a file, a saved dataset, a Hub dataset with train only): its last
+    10% (at least 1 row, at most 500) are held out as the test split and the train split is the rows before
+    them, so evaluation never sees a training row."""
+    if split in ("train", "test") and _find_split(data, "test", columns) is None:
+        train = _find_split(data, "train", columns)
+        if train is not None:
+            return _held_out(data[train], split, name)
+    candidates = _split_names(split, columns)
     for s in candidates:
         if s in data:
             if s != split:
                 print(f"[data] {name!r}: split {s!r} as the {split} split")
             return data[s]
-    if split == "test" and list(data) == ["train"] and len(data["train"]) >= 2:
-        n_test = min(500, max(1, len(data["train"]) // 10))
-        print(f"[data] {name!r} has no test split: evaluating on its last {n_test} rows")
-        return data["train"].select(range(len(data["train"]) - n_test, len(data["train"])))
     raise UserError(f"dataset {name!r} has no split {split!r} (nor {candidates[1:]}); it has {list(data)}")
+
+
+def _split_names(split: str, columns: tuple[str, ...]) -> list[str]:
+    kind = ["prefs"] if "chosen" in columns else ["sft"] if "completion" in columns else ["gen", "prefs", "sft"]
+    return [split] + (["validation"] if split == "test" else []) + [f"{split}_{k}" for k in kind]
+
+
+def _find_split(data: datasets.DatasetDict, split: str, columns: tuple[str, ...]) -> str | None:
+    return next((s for s in _split_names(split, columns) if s in data), None)
+
+
+_HELD_OUT_SHOWN = set()  # the datasets whose split was printed (scripts load train and test separately)
+
+
+def _held_out(data: datasets.Dataset, split: str, name: str) -> datasets.Dataset:
+    """The rows of `data` before its held-out last 10% (split "train"), or those (split "test")."""
+    n = len(data)
+    if n == 0:
+        return data  # load_data says it is empty
+    if n == 1:
+        raise UserError(f"dataset {name!r} has 1 row and no test split: it needs 2 or more (1 held out for evaluation)")
+    n_test = min(500, max(1, n // 10))
+    if (name, n) not in _HELD_OUT_SHOWN:
+        _HELD_OUT_SHOWN.add((name, n))
+        print(f"[data] {name!r} has no test split: {n - n_test} rows for training, {n_test} held out for evaluation")
+    return data.select(range(n - n_test) if split == "train" else range(n - n_test, n))
 
 
 def standardize(data: datasets.Dataset, columns: tuple[str, ...], name: str = "dataset") -> datasets.Dataset:

@@ -77,6 +77,8 @@ class Args:
     """passes over the preference data"""
     batch_size: int = 64
     """pairs per optimizer step, over all processes (TL;DR: 64)"""
+    micro_batch_size: int | None = None
+    """pairs per forward/backward on each process; gradients accumulate up to --batch-size (default: all at once)"""
     eval_every: int = 50
     """evaluate every this many steps (and at the end)"""
     max_steps: int | None = None
@@ -105,6 +107,15 @@ def collate(rows, pad_id):
     prompt = common.pad([r["prompt"] for r in rows] * 2, pad_id, "left")
     completion = common.pad([r["chosen"] for r in rows] + [r["rejected"] for r in rows], pad_id, "right")
     return prompt, completion
+
+
+def micro_batches(prompt, completion, size: int):
+    """A collated [chosen; rejected] batch cut into micro-batches of `size` pairs, each laid out the same way."""
+    n = prompt.shape[0] // 2
+    for i in range(0, n, size):
+        pairs = torch.arange(i, min(i + size, n))
+        rows = torch.cat([pairs, pairs + n])
+        yield prompt[rows], completion[rows]
 
 
 def pair_scores(model, prompt, completion, pad_id):
@@ -174,7 +185,7 @@ def sft_sample_agreement(model, pairs, pad_id, no_eos_score=-1.0):
 
 
 def main(args: Args):
-    common.check_ranges(args, positive=("lr", "epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_steps"), non_negative=("save_every",))  # fmt: skip
+    common.check_ranges(args, positive=("lr", "epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_steps", "micro_batch_size"), non_negative=("save_every",))  # fmt: skip
     accelerator = common.setup(args)
     tokenizer = common.load_tokenizer(args.model)
     model = common.trainable(common.load_model(args.model, kind="reward"), args)
@@ -200,7 +211,8 @@ def main(args: Args):
     total = min(args.max_steps or 10**12, args.epochs * len(loader))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-5)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=total)
-    model, optimizer, loader = common.prepare(accelerator, model, optimizer, loader, micro_batch_size=per_process)
+    micro = 2 * (args.micro_batch_size or per_process)  # rows: chosen and rejected
+    model, optimizer, loader = common.prepare(accelerator, model, optimizer, loader, micro_batch_size=micro)
     run = common.Run(args, accelerator, total)
 
     def run_eval(step):
@@ -217,13 +229,20 @@ def main(args: Args):
     model.train()
     for step in range(first, total + 1):
         (prompt, completion), position = next(batches)
-        chosen, rejected = pair_scores(model, prompt, completion, pad_id)
-        loss = bradley_terry_loss(chosen, rejected)
-        run.check_finite(step, loss=loss)
-        accelerator.backward(loss)
+        n_pairs, parts = prompt.shape[0] // 2, []
+        mbs = list(micro_batches(prompt, completion, args.micro_batch_size or n_pairs))
+        for i, (mb_prompt, mb_completion) in enumerate(mbs):
+            with common.accumulate(accelerator, model, last=i == len(mbs) - 1):
+                chosen, rejected = pair_scores(model, mb_prompt, mb_completion, pad_id)
+                loss = bradley_terry_loss(chosen, rejected)
+                run.check_finite(step, loss=loss)
+                accelerator.backward(loss * len(chosen) / n_pairs)  # the batch mean, accumulated
+            parts.append((chosen.detach(), rejected.detach()))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
+        chosen, rejected = (torch.cat(x) for x in zip(*parts))
+        loss = bradley_terry_loss(chosen, rejected)
         run.advance()
         if step % 10 == 0 or step == total:
             run.log({

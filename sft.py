@@ -76,6 +76,8 @@ class Args:
     """passes over the training data"""
     batch_size: int = 64
     """examples per optimizer step, over all processes (TL;DR: 64)"""
+    micro_batch_size: int | None = None
+    """examples per forward/backward on each process; gradients accumulate up to --batch-size (default: all at once)"""
     eval_every: int = 100
     """evaluate every this many steps (and at the end)"""
     max_steps: int | None = None
@@ -89,7 +91,7 @@ def collate(examples, pad_id):
 
 
 def main(args: Args):
-    common.check_ranges(args, positive=("lr", "epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens", "max_steps"), non_negative=("save_every",))  # fmt: skip
+    common.check_ranges(args, positive=("lr", "epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens", "max_steps", "micro_batch_size"), non_negative=("save_every",))  # fmt: skip
     accelerator = common.setup(args)
     tokenizer = common.load_tokenizer(args.model)
     model = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
@@ -116,7 +118,8 @@ def main(args: Args):
     total = min(args.max_steps or 10**12, args.epochs * len(loader))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-5)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=total)
-    model, optimizer, loader = common.prepare(accelerator, model, optimizer, loader, micro_batch_size=per_process)
+    micro = args.micro_batch_size or per_process
+    model, optimizer, loader = common.prepare(accelerator, model, optimizer, loader, micro_batch_size=micro)
     run = common.Run(args, accelerator, total)
 
     def run_eval(step):
@@ -134,11 +137,18 @@ def main(args: Args):
     model.train()
     for step in range(first, total + 1):
         (prompt, completion), position = next(batches)
-        # SFT loss: token-mean negative log-likelihood of the completion tokens (EOS included)
-        logps = common.completion_logprobs(model, prompt, completion, tokenizer.pad_token_id)
-        loss = -common.masked_mean(logps, completion != tokenizer.pad_token_id)
-        run.check_finite(step, loss=loss)
-        accelerator.backward(loss)
+        mask = completion != tokenizer.pad_token_id
+        size, n_tokens, loss = args.micro_batch_size or len(prompt), mask.sum().clamp(min=1), 0.0
+        mbs = list(zip(prompt.split(size), completion.split(size), mask.split(size)))
+        for i, (p, c, m) in enumerate(mbs):
+            # SFT loss: token-mean negative log-likelihood of the completion tokens (EOS included), over the
+            # whole batch: a micro-batch adds its token sum over the batch's token count, not its own mean
+            with common.accumulate(accelerator, model, last=i == len(mbs) - 1):
+                logps = common.completion_logprobs(model, p, c, tokenizer.pad_token_id)
+                micro_loss = -(logps * m).sum() / n_tokens
+                run.check_finite(step, loss=micro_loss)
+                accelerator.backward(micro_loss)
+            loss += micro_loss.detach()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()

@@ -693,23 +693,59 @@ def write_rows(path: Path, rows: list[dict]) -> str:
 def test_load_data_files(tmp_path, ext):
     name = write_rows(tmp_path / f"data.{ext}", ROWS)
     train = common.load_data(name, "train", SFT_COLUMNS)
-    assert train["prompt"] == [r["prompt"] for r in ROWS] and train["completion"] == [r["completion"] for r in ROWS]
-    # only a train split: the test split is its last 10% (3 rows)
+    # only a train split: the test split is its last 10% (3 rows), held out of the training rows
+    assert train["prompt"] == [f"p{i}" for i in range(27)] and train["completion"] == [f" c{i}" for i in range(27)]
     assert common.load_data(name, "test", SFT_COLUMNS)["prompt"] == ["p27", "p28", "p29"]
 
 
 def test_load_data_save_to_disk(tmp_path):
-    datasets.Dataset.from_list(ROWS).save_to_disk(tmp_path / "flat")
-    assert len(common.load_data(str(tmp_path / "flat"), "train", SFT_COLUMNS)) == 30
+    datasets.Dataset.from_list(ROWS).save_to_disk(tmp_path / "flat")  # a Dataset, no splits: like a file
+    assert common.load_data(str(tmp_path / "flat"), "train", SFT_COLUMNS)["prompt"] == [f"p{i}" for i in range(27)]
+    assert common.load_data(str(tmp_path / "flat"), "test", SFT_COLUMNS)["prompt"] == ["p27", "p28", "p29"]
     splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:20]), "test": datasets.Dataset.from_list(ROWS[20:])})  # fmt: skip
     splits.save_to_disk(tmp_path / "dict")
+    assert common.load_data(str(tmp_path / "dict"), "train", SFT_COLUMNS)["prompt"] == [f"p{i}" for i in range(20)]
     assert common.load_data(str(tmp_path / "dict"), "test", SFT_COLUMNS)["prompt"] == [f"p{i}" for i in range(20, 30)]
     with pytest.raises(common.UserError, match="validation"):
         common.load_data(str(tmp_path / "dict"), "validation", SFT_COLUMNS)
 
 
+@pytest.mark.parametrize("n, n_test", [(2, 1), (19, 1), (20, 2), (6000, 500)])
+def test_held_out_rows_are_not_training_rows(tmp_path, capsys, n, n_test):
+    """A file without a test split: its last 10% (at least 1, at most 500 rows) are the test split and
+    the rows before them the train split, whatever columns a script asks for; the counts are printed once."""
+    name = write_rows(tmp_path / "data.jsonl", [{"prompt": f"p{i}", "completion": f" c{i}"} for i in range(n)])
+    train, test = (common.load_data(name, split, SFT_COLUMNS)["prompt"] for split in ("train", "test"))
+    assert train == [f"p{i}" for i in range(n - n_test)] and test == [f"p{i}" for i in range(n - n_test, n)]
+    assert common.load_data(name, "train", ("prompt",))["prompt"] == train  # RL scripts: the same rows
+    assert capsys.readouterr().out.splitlines() == [
+        f"[data] {name!r} has no test split: {n - n_test} rows for training, {n_test} held out for evaluation"
+    ]
+
+
+def test_a_one_row_file_cannot_hold_out_a_test_row(tmp_path):
+    name = write_rows(tmp_path / "one.jsonl", ROWS[:1])
+    for split in ("train", "test"):
+        with pytest.raises(common.UserError, match=r"1 row and no test split: it needs 2 or more"):
+            common.load_data(name, split, SFT_COLUMNS)
+
+
+def test_held_out_split_of_hub_layouts():
+    """A Hub dataset with a train split only is split like a file (also under ultrafeedback's names); one
+    with a test split, or a validation split standing for it, passes through unchanged."""
+    rows = datasets.Dataset.from_list(ROWS)
+    for train_name, columns in (("train", SFT_COLUMNS), ("train_sft", SFT_COLUMNS), ("train_gen", ("prompt",))):
+        data = datasets.DatasetDict({train_name: rows})
+        assert len(common._pick_split(data, "train", "org/data", columns)) == 27
+        assert common._pick_split(data, "test", "org/data", columns)["prompt"] == ["p27", "p28", "p29"]
+    for test_name in ("test", "validation", "test_sft"):
+        data = datasets.DatasetDict({"train": rows, test_name: rows.select(range(2))})
+        assert len(common._pick_split(data, "train", "org/data", SFT_COLUMNS)) == 30
+        assert len(common._pick_split(data, "test", "org/data", SFT_COLUMNS)) == 2
+
+
 def test_load_data_missing_column_names_it(tmp_path):
-    name = write_rows(tmp_path / "data.jsonl", [{"prompt": "p", "answer": " a"}])
+    name = write_rows(tmp_path / "data.jsonl", [{"prompt": "p", "answer": " a"}] * 2)
     with pytest.raises(common.UserError, match=r"lacks column\(s\) \['completion'\]"):
         common.load_data(name, "train", SFT_COLUMNS)
 

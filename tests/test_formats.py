@@ -136,7 +136,7 @@ HH_ROWS = [
 def test_hh_transcripts_become_prompt_chosen_rejected(tmp_path):
     name = write_jsonl(tmp_path / "hh.jsonl", HH_ROWS * 4)
     data = common.load_data(name, "train", PREF)
-    assert data.column_names == list(PREF) and len(data) == 12
+    assert data.column_names == list(PREF) and len(data) == 11  # the 12th row is held out for evaluation
     assert data[0] == {"prompt": "\n\nHuman: How do I pay rent?\n\nAssistant:",
                        "chosen": " Ask your landlord how they want it.", "rejected": " I don't know."}  # fmt: skip
     assert data[1] == {"prompt": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is my dog ok?\n\nAssistant:",
@@ -145,12 +145,12 @@ def test_hh_transcripts_become_prompt_chosen_rejected(tmp_path):
     for row, original in zip(data, HH_ROWS):
         assert row["prompt"] + row["chosen"] == original["chosen"] and row["prompt"] + row["rejected"] == original["rejected"]  # fmt: skip
     # RL scripts ask for prompts only; SFT asks for completions: the chosen replies
-    assert common.load_data(name, "test", PROMPT)["prompt"][0] == data[11]["prompt"]
+    assert common.load_data(name, "test", PROMPT)["prompt"] == [data[2]["prompt"]]  # row 12 is HH_ROWS[2]
     assert common.load_data(name, "train", SFT)["completion"][:3] == data["chosen"][:3]
 
 
 def test_hh_without_a_shared_assistant_turn_is_a_user_error(tmp_path):
-    rows = HH_ROWS + [{"chosen": "\n\nHuman: Hi", "rejected": "\n\nHuman: Hello"}]
+    rows = HH_ROWS + [{"chosen": "\n\nHuman: Hi", "rejected": "\n\nHuman: Hello"}] + HH_ROWS  # row 6 is held out
     with pytest.raises(common.UserError, match=r"row 3: .*Assistant"):
         common.load_data(write_jsonl(tmp_path / "hh.jsonl", rows), "train", PREF)
 

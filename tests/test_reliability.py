@@ -271,6 +271,7 @@ CATALOGUE = [
     # (name, script, arguments, expected text in the error line)
     ("missing column", sft, ["--dataset", "{other}"], "lacks column(s) ['prompt', 'completion']"),
     ("empty dataset", dpo, ["--dataset", "{empty}"], "empty"),
+    ("one-row dataset", sft, ["--dataset", "{one_row}"], "has 1 row and no test split"),
     ("dataset file missing", rebel, ["--dataset", "/nonexistent/prompts.jsonl"], "does not exist"),
     ("hub dataset offline", sft, ["--dataset", "someone/does-not-exist"], "offline"),
     ("hub model offline", ppo, ["--model", "someone/no-such-model"], "offline"),
@@ -306,6 +307,7 @@ def mistakes(toy_cache, tmp_path_factory):
     paths = {"tmp": str(tmp)}
     paths["other"] = write_jsonl(tmp / "other.jsonl", [{"question": "POST: a TL;DR:", "answer": "a"}] * 20)
     paths["empty"] = str(tmp / "empty.jsonl")
+    paths["one_row"] = write_jsonl(tmp / "one_row.jsonl", [{"prompt": "POST: a TL;DR:", "completion": " a"}])
     Path(paths["empty"]).write_text("")
     tok = common.load_tokenizer(str(toy_cache / "toy-sft"))
     tok.eos_token = None
