@@ -31,8 +31,8 @@ import xpo  # noqa: E402
 # two updates each; batch sizes divide by 2 processes (and by the minibatch counts per process); two micro-batches
 # per minibatch where a script accumulates gradients
 RUNS = {
-    "sft": (sft, dict(model="toy-tiny", max_steps=2, batch_size=8, eval_prompts=4)),
-    "reward": (reward, dict(max_steps=2, batch_size=8, eval_pairs=8)),
+    "sft": (sft, dict(model="toy-tiny", max_steps=2, batch_size=8, micro_batch_size=2, eval_prompts=4)),
+    "reward": (reward, dict(max_steps=2, batch_size=8, micro_batch_size=2, eval_pairs=8)),
     "dpo": (dpo, dict(max_steps=2, batch_size=8, micro_batch_size=2, eval_prompts=4, eval_pairs=8)),
     "ppo": (ppo, dict(total_episodes=16, batch_size=8, num_minibatches=2, micro_batch_size=1, eval_prompts=4)),
     "drpo": (drpo, dict(total_episodes=16, batch_size=8, num_minibatches=2, micro_batch_size=1, eval_prompts=4)),

@@ -92,7 +92,7 @@ def test_generation_under_zero3_gathers_the_weights_once(toy_cache, monkeypatch)
     entered = []
 
     class GatheredParameters:
-        def __init__(self, params):
+        def __init__(self, params, modifier_rank=None):
             self.params = params
 
         def __enter__(self):
