@@ -321,7 +321,7 @@ def mistakes(toy_cache, tmp_path_factory):
         stop_at(m, 1)
         with pytest.raises(common.Interrupted):
             rebel.main(rebel.Args(output_dir=str(tmp), run_name="corrupt", **kw))
-    policy = tmp / "corrupt" / "checkpoint" / "policy.safetensors"
+    policy = tmp / "corrupt" / "checkpoint" / "accelerator_0" / "model.safetensors"
     policy.write_bytes(policy.read_bytes()[:1000])  # a truncated file
     paths["corrupt"] = str(tmp / "corrupt")
     (tmp / "no_ckpt").mkdir()
