@@ -343,28 +343,30 @@ def test_load_tokenizer_adds_a_dedicated_pad(tmp_path, pad):
     special = dict(bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
     tok = common.load_tokenizer(save_toy_tokenizer(tmp_path, **special, **({"pad_token": pad} if pad else {})))
     assert tok.eos_token_id == 1
-    assert tok.pad_token_id == len(toy.VOCAB) == 46  # a new id, outside the toy model's 45-row embedding
+    # <|pad|>, which the toy vocabulary already holds (a real tokenizer gets it as a new id): outside the embedding
+    assert (tok.pad_token, tok.pad_token_id, len(tok)) == ("<|pad|>", 45, len(toy.VOCAB))
     assert tok.pad_token_id >= toy.model_config().vocab_size
     assert tok.pad_token_id != tok.eos_token_id
     assert tok.padding_side == "left"
 
 
 def test_load_tokenizer_keeps_an_existing_distinct_pad(tmp_path):
-    tok = common.load_tokenizer(save_toy_tokenizer(tmp_path, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"))
-    assert (tok.pad_token_id, tok.eos_token_id, len(tok)) == (45, 1, 46)
+    tok = common.load_tokenizer(save_toy_tokenizer(tmp_path, bos_token="<bos>", eos_token="<eos>", pad_token="<unk>"))
+    assert (tok.pad_token_id, tok.eos_token_id, len(tok)) == (2, 1, 46)
     assert common.load_tokenizer("toy").pad_token_id == 45
 
 
 def test_load_tokenizer_without_eos_is_a_user_error(tmp_path):
     with pytest.raises(common.UserError, match="no EOS"):
-        common.load_tokenizer(save_toy_tokenizer(tmp_path, bos_token="<bos>", pad_token="<pad>"))
+        common.load_tokenizer(save_toy_tokenizer(tmp_path, bos_token="<bos>", pad_token="<|pad|>"))
 
 
 def test_forward_never_embeds_a_pad_outside_the_embedding(tmp_path):
-    """Neither the pad added by load_tokenizer (id 46) nor the toy's own pad (id 45) has a row in the toy
+    """Neither a pad added past the vocabulary (id 46) nor the toy's own pad (id 45) has a row in the toy
     model's 45-row embedding: forward / log-probs / generation work with either, give the same numbers
     with both, and equal each sequence scored alone without any padding."""
-    tok = common.load_tokenizer(save_toy_tokenizer(tmp_path, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"))
+    special = dict(bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>")  # <pad>: a new id
+    tok = common.load_tokenizer(save_toy_tokenizer(tmp_path, **special))
     toy_tok = toy.make_tokenizer()
     new_pad, toy_pad = tok.pad_token_id, toy_tok.pad_token_id
     assert (new_pad, toy_pad) == (46, 45)
@@ -396,7 +398,7 @@ def test_forward_never_embeds_a_pad_outside_the_embedding(tmp_path):
 # Tokenization of (prompt, completion)
 # ---------------------------------------------------------------------------------------------
 
-# toy ids: <bos> 0, <eos> 1, <unk> 2, POST: 3, TL;DR: 4, rain 5, cat 6, very 17, then 18, so 19, maybe 20, <pad> 45
+# toy ids: <bos> 0, <eos> 1, <unk> 2, POST: 3, TL;DR: 4, rain 5, cat 6, very 17, then 18, so 19, maybe 20, <|pad|> 45
 
 
 def test_tokenize_pair_appends_eos_once():

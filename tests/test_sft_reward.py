@@ -55,7 +55,7 @@ def test_reward_tokenize_and_collate_pairs():
     tok = toy.make_tokenizer()
     data = {"prompt": ["POST: rain cat TL;DR:"], "chosen": [" rain cat"], "rejected": [" cat"]}
     args = reward.Args()
-    # toy ids: <bos> 0, <eos> 1, POST: 3, TL;DR: 4, rain 5, cat 6; <pad> 45
+    # toy ids: <bos> 0, <eos> 1, POST: 3, TL;DR: 4, rain 5, cat 6; <|pad|> 45
     assert reward.tokenize_pairs(tok, data, args) == [{"prompt": [0, 3, 5, 6, 4], "chosen": [5, 6, 1], "rejected": [6, 1]}]  # fmt: skip
     P = tok.pad_token_id
     rows = [{"prompt": [1, 2, 3], "chosen": [4, 5], "rejected": [6]}, {"prompt": [7, 8], "chosen": [9, 10], "rejected": [11, 12, 13]}]  # fmt: skip
@@ -116,7 +116,7 @@ def test_sft_smoke(tmp_path):
         assert (run / name).exists(), name
     args = json.loads((run / "args.json").read_text())
     assert (args["model"], args["max_steps"], args["batch_size"]) == ("toy-tiny", 1, 16)
-    # step 1 logs the loss before any update: a fresh model is near uniform over its 45 tokens (no <pad>)
+    # step 1 logs the loss before any update: a fresh model is near uniform over its 45 tokens (no <|pad|>)
     assert read_jsonl(run / "metrics.jsonl")[0]["step"] == 1
     assert read_jsonl(run / "metrics.jsonl")[0]["loss"] == pytest.approx(math.log(45), abs=0.05)
     assert len(read_jsonl(run / "samples.jsonl")) == 16
