@@ -10,6 +10,7 @@ changes a logit. A completion is its tokens up to and including the first EOS, t
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fcntl
 import functools
@@ -168,17 +169,26 @@ def resolve_model(name: str) -> str:
     return str(path)
 
 
+PAD_TOKEN = "<|pad|>"  # the pad load_tokenizer adds, and the toy tokenizer's: the same id at every stage
+
+
 def load_tokenizer(name: str):
     """Tokenizer with a dedicated pad token (never EOS: a model must see EOS in its loss to learn to
-    stop) and left padding. A new pad id may lie outside the embedding; forward() never embeds it."""
+    stop) and left padding. A new pad id may lie outside the embedding; forward() never embeds it. The
+    tokenizer as it came, with EOS as pad, is kept as `.without_added_pad` for `save_model`."""
     if name in ("toy", "toy-tiny"):
-        return toy.make_tokenizer()
+        tokenizer = toy.make_tokenizer()
+        tokenizer.without_added_pad = toy.make_tokenizer(pad=False)
+        return tokenizer
     tokenizer = _from_pretrained(AutoTokenizer, resolve_model(name))
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer of {name!r} has no EOS token; set one (tokenizer.eos_token) before training")
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        original = copy.deepcopy(tokenizer)
+        original.pad_token = original.eos_token
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})  # a token it already has (the toy's) keeps its id
+        tokenizer.without_added_pad = original
     return tokenizer
 
 
@@ -282,19 +292,58 @@ def reference_model(name: str, policy, lora_r: int, device):
 
 
 def save_model(accelerator, model, tokenizer, path: Path):
-    """The final model, whole, with its tokenizer (call on every process: under ZeRO-3/FSDP the weights are
-    gathered first). A LoRA policy is saved merged, so later stages load it like any model, and its
-    adapter alone goes to path/adapter."""
+    """The final model, whole, with its tokenizer, at the end of a run (call on every process: under ZeRO-3/FSDP
+    the weights are gathered first). A LoRA policy is saved merged, so later stages load it like any model, and
+    its adapter alone goes to path/adapter. The saved pad settings are the ones transformers and vLLM need
+    (`policy_tokenizer`, `reward_model_outputs`); the model's config is changed to match."""
     state_dict = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
     model = accelerator.unwrap_model(model)
     if hasattr(model, "merge_and_unload"):  # peft
         model.save_pretrained(path / "adapter")
-        tokenizer.save_pretrained(path / "adapter")
+        policy_tokenizer(tokenizer, model.get_base_model()).save_pretrained(path / "adapter")
         model, state_dict = model.merge_and_unload(), None  # the merged weights are the state dict now
+    if model.can_generate():
+        tokenizer = policy_tokenizer(tokenizer, model)
+    else:
+        tokenizer, state_dict = reward_model_outputs(tokenizer, model, state_dict)
     model.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
+
+
+def policy_tokenizer(tokenizer, model):
+    """The tokenizer a causal LM is saved with. A pad the scripts added, or one without an embedding row, gives
+    way to EOS (the tokenizer as it came, without the added token): the model's vocabulary stays the one it
+    was trained on, so it can emit no untrained token, and transformers or vLLM pad prompts with EOS (the
+    attention mask hides them). The next stage adds its own pad again, with the same id. Sets the pad id of
+    the model's config and generation config to the saved tokenizer's."""
+    original = getattr(tokenizer, "without_added_pad", None)
+    if original is not None or tokenizer.pad_token_id >= model.config.get_text_config().vocab_size:
+        tokenizer = copy.deepcopy(original if original is not None else tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.init_kwargs["padding_side"] = "left"  # save_pretrained writes init_kwargs: generation pads on the left
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer
+
+
+def reward_model_outputs(tokenizer, model, state_dict):
+    """(tokenizer, state dict) a reward model is saved with. It keeps its pad, which is never EOS: the
+    classifier's pooling reads the last token that is not padding, the EOS the score belongs at. A pad
+    without an embedding row gets one (the mean row; padding is masked, so its value never counts). The
+    tokenizer pads on the right, where models with absolute positions (GPT-2) need no position ids. Sets
+    config.pad_token_id (without it transformers refuses batches of more than one)."""
+    pad_id, config = tokenizer.pad_token_id, model.config.get_text_config()
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "right"
+    if pad_id >= config.vocab_size:
+        weight = model.get_input_embeddings().weight
+        name = next(n for n, p in model.named_parameters() if p is weight)
+        rows = state_dict[name]
+        new = rows.mean(0, keepdim=True).expand(pad_id + 1 - len(rows), -1)
+        state_dict, config.vocab_size = {**state_dict, name: torch.cat([rows, new])}, pad_id + 1
+    model.config.pad_token_id = pad_id
+    return tokenizer, state_dict
 
 
 # ---------------------------------------------------------------------------------------------
