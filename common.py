@@ -129,6 +129,11 @@ def setup(args) -> Accelerator:
     (trust_remote_code) runs only when --trust-remote-code asks for it."""
     global TRUST_REMOTE_CODE
     TRUST_REMOTE_CODE, seed = getattr(args, "trust_remote_code", False), args.seed
+    if getattr(args, "track", False):  # before anything is written: a failed start leaves no run directory
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("--track needs wandb: pip install wandb") from None
     # cpu=True on a CPU machine: without it accelerate ignores torchrun's ranks (every rank runs alone)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if torch.cuda.is_available() else "no")
     set_seed(seed + 100003 * accelerator.process_index)
@@ -934,12 +939,27 @@ class Run:
             self.writer = SummaryWriter(str(self.dir), purge_step=None if resume_step is None else resume_step + 1)
             self.bar = tqdm(total=total, initial=resume_step or 0, desc=args.exp_name, dynamic_ncols=True, file=sys.stdout, mininterval=1 if sys.stdout.isatty() else 10)  # fmt: skip
             if args.track:
-                import wandb
-
-                wandb.init(project=args.wandb_project, name=name, config=dataclasses.asdict(args), sync_tensorboard=True, resume="allow", id=name)  # fmt: skip
+                self._start_wandb(name, new_run=resume_step is None)
         for sig in (signal.SIGINT, signal.SIGTERM):
             if threading_main():
                 signal.signal(sig, self._on_signal)
+
+    def _start_wandb(self, name: str, new_run: bool):
+        """wandb.init; when it fails (no login, no network), a new run's directory is removed, so the same
+        --run-name can start afresh."""
+        import wandb
+
+        try:
+            wandb.init(
+                project=self.args.wandb_project, name=name, config=dataclasses.asdict(self.args),
+                sync_tensorboard=True, resume="allow", id=name,
+            )
+        except Exception as e:
+            self.close()
+            if new_run:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"--track: wandb did not start ({detail}); `wandb login`, or leave out --track") from None
 
     def _on_signal(self, signum, frame):
         if self.stop_signal is not None or self.closed:  # the second one (or a finished run): stop now

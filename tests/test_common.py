@@ -776,6 +776,23 @@ def test_run_writes_its_files(tmp_path):
     assert any(f.name.startswith("events.out.tfevents") for f in d.iterdir())
 
 
+def test_a_wandb_that_does_not_start_leaves_no_run(tmp_path, monkeypatch):
+    """--track with a wandb that fails to start (no login, no network): one error, and no run directory, so
+    the same --run-name starts afresh."""
+
+    def init(**kwargs):
+        raise RuntimeError("api_key not configured (no-tty)")
+
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=init))
+    args = RunArgs(output_dir=str(tmp_path), track=True)
+    with pytest.raises(common.UserError, match=r"^--track: wandb did not start \(api_key not configured \(no-tty\)\)"):
+        common.Run(args, common.setup(args), total=2)
+    assert not (tmp_path / "r").exists()
+    args = RunArgs(output_dir=str(tmp_path))
+    common.Run(args, common.setup(args), total=2).finish({})
+    assert (tmp_path / "r" / "eval.json").exists()
+
+
 def test_evaluate_on_the_toy_task():
     """Greedy completions of a fresh toy policy: every figure is recomputed here from the samples, and KL
     to itself is exactly 0."""

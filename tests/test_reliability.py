@@ -335,6 +335,13 @@ def test_input_mistake_is_one_error_line(name, module, argv, expected, mistakes,
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
 
 
+def test_track_without_wandb_is_one_error_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    argv = ["--model", "toy-tiny", "--track", "--output-dir", str(tmp_path), "--run-name", "t"]
+    assert cli(sft, argv, monkeypatch, capsys) == (2, ["error: --track needs wandb: pip install wandb"])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_resume_keeps_the_saved_arguments(toy_cache, tmp_path):
     """--resume takes the run's args.json; the few arguments a resumed run may change are taken from the
     command line, and a changed argument equal to its saved value is fine."""
