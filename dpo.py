@@ -203,7 +203,7 @@ def held_out_metrics(policy, ref_model, rows, args, pad_id, device, batch_size=1
 
 
 def main(args: Args):
-    common.check_ranges(args, positive=("beta", "lr", "epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens", "max_steps", "num_preferences", "micro_batch_size"), non_negative=("save_every",))  # fmt: skip
+    common.check_ranges(args, positive=("beta", "epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens", "max_steps", "num_preferences", "micro_batch_size"), non_negative=("lr", "save_every"))  # fmt: skip
     if not 0 <= args.label_smoothing < 0.5:
         raise common.UserError(f"--label-smoothing {args.label_smoothing} must be in [0, 0.5): the share of flipped labels")  # fmt: skip
     accelerator = common.setup(args)

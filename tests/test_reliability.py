@@ -284,7 +284,7 @@ CATALOGUE = [
     ("gamma above 1", ppo, ["--gamma", "1.5"], "--gamma 1.5 must be in [0, 1]"),
     ("negative kl_coef", rebel, ["--kl-coef", "-1"], "--kl-coef -1.0 must be >= 0"),
     ("negative alpha", xpo, ["--alpha", "-1"], "every alpha must be >= 0"),
-    ("nan learning rate", sft, ["--lr", "nan"], "--lr nan must be > 0"),
+    ("nan learning rate", sft, ["--lr", "nan"], "--lr nan must be >= 0"),
     ("zero temperature", ppo, ["--temperature", "0"], "--temperature 0.0 must be > 0"),
     ("label smoothing 0.5", dpo, ["--label-smoothing", "0.5"], "--label-smoothing 0.5"),
     ("negative demo weight", aihf, ["--w-demo", "-1"], "--w-demo -1.0 must be >= 0"),
