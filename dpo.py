@@ -174,7 +174,8 @@ def sequence_logps(model, batch, pad_id):
 
 def pair_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, prefix=""):
     """The metric names of TRL's DPOTrainer (rewards are the detached implicit rewards beta*l_theta; as in TRL,
-    a tie is not counted as accurate, so rewards/accuracies is 0 at initialization)."""
+    a tie is not counted as accurate, so rewards/accuracies starts near 0: not exactly, as the policy and a
+    separate reference copy can differ by float rounding, which makes a few pairs count)."""
     return {
         f"{prefix}loss": losses.mean().item(),
         f"{prefix}rewards/chosen": chosen_rewards.mean().item(),
