@@ -706,7 +706,11 @@ def completion_logprobs(model, prompt, completion, pad_id, temperature=1.0, chun
     for completion positions (`logits_to_keep`), are divided by the sampling temperature, and go
     through an fp32 log-softmax a few rows at a time (`TokenLogprobs`: the model's logits are the only
     vocabulary-sized tensor kept for the backward pass). `completion` may hold k completions per prompt
-    (k * B rows, laid out as in `shared_prompt_forward`): each prompt then runs once."""
+    (k * B rows, laid out as in `shared_prompt_forward`): each prompt then runs once. A pad token with a
+    vocabulary row of its own (Pythia's <|padding|>, Qwen's <|endoftext|>) is masked out of the softmax:
+    generate() never samples it, on-policy terms (PPO ratio, KL) must score the distribution that sampled,
+    and offline data (DPO, SFT) is scored by the same one, so every stage trains one policy. TRL scores the
+    plain softmax: per token, the two differ by log(1 - p(pad))."""
     C, k = completion.shape[1], completion.shape[0] // prompt.shape[0]
     if completion.shape[0] != k * prompt.shape[0]:
         raise ValueError(f"{completion.shape[0]} completions for {prompt.shape[0]} prompts: not a multiple")

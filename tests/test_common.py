@@ -193,15 +193,19 @@ def test_completion_logprobs_equal_the_hf_loss(arch):
 
 def test_in_vocabulary_pad_is_excluded_from_the_scored_distribution():
     """generate() never samples a pad id that lies inside the vocabulary, so completion_logprobs scores the
-    renormalized distribution without it: log p'(y) = log p(y) - log(1 - p(pad))."""
+    renormalized distribution without it: log p'(y) = log p(y) - log(1 - p(pad)), where log p(y) is what
+    transformers' own loss (and TRL) computes."""
     model = tiny_lm("llama")
     p, c = torch.tensor([PROMPTS[0]]), torch.tensor([COMPLETIONS[0]])
     with torch.no_grad():
         with_pad = common.completion_logprobs(model, p, c, pad_id=0)
         without = common.completion_logprobs(model, p, c, pad_id=PAD_OUT)
         logits = common.forward(model, torch.cat([p, c], 1), PAD_OUT).logits[0, p.shape[1] - 1 : -1]
+        loss = model(input_ids=torch.cat([p, c], 1), labels=torch.cat([torch.full_like(p, -100), c], 1)).loss
     p_pad = torch.softmax(logits, -1)[:, 0]
     torch.testing.assert_close(with_pad[0], without[0] - torch.log1p(-p_pad), rtol=0, atol=1e-5)
+    shift = -torch.log1p(-p_pad).sum().item()  # the renormalization, summed over the sequence
+    assert with_pad.sum().item() == pytest.approx(-loss.item() * c.shape[1] + shift, abs=1e-5) and shift > 1e-3
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 16])
