@@ -231,8 +231,8 @@ def main(args: Args):
         raise common.UserError("--variant explicit needs --reward-model or --reward-init: the starting point of r_phi")
     if not (args.w_pref or args.w_demo):
         raise common.UserError("--w-pref and --w-demo are both 0: nothing to learn from")
-    common.check_ranges(args, positive=("beta", "temperature", "lr", "total_steps", "rounds", "max_prompt_length", "max_completion_length", "max_new_tokens", "num_demonstrations", "num_preferences"),
-                        non_negative=("w_pref", "w_demo", "kl_coef", "reward_lr", "center_demos", "save_every"))  # fmt: skip
+    common.check_ranges(args, positive=("beta", "temperature", "total_steps", "rounds", "max_prompt_length", "max_completion_length", "max_new_tokens", "num_demonstrations", "num_preferences"),
+                        non_negative=("lr", "w_pref", "w_demo", "kl_coef", "reward_lr", "center_demos", "save_every"))  # fmt: skip
     accelerator = common.setup(args)
     device, n_proc = accelerator.device, accelerator.num_processes
     per_pref, per_demo, per_prompts = args.batch_size // n_proc, args.demo_batch_size // n_proc, args.rollout_prompts // n_proc  # fmt: skip

@@ -586,7 +586,7 @@ SPEED_BATCH, SPEED_NEW_TOKENS = 64, 16  # sequences per update, completion lengt
 def speed_models(out: Path, size: str) -> tuple[str, str]:
     """Fresh (random) policy and reward models of toy.py's tiny / small configs, saved once. The pad token gets
     an embedding row here (vocabulary 46, not 45) because TRL embeds pad ids; our scripts take either. toy-32k
-    adds unused words after <pad>, up to 32,000 tokens: the toy prompts, a real-sized LM head and softmax."""
+    adds unused words after <|pad|>, up to 32,000 tokens: the toy prompts, a real-sized LM head and softmax."""
     path = out / "models" / size
     if not (path / "reward" / "model.safetensors").exists():
         import torch

@@ -10,6 +10,7 @@ changes a logit. A completion is its tokens up to and including the first EOS, t
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fcntl
 import functools
@@ -127,6 +128,11 @@ def setup(args) -> Accelerator:
     asks for it. Prints one line naming the setup."""
     global TRUST_REMOTE_CODE
     TRUST_REMOTE_CODE, seed = getattr(args, "trust_remote_code", False), args.seed
+    if getattr(args, "track", False):  # before anything is written: a failed start leaves no run directory
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("--track needs wandb: pip install wandb") from None
     cuda = torch.cuda.is_available()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"  # set by accelerate launch
     # without CUDA, cpu=True makes torchrun's ranks one DDP job, but would silently replace DeepSpeed by DDP:
@@ -212,17 +218,26 @@ def resolve_model(name: str) -> str:
     return str(path)
 
 
+PAD_TOKEN = "<|pad|>"  # the pad load_tokenizer adds, and the toy tokenizer's: the same id at every stage
+
+
 def load_tokenizer(name: str):
     """Tokenizer with a dedicated pad token (never EOS: a model must see EOS in its loss to learn to
-    stop) and left padding. A new pad id may lie outside the embedding; forward() never embeds it."""
+    stop) and left padding. A new pad id may lie outside the embedding; forward() never embeds it. The
+    tokenizer as it came, with EOS as pad, is kept as `.without_added_pad` for `save_model`."""
     if name in ("toy", "toy-tiny"):
-        return toy.make_tokenizer()
+        tokenizer = toy.make_tokenizer()
+        tokenizer.without_added_pad = toy.make_tokenizer(pad=False)
+        return tokenizer
     tokenizer = _from_pretrained(AutoTokenizer, resolve_model(name))
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer of {name!r} has no EOS token; set one (tokenizer.eos_token) before training")
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        original = copy.deepcopy(tokenizer)
+        original.pad_token = original.eos_token
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})  # a token it already has (the toy's) keeps its id
+        tokenizer.without_added_pad = original
     return tokenizer
 
 
@@ -367,9 +382,11 @@ def reference_model(name: str, policy, lora_r: int, device):
 
 
 def save_model(accelerator, model, tokenizer, path: Path, part: str | None = None):
-    """The final model, whole, with its tokenizer (call on every process: under ZeRO-3/FSDP the weights are
-    gathered first); `part`: only that submodule of `model`. A LoRA policy is saved merged, so later stages
-    load it like any model, and its adapter alone goes to path/adapter."""
+    """The final model, whole, with its tokenizer, at the end of a run (call on every process: under ZeRO-3/FSDP
+    the weights are gathered first); `part`: only that submodule of `model`. A LoRA policy is saved merged, so
+    later stages load it like any model, and its adapter alone goes to path/adapter. The saved pad settings are
+    the ones transformers and vLLM need (`policy_tokenizer`, `reward_model_outputs`); the model's config is
+    changed to match."""
     state_dict = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
@@ -379,10 +396,48 @@ def save_model(accelerator, model, tokenizer, path: Path, part: str | None = Non
         state_dict = {k.removeprefix(f"{part}."): v for k, v in state_dict.items() if k.startswith(f"{part}.")}
     if hasattr(model, "merge_and_unload"):  # peft
         model.save_pretrained(path / "adapter")
-        tokenizer.save_pretrained(path / "adapter")
+        policy_tokenizer(tokenizer, model.get_base_model()).save_pretrained(path / "adapter")
         model, state_dict = model.merge_and_unload(), None  # the merged weights are the state dict now
+    if model.can_generate():
+        tokenizer = policy_tokenizer(tokenizer, model)
+    else:
+        tokenizer, state_dict = reward_model_outputs(tokenizer, model, state_dict)
     model.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
+
+
+def policy_tokenizer(tokenizer, model):
+    """The tokenizer a causal LM is saved with. A pad the scripts added, or one without an embedding row, gives
+    way to EOS (the tokenizer as it came, without the added token): the model's vocabulary stays the one it
+    was trained on, so it can emit no untrained token, and transformers or vLLM pad prompts with EOS (the
+    attention mask hides them). The next stage adds its own pad again, with the same id. Sets the pad id of
+    the model's config and generation config to the saved tokenizer's."""
+    original = getattr(tokenizer, "without_added_pad", None)
+    if original is not None or tokenizer.pad_token_id >= model.config.get_text_config().vocab_size:
+        tokenizer = copy.deepcopy(original if original is not None else tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.init_kwargs["padding_side"] = "left"  # save_pretrained writes init_kwargs: generation pads on the left
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer
+
+
+def reward_model_outputs(tokenizer, model, state_dict):
+    """(tokenizer, state dict) a reward model is saved with. It keeps its pad, which is never EOS: the
+    classifier's pooling reads the last token that is not padding, the EOS the score belongs at. A pad
+    without an embedding row gets one (the mean row; padding is masked, so its value never counts). The
+    tokenizer pads on the right, where models with absolute positions (GPT-2) need no position ids. Sets
+    config.pad_token_id (without it transformers refuses batches of more than one)."""
+    pad_id, config = tokenizer.pad_token_id, model.config.get_text_config()
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "right"
+    if pad_id >= config.vocab_size:
+        weight = model.get_input_embeddings().weight
+        name = next(n for n, p in model.named_parameters() if p is weight)
+        rows = state_dict[name]
+        new = rows.mean(0, keepdim=True).expand(pad_id + 1 - len(rows), -1)
+        state_dict, config.vocab_size = {**state_dict, name: torch.cat([rows, new])}, pad_id + 1
+    model.config.pad_token_id = pad_id
+    return tokenizer, state_dict
 
 
 # ---------------------------------------------------------------------------------------------
@@ -775,7 +830,11 @@ def completion_logprobs(model, prompt, completion, pad_id, temperature=1.0, chun
     for completion positions (`logits_to_keep`), are divided by the sampling temperature, and go
     through an fp32 log-softmax a few rows at a time (`TokenLogprobs`: the model's logits are the only
     vocabulary-sized tensor kept for the backward pass). `completion` may hold k completions per prompt
-    (k * B rows, laid out as in `shared_prompt_forward`): each prompt then runs once."""
+    (k * B rows, laid out as in `shared_prompt_forward`): each prompt then runs once. A pad token with a
+    vocabulary row of its own (Pythia's <|padding|>, Qwen's <|endoftext|>) is masked out of the softmax:
+    generate() never samples it, on-policy terms (PPO ratio, KL) must score the distribution that sampled,
+    and offline data (DPO, SFT) is scored by the same one, so every stage trains one policy. TRL scores the
+    plain softmax: per token, the two differ by log(1 - p(pad))."""
     C, k = completion.shape[1], completion.shape[0] // prompt.shape[0]
     if completion.shape[0] != k * prompt.shape[0]:
         raise ValueError(f"{completion.shape[0]} completions for {prompt.shape[0]} prompts: not a multiple")
@@ -1016,12 +1075,27 @@ class Run:
             self.writer = SummaryWriter(str(self.dir), purge_step=None if resume_step is None else resume_step + 1)
             self.bar = tqdm(total=total, initial=resume_step or 0, desc=args.exp_name, dynamic_ncols=True, file=sys.stdout, mininterval=1 if sys.stdout.isatty() else 10)  # fmt: skip
             if args.track:
-                import wandb
-
-                wandb.init(project=args.wandb_project, name=name, config=dataclasses.asdict(args), sync_tensorboard=True, resume="allow", id=name)  # fmt: skip
+                self._start_wandb(name, new_run=resume_step is None)
         for sig in (signal.SIGINT, signal.SIGTERM):
             if threading_main():
                 signal.signal(sig, self._on_signal)
+
+    def _start_wandb(self, name: str, new_run: bool):
+        """wandb.init; when it fails (no login, no network), a new run's directory is removed, so the same
+        --run-name can start afresh."""
+        import wandb
+
+        try:
+            wandb.init(
+                project=self.args.wandb_project, name=name, config=dataclasses.asdict(self.args),
+                sync_tensorboard=True, resume="allow", id=name,
+            )
+        except Exception as e:
+            self.close()
+            if new_run:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"--track: wandb did not start ({detail}); `wandb login`, or leave out --track") from None
 
     def _on_signal(self, signum, frame):
         if self.stop_signal is not None or self.closed:  # the second one (or a finished run): stop now

@@ -174,7 +174,8 @@ def sequence_logps(model, batch, pad_id):
 
 def pair_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, prefix=""):
     """The metric names of TRL's DPOTrainer (rewards are the detached implicit rewards beta*l_theta; as in TRL,
-    a tie is not counted as accurate, so rewards/accuracies is 0 at initialization)."""
+    a tie is not counted as accurate, so rewards/accuracies starts near 0: not exactly, as the policy and a
+    separate reference copy can differ by float rounding, which makes a few pairs count)."""
     return {
         f"{prefix}loss": losses.mean().item(),
         f"{prefix}rewards/chosen": chosen_rewards.mean().item(),
@@ -203,7 +204,7 @@ def held_out_metrics(policy, ref_model, rows, args, pad_id, device, batch_size=1
 
 
 def main(args: Args):
-    common.check_ranges(args, positive=("beta", "lr", "epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens", "max_steps", "num_preferences", "micro_batch_size"), non_negative=("save_every",))  # fmt: skip
+    common.check_ranges(args, positive=("beta", "epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens", "max_steps", "num_preferences", "micro_batch_size"), non_negative=("lr", "save_every"))  # fmt: skip
     if not 0 <= args.label_smoothing < 0.5:
         raise common.UserError(f"--label-smoothing {args.label_smoothing} must be in [0, 0.5): the share of flipped labels")  # fmt: skip
     accelerator = common.setup(args)

@@ -188,7 +188,7 @@ def main(args: Args):
     device = accelerator.device
     per_process = args.batch_size // accelerator.num_processes
     num_updates = args.total_episodes // args.batch_size
-    common.check_ranges(args, positive=("temperature", "lr", "max_new_tokens", "max_prompt_length", "ppo_epochs", "micro_batch_size", "cliprange", "cliprange_value"), non_negative=("kl_coef", "vf_coef", "save_every"), unit=("gamma", "lam"))  # fmt: skip
+    common.check_ranges(args, positive=("temperature", "max_new_tokens", "max_prompt_length", "ppo_epochs", "micro_batch_size", "cliprange", "cliprange_value"), non_negative=("lr", "kl_coef", "vf_coef", "save_every"), unit=("gamma", "lam"))  # fmt: skip
     if per_process == 0 or per_process % args.num_minibatches or num_updates == 0:
         raise common.UserError(f"--batch-size {args.batch_size} must be a multiple of --num-minibatches {args.num_minibatches} (per process) and at most --total-episodes {args.total_episodes}")  # fmt: skip
     tokenizer = common.load_tokenizer(args.model)

@@ -185,7 +185,7 @@ def sft_sample_agreement(model, pairs, pad_id, no_eos_score=-1.0):
 
 
 def main(args: Args):
-    common.check_ranges(args, positive=("lr", "epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_steps", "micro_batch_size"), non_negative=("save_every",))  # fmt: skip
+    common.check_ranges(args, positive=("epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_steps", "micro_batch_size"), non_negative=("lr", "save_every"))  # fmt: skip
     accelerator = common.setup(args)
     tokenizer = common.load_tokenizer(args.model)
     model = common.trainable(common.load_model(args.model, kind="reward"), args)

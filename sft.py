@@ -91,7 +91,7 @@ def collate(examples, pad_id):
 
 
 def main(args: Args):
-    common.check_ranges(args, positive=("lr", "epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens", "max_steps", "micro_batch_size"), non_negative=("save_every",))  # fmt: skip
+    common.check_ranges(args, positive=("epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens", "max_steps", "micro_batch_size"), non_negative=("lr", "save_every"))  # fmt: skip
     accelerator = common.setup(args)
     tokenizer = common.load_tokenizer(args.model)
     model = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)

@@ -58,9 +58,9 @@ FILLER_WORDS = [
     "almost", "perhaps",
 ]  # fmt: skip
 PROMPT_HEAD, PROMPT_TAIL = "POST:", "TL;DR:"
-# <pad> comes last and lies outside the model's vocabulary (as a pad token added to a real tokenizer without
-# resizing the embeddings): the model can never emit it, and common.forward() never embeds it.
-VOCAB = ["<bos>", "<eos>", "<unk>", PROMPT_HEAD, PROMPT_TAIL] + TOPIC_WORDS + FILLER_WORDS + ["<pad>"]
+# <|pad|> comes last and lies outside the model's vocabulary (as the pad token common.load_tokenizer adds to a real
+# tokenizer without resizing the embeddings): the model can never emit it, and common.forward() never embeds it.
+VOCAB = ["<bos>", "<eos>", "<unk>", PROMPT_HEAD, PROMPT_TAIL] + TOPIC_WORDS + FILLER_WORDS + ["<|pad|>"]
 
 # Sizes of the fixed splits (seed 0). SFT: 1 epoch at batch 64 is ~310 steps.
 SFT_TRAIN, SFT_TEST = 20_000, 1_000
@@ -69,17 +69,18 @@ BT_TEMPERATURE = 0.3  # Bradley-Terry temperature of the simulated labellers
 MAX_NEW_TOKENS = 8  # enough for the ideal summary (<= 3 words + EOS) plus room to ramble
 
 
-def make_tokenizer(extra_words: int = 0) -> PreTrainedTokenizerFast:
+def make_tokenizer(extra_words: int = 0, pad: bool = True) -> PreTrainedTokenizerFast:
     """Word-level tokenizer over VOCAB; prepends <bos> like Llama; pad, bos, eos and unk are distinct.
-    `extra_words` unused words w0, w1, ... follow <pad> (a real-sized vocabulary for speed measurements)."""
-    words = VOCAB + [f"w{i}" for i in range(extra_words)]
+    `extra_words` unused words w0, w1, ... follow <|pad|> (a real-sized vocabulary for speed measurements).
+    `pad=False`: without <|pad|>, EOS as pad (a saved toy model's tokenizer: every id has an embedding row)."""
+    words = (VOCAB if pad else VOCAB[:-1]) + [f"w{i}" for i in range(extra_words)]
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-        padding_side="left", model_max_length=64,
+        tokenizer_object=tok, pad_token="<|pad|>" if pad else "<eos>", bos_token="<bos>", eos_token="<eos>",
+        unk_token="<unk>", padding_side="left", model_max_length=64,
     )  # fmt: skip
 
 

@@ -161,7 +161,7 @@ def main(args: Args):
     device, is_toy = accelerator.device, args.dataset == "toy"
     per_process = args.batch_size // accelerator.num_processes
     num_updates = args.total_episodes // args.batch_size
-    common.check_ranges(args, positive=("beta", "temperature", "lr", "max_new_tokens", "max_prompt_length", "epochs", "micro_batch_size"), non_negative=("save_every",))  # fmt: skip
+    common.check_ranges(args, positive=("beta", "temperature", "max_new_tokens", "max_prompt_length", "epochs", "micro_batch_size"), non_negative=("lr", "save_every"))  # fmt: skip
     if any(not a >= 0 for a in args.alpha):
         raise common.UserError(f"--alpha {' '.join(map(str, args.alpha))}: every alpha must be >= 0")
     if per_process == 0 or per_process % args.num_minibatches or num_updates == 0:

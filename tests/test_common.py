@@ -193,15 +193,19 @@ def test_completion_logprobs_equal_the_hf_loss(arch):
 
 def test_in_vocabulary_pad_is_excluded_from_the_scored_distribution():
     """generate() never samples a pad id that lies inside the vocabulary, so completion_logprobs scores the
-    renormalized distribution without it: log p'(y) = log p(y) - log(1 - p(pad))."""
+    renormalized distribution without it: log p'(y) = log p(y) - log(1 - p(pad)), where log p(y) is what
+    transformers' own loss (and TRL) computes."""
     model = tiny_lm("llama")
     p, c = torch.tensor([PROMPTS[0]]), torch.tensor([COMPLETIONS[0]])
     with torch.no_grad():
         with_pad = common.completion_logprobs(model, p, c, pad_id=0)
         without = common.completion_logprobs(model, p, c, pad_id=PAD_OUT)
         logits = common.forward(model, torch.cat([p, c], 1), PAD_OUT).logits[0, p.shape[1] - 1 : -1]
+        loss = model(input_ids=torch.cat([p, c], 1), labels=torch.cat([torch.full_like(p, -100), c], 1)).loss
     p_pad = torch.softmax(logits, -1)[:, 0]
     torch.testing.assert_close(with_pad[0], without[0] - torch.log1p(-p_pad), rtol=0, atol=1e-5)
+    shift = -torch.log1p(-p_pad).sum().item()  # the renormalization, summed over the sequence
+    assert with_pad.sum().item() == pytest.approx(-loss.item() * c.shape[1] + shift, abs=1e-5) and shift > 1e-3
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 16])
@@ -343,28 +347,30 @@ def test_load_tokenizer_adds_a_dedicated_pad(tmp_path, pad):
     special = dict(bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
     tok = common.load_tokenizer(save_toy_tokenizer(tmp_path, **special, **({"pad_token": pad} if pad else {})))
     assert tok.eos_token_id == 1
-    assert tok.pad_token_id == len(toy.VOCAB) == 46  # a new id, outside the toy model's 45-row embedding
+    # <|pad|>, which the toy vocabulary already holds (a real tokenizer gets it as a new id): outside the embedding
+    assert (tok.pad_token, tok.pad_token_id, len(tok)) == ("<|pad|>", 45, len(toy.VOCAB))
     assert tok.pad_token_id >= toy.model_config().vocab_size
     assert tok.pad_token_id != tok.eos_token_id
     assert tok.padding_side == "left"
 
 
 def test_load_tokenizer_keeps_an_existing_distinct_pad(tmp_path):
-    tok = common.load_tokenizer(save_toy_tokenizer(tmp_path, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"))
-    assert (tok.pad_token_id, tok.eos_token_id, len(tok)) == (45, 1, 46)
+    tok = common.load_tokenizer(save_toy_tokenizer(tmp_path, bos_token="<bos>", eos_token="<eos>", pad_token="<unk>"))
+    assert (tok.pad_token_id, tok.eos_token_id, len(tok)) == (2, 1, 46)
     assert common.load_tokenizer("toy").pad_token_id == 45
 
 
 def test_load_tokenizer_without_eos_is_a_user_error(tmp_path):
     with pytest.raises(common.UserError, match="no EOS"):
-        common.load_tokenizer(save_toy_tokenizer(tmp_path, bos_token="<bos>", pad_token="<pad>"))
+        common.load_tokenizer(save_toy_tokenizer(tmp_path, bos_token="<bos>", pad_token="<|pad|>"))
 
 
 def test_forward_never_embeds_a_pad_outside_the_embedding(tmp_path):
-    """Neither the pad added by load_tokenizer (id 46) nor the toy's own pad (id 45) has a row in the toy
+    """Neither a pad added past the vocabulary (id 46) nor the toy's own pad (id 45) has a row in the toy
     model's 45-row embedding: forward / log-probs / generation work with either, give the same numbers
     with both, and equal each sequence scored alone without any padding."""
-    tok = common.load_tokenizer(save_toy_tokenizer(tmp_path, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"))
+    special = dict(bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>")  # <pad>: a new id
+    tok = common.load_tokenizer(save_toy_tokenizer(tmp_path, **special))
     toy_tok = toy.make_tokenizer()
     new_pad, toy_pad = tok.pad_token_id, toy_tok.pad_token_id
     assert (new_pad, toy_pad) == (46, 45)
@@ -396,7 +402,7 @@ def test_forward_never_embeds_a_pad_outside_the_embedding(tmp_path):
 # Tokenization of (prompt, completion)
 # ---------------------------------------------------------------------------------------------
 
-# toy ids: <bos> 0, <eos> 1, <unk> 2, POST: 3, TL;DR: 4, rain 5, cat 6, very 17, then 18, so 19, maybe 20, <pad> 45
+# toy ids: <bos> 0, <eos> 1, <unk> 2, POST: 3, TL;DR: 4, rain 5, cat 6, very 17, then 18, so 19, maybe 20, <|pad|> 45
 
 
 def test_tokenize_pair_appends_eos_once():
@@ -808,6 +814,23 @@ def test_run_writes_its_files(tmp_path):
     assert [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines()] == [{"step": 2, "prompt": "POST: a TL;DR:", "completion": "a", "gold": 0.55}]  # fmt: skip
     assert json.loads((d / "eval.json").read_text()) == {"eval/win_rate": 0.75}
     assert any(f.name.startswith("events.out.tfevents") for f in d.iterdir())
+
+
+def test_a_wandb_that_does_not_start_leaves_no_run(tmp_path, monkeypatch):
+    """--track with a wandb that fails to start (no login, no network): one error, and no run directory, so
+    the same --run-name starts afresh."""
+
+    def init(**kwargs):
+        raise RuntimeError("api_key not configured (no-tty)")
+
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=init))
+    args = RunArgs(output_dir=str(tmp_path), track=True)
+    with pytest.raises(common.UserError, match=r"^--track: wandb did not start \(api_key not configured \(no-tty\)\)"):
+        common.Run(args, common.setup(args), total=2)
+    assert not (tmp_path / "r").exists()
+    args = RunArgs(output_dir=str(tmp_path))
+    common.Run(args, common.setup(args), total=2).finish({})
+    assert (tmp_path / "r" / "eval.json").exists()
 
 
 def test_evaluate_on_the_toy_task():

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import aihf
 import dpo
@@ -136,3 +138,18 @@ def test_every_script_on_every_architecture(tiny_checkpoints, data, tmp_path, na
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values())
     assert all(math.isfinite(v) for v in json.loads((run / "eval.json").read_text()).values())
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_lr_0_leaves_the_weights_unchanged(tiny_checkpoints, data, tmp_path, name):
+    """--lr 0 is a legitimate value (parity checks): every script runs, and the saved model holds the weights it
+    started from (the reward model: its backbone, whose embedding has one more row, for the pad)."""
+    lm, rm = tiny_checkpoints["gpt2"]
+    args = plain_text_runs(lm, rm, data)[name]
+    args.output_dir, args.run_name, args.lr = str(tmp_path), name, 0.0
+    SCRIPTS[name].main(args)
+    before, after = load_file(f"{lm}/model.safetensors"), load_file(tmp_path / name / "model.safetensors")
+    assert set(after) - set(before) == ({"score.weight"} if name == "reward" else set())
+    for key, weight in after.items():
+        if key in before:
+            assert torch.equal(weight[: len(before[key])], before[key]), key

@@ -285,7 +285,7 @@ CATALOGUE = [
     ("gamma above 1", ppo, ["--gamma", "1.5"], "--gamma 1.5 must be in [0, 1]"),
     ("negative kl_coef", rebel, ["--kl-coef", "-1"], "--kl-coef -1.0 must be >= 0"),
     ("negative alpha", xpo, ["--alpha", "-1"], "every alpha must be >= 0"),
-    ("nan learning rate", sft, ["--lr", "nan"], "--lr nan must be > 0"),
+    ("nan learning rate", sft, ["--lr", "nan"], "--lr nan must be >= 0"),
     ("zero temperature", ppo, ["--temperature", "0"], "--temperature 0.0 must be > 0"),
     ("label smoothing 0.5", dpo, ["--label-smoothing", "0.5"], "--label-smoothing 0.5"),
     ("negative demo weight", aihf, ["--w-demo", "-1"], "--w-demo -1.0 must be >= 0"),
@@ -335,6 +335,13 @@ def test_input_mistake_is_one_error_line(name, module, argv, expected, mistakes,
     code, lines = cli(module, [a.format(**mistakes) for a in argv], monkeypatch, capsys)
     assert code == 2, lines
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+
+
+def test_track_without_wandb_is_one_error_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    argv = ["--model", "toy-tiny", "--track", "--output-dir", str(tmp_path), "--run-name", "t"]
+    assert cli(sft, argv, monkeypatch, capsys) == (2, ["error: --track needs wandb: pip install wandb"])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_resume_keeps_the_saved_arguments(toy_cache, tmp_path):

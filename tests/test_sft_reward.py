@@ -55,7 +55,7 @@ def test_reward_tokenize_and_collate_pairs():
     tok = toy.make_tokenizer()
     data = {"prompt": ["POST: rain cat TL;DR:"], "chosen": [" rain cat"], "rejected": [" cat"]}
     args = reward.Args()
-    # toy ids: <bos> 0, <eos> 1, POST: 3, TL;DR: 4, rain 5, cat 6; <pad> 45
+    # toy ids: <bos> 0, <eos> 1, POST: 3, TL;DR: 4, rain 5, cat 6; <|pad|> 45
     assert reward.tokenize_pairs(tok, data, args) == [{"prompt": [0, 3, 5, 6, 4], "chosen": [5, 6, 1], "rejected": [6, 1]}]  # fmt: skip
     P = tok.pad_token_id
     rows = [{"prompt": [1, 2, 3], "chosen": [4, 5], "rejected": [6]}, {"prompt": [7, 8], "chosen": [9, 10], "rejected": [11, 12, 13]}]  # fmt: skip
@@ -116,17 +116,18 @@ def test_sft_smoke(tmp_path):
         assert (run / name).exists(), name
     args = json.loads((run / "args.json").read_text())
     assert (args["model"], args["max_steps"], args["batch_size"]) == ("toy-tiny", 1, 16)
-    # step 1 logs the loss before any update: a fresh model is near uniform over its 45 tokens (no <pad>)
+    # step 1 logs the loss before any update: a fresh model is near uniform over its 45 tokens (no <|pad|>)
     assert read_jsonl(run / "metrics.jsonl")[0]["step"] == 1
     assert read_jsonl(run / "metrics.jsonl")[0]["loss"] == pytest.approx(math.log(45), abs=0.05)
     assert len(read_jsonl(run / "samples.jsonl")) == 16
     final = json.loads((run / "eval.json").read_text())
     assert {"eval/win_rate", "eval/gold", "eval/eos", "eval/length", "time/total"} <= set(final)
     assert final["eval/win_rate"] < 0.1  # an untrained policy does not beat the references
-    # the next stage reloads the saved model and tokenizer with plain transformers
+    # the next stage reloads the saved model and tokenizer with plain transformers; EOS pads (<|pad|> has no row)
     model, tok = AutoModelForCausalLM.from_pretrained(run), AutoTokenizer.from_pretrained(run)
     assert model.config.vocab_size == 45 and sum(p.numel() for p in model.parameters()) == 85_120  # see test_toy
-    assert (tok.pad_token_id, tok.eos_token_id, len(tok)) == (45, 1, 46) and tok("POST: rain TL;DR:")["input_ids"] == [0, 3, 5, 4]  # fmt: skip
+    assert (tok.pad_token_id, tok.eos_token_id, len(tok), model.config.pad_token_id) == (1, 1, 45, 1)
+    assert tok("POST: rain TL;DR:")["input_ids"] == [0, 3, 5, 4]
 
 
 @pytest.fixture(scope="module")
@@ -147,10 +148,11 @@ def test_reward_smoke_outputs(reward_run):
     assert {"eval/accuracy", "eval/gold_agreement_sft_samples", "reward_bias", "eval/reference_score", "eval/gold_accuracy_ceiling"} <= set(final)  # fmt: skip
     rm = AutoModelForSequenceClassification.from_pretrained(run)
     assert rm.config.num_labels == 1 and rm.config.reward_bias == pytest.approx(final["reward_bias"])
-    # reward.py leaves the backbone's config alone: the toy's pad (45) has no row, so the config names none
-    # (scores are read by common.reward_scores at the last real token, never by HF's pad-based pooling)
-    assert rm.config.pad_token_id is None and rm.config.vocab_size == 45
-    assert AutoTokenizer.from_pretrained(run).pad_token_id == 45
+    # the saved reward model keeps its pad (45), with an embedding row now, and names it in its config: transformers'
+    # pooling then reads the last token that is not padding (the scripts read the same token themselves)
+    assert rm.config.pad_token_id == 45 and rm.config.vocab_size == 46
+    tok = AutoTokenizer.from_pretrained(run)
+    assert (tok.pad_token_id, tok.padding_side) == (45, "right")
 
 
 def test_reward_normalization_centers_the_references(reward_run):

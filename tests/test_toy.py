@@ -112,12 +112,12 @@ def test_gold_ranks_ideal_above_references_above_junk():
 
 def test_tokenizer_ids_by_hand():
     tok = toy.make_tokenizer()
-    # VOCAB = <bos> <eos> <unk> POST: TL;DR: rain cat ... (12 topics, 28 fillers) <pad>: BOS is prepended like Llama
+    # VOCAB = <bos> <eos> <unk> POST: TL;DR: rain cat ... (12 topics, 28 fillers) <|pad|>: BOS is prepended like Llama
     assert tok("POST: rain cat TL;DR:")["input_ids"] == [0, 3, 5, 6, 4]
     assert tok("POST: rain xyz TL;DR:")["input_ids"] == [0, 3, 5, 2, 4]  # unknown word -> <unk>
     assert tok("very perhaps", add_special_tokens=False)["input_ids"] == [17, 44]  # first and last filler
     assert len(tok) == len(toy.VOCAB) == 5 + 12 + 28 + 1 == 46
-    assert toy.VOCAB[-1] == "<pad>" and tok.convert_ids_to_tokens(45) == "<pad>"  # pad is the last id
+    assert toy.VOCAB[-1] == "<|pad|>" and tok.convert_ids_to_tokens(45) == "<|pad|>"  # pad is the last id
 
 
 def test_tokenizer_special_tokens_distinct():
@@ -234,7 +234,7 @@ def test_win_rate_ties_count_half():
 
 
 def test_model_config_sizes():
-    """Tied embeddings over the model's V = 45 tokens (the 46-word VOCAB less <pad>, which has no row):
+    """Tied embeddings over the model's V = 45 tokens (the 46-word VOCAB less <|pad|>, which has no row):
     V*H + layers * (4*H*H attention + 3*H*I MLP + 2*H norms) + H final norm:
     "small" 45*128 + 4*262_400 + 128 = 1_055_488 (~1.06M, the default),
     "tiny" 45*64 + 2*41_088 + 64 = 85_120 (~0.085M, tests)."""
@@ -248,18 +248,18 @@ def test_model_config_sizes():
 
 
 def test_model_config_matches_tokenizer():
-    """Every token but <pad> has a row; the pad id (45) lies outside the 45-row vocabulary, like a pad token
+    """Every token but <|pad|> has a row; the pad id (45) lies outside the 45-row vocabulary, like a pad token
     added to a real tokenizer without resizing the embeddings, so the model can never emit it."""
     tok, config = toy.make_tokenizer(), toy.model_config()
     assert config.vocab_size == len(tok) - 1 == 45
     assert tok.pad_token_id == config.vocab_size and config.pad_token_id is None
     assert (config.bos_token_id, config.eos_token_id) == (tok.bos_token_id, tok.eos_token_id) == (0, 1)
-    assert all(i < config.vocab_size for w, i in tok.get_vocab().items() if w != "<pad>")
+    assert all(i < config.vocab_size for w, i in tok.get_vocab().items() if w != "<|pad|>")
     assert config.attention_dropout == 0.0
     # prompts (<= 16 tokens) plus MAX_NEW_TOKENS fit the position table
     assert max(len(tok(p)["input_ids"]) for p in toy.sft_dataset("test")["prompt"]) + toy.MAX_NEW_TOKENS <= config.max_position_embeddings  # fmt: skip
     model = AutoModelForCausalLM.from_config(config)
     logits = model(torch.tensor([[0, 3, 5, 4]])).logits  # "<bos> POST: rain TL;DR:"
-    assert logits.shape == (1, 4, 45)  # no logit for <pad>
+    assert logits.shape == (1, 4, 45)  # no logit for <|pad|>
     with pytest.raises(IndexError):  # and no embedding row: common.forward() never embeds it
         model(torch.tensor([[tok.pad_token_id, 0, 3, 5, 4]]))
