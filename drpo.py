@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from transformers import LogitsProcessor
 
 import common
@@ -54,7 +55,7 @@ class Args:
     model: str = "toy-sft"
     """SFT policy to start from; also the frozen reference (Hub id or local dir; `toy-sft` = the cached toy SFT model)"""
     reward_model: str = "toy-rm"
-    """reward model; the critic starts from a copy of it, head included (`toy-rm` = the cached toy reward model)"""
+    """reward model; the critic starts as a copy of it, head and bias included (`toy-rm`: the cached toy RM)"""
     lora_r: int = 0
     """LoRA rank of the policy's adapters (peft; 0 = full fine-tuning); the reference is then the adapter-disabled policy, not a second copy"""
     lora_alpha: float = 16.0
@@ -132,8 +133,11 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: 
 
 
 def token_values(value_model, prompt, completion, pad_id):
-    """V(s_t) for every completion token t: the critic's head on the hidden state just before y_t."""
-    return common.token_scores(value_model, prompt, completion, pad_id)[:, prompt.shape[1] - 1 : -1].float()
+    """V(s_t) for every completion token t: the critic's head on the hidden state just before y_t, minus the
+    normalization bias the critic inherits from the reward model (as N+'s critic subtracts it), so that at the
+    start the value of the state after EOS is the reward score."""
+    bias = getattr(extract_model_from_parallel(value_model).config, "reward_bias", 0.0)
+    return common.token_scores(value_model, prompt, completion, pad_id)[:, prompt.shape[1] - 1 : -1].float() - bias
 
 
 class ForcePrefix(LogitsProcessor):

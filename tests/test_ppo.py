@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import common
+import drpo
 import ppo
 import toy
+from toy_batches import toy_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +66,21 @@ def test_score_goes_to_the_eos_index_and_nothing_after():
     torch.testing.assert_close(rewards[0], torch.tensor([-0.05, -0.05, 0.95, 0.0, 0.0]))
     torch.testing.assert_close(rewards[1], torch.tensor([-0.05, -0.05, -0.05, -0.05, -1.05]))  # no EOS: last token
     assert has_eos.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("module", [ppo, drpo], ids=["ppo", "drpo"])
+def test_critic_starts_at_the_reward_score(module, toy_cache):
+    """The critic is a copy of the reward model whose normalization bias its values subtract, as N+'s critic
+    does: at the start, the value of the state after the last token (the head on the EOS) is the score."""
+    tokenizer = common.load_tokenizer("toy-sft")
+    pad_id = tokenizer.pad_token_id
+    prompt, completion = toy_batch(tokenizer)
+    reward_model, critic = common.load_model("toy-rm", "reward"), common.load_model("toy-rm", "reward")
+    assert abs(critic.config.reward_bias) > 0.1  # the toy reward model's bias: large enough to matter here
+    scores = common.reward_scores(reward_model, prompt, completion, pad_id)
+    values = module.token_values(critic, prompt, torch.nn.functional.pad(completion, (0, 1), value=pad_id), pad_id)
+    end = (completion != pad_id).sum(1)  # values[:, t] reads the hidden state of token t - 1
+    torch.testing.assert_close(values[torch.arange(len(end)), end], scores)
 
 
 def tiny_models(seed=0):
