@@ -8,6 +8,12 @@ completion window: it counts for the reward model, the KL penalty and the critic
 in the policy-gradient loss (the policy did not choose those tokens). Evaluation starts from the bare
 prompt. `diff ppo.py drpo.py` shows the reset and nothing else.
 
+The official DR-PO code (github.com/Cornell-RL/drpo, src/tldr/ppo.py and drpo.py, which produced the paper's
+PPO and DR-PO numbers) forks an earlier N+ version and departs from the N+ details followed here in two
+ways: it whitens the per-token rewards (whiten_rewards=True, shift_mean=False; `--whiten-rewards` does the
+same here, over the completion tokens), and it does not mask after EOS (the KL penalty, the values, the
+whitening and both losses run over all 53 generated tokens; here a completion ends at its EOS, so no flag).
+
     python drpo.py                                                 # toy task, CPU, ~2 minutes
     python drpo.py --model vwxyzjn/EleutherAI_pythia-1b-deduped__sft__tldr \
         --reward-model vwxyzjn/EleutherAI_pythia-1b-deduped__reward__tldr --dataset trl-lib/tldr \
@@ -94,6 +100,8 @@ class Args:
     """value clip around the rollout values (N+: 0.2)"""
     vf_coef: float = 0.1
     """value loss coefficient (N+: 0.1)"""
+    whiten_rewards: bool = False
+    """scale the per-token rewards to unit variance over the rollout, mean kept (N+: off; DR-PO's official code: on)"""
 
     # optimization and batch sizes
     lr: float = 3e-5
@@ -117,6 +125,12 @@ def per_token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor
     end = mask.sum(1) - 1
     rewards[torch.arange(len(end), device=rewards.device), end] += scores  # ALGO LOGIC: the score at the EOS index
     return rewards
+
+
+def whiten_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token rewards divided by their standard deviation over the completion tokens, their mean kept
+    (N+'s `whiten_rewards`, shift_mean=False); 0 after the end."""
+    return common.masked_whiten(rewards, mask, shift_mean=False).masked_fill(~mask, 0)
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -258,6 +272,8 @@ def main(args: Args):
             scores = common.reward_scores(reward_model, prompt, completion, pad_id, has_eos, args.no_eos_score)
             kl = (old_logps - ref_logps).masked_fill(~mask, 0)  # k1 estimate per token, 0 after EOS
             rewards = per_token_rewards(kl, scores, mask, args.kl_coef)
+            if args.whiten_rewards:
+                rewards = whiten_rewards(rewards, mask)
             run.check_finite(update, reward=scores)
             advantages, returns = compute_gae(rewards, old_values, args.gamma, args.lam)
             advantages = common.masked_whiten(advantages, mask).masked_fill(~mask, 0)

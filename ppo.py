@@ -89,6 +89,8 @@ class Args:
     """value clip around the rollout values (N+: 0.2)"""
     vf_coef: float = 0.1
     """value loss coefficient (N+: 0.1)"""
+    whiten_rewards: bool = False
+    """scale the per-token rewards to unit variance over the rollout, mean kept (N+: off; DR-PO's official code: on)"""
 
     # optimization and batch sizes
     lr: float = 3e-5
@@ -112,6 +114,12 @@ def per_token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor
     end = mask.sum(1) - 1
     rewards[torch.arange(len(end), device=rewards.device), end] += scores  # ALGO LOGIC: the score at the EOS index
     return rewards
+
+
+def whiten_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token rewards divided by their standard deviation over the completion tokens, their mean kept
+    (N+'s `whiten_rewards`, shift_mean=False); 0 after the end."""
+    return common.masked_whiten(rewards, mask, shift_mean=False).masked_fill(~mask, 0)
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -219,6 +227,8 @@ def main(args: Args):
             scores = common.reward_scores(reward_model, prompt, completion, pad_id, has_eos, args.no_eos_score)
             kl = (old_logps - ref_logps).masked_fill(~mask, 0)  # k1 estimate per token, 0 after EOS
             rewards = per_token_rewards(kl, scores, mask, args.kl_coef)
+            if args.whiten_rewards:
+                rewards = whiten_rewards(rewards, mask)
             run.check_finite(update, reward=scores)
             advantages, returns = compute_gae(rewards, old_values, args.gamma, args.lam)
             advantages = common.masked_whiten(advantages, mask).masked_fill(~mask, 0)

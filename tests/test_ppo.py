@@ -83,6 +83,26 @@ def test_critic_starts_at_the_reward_score(module, toy_cache):
     torch.testing.assert_close(values[torch.arange(len(end)), end], scores)
 
 
+@pytest.mark.parametrize("module", [ppo, drpo], ids=["ppo", "drpo"])
+def test_whiten_rewards_hand_values(module):
+    """--whiten-rewards: rewards [0, 0, 4] on the completion tokens keep their mean 4/3 and are divided by their
+    standard deviation sqrt(16/3) (unbiased): (0 - 4/3) / 2.3094 + 4/3 = 0.75598; padding stays 0."""
+    rewards, mask = torch.tensor([[0.0, 0.0, 4.0, 9.0]]), torch.tensor([[True, True, True, False]])
+    expected = torch.tensor([[0.7559831, 0.7559831, 2.4880339, 0.0]])
+    torch.testing.assert_close(module.whiten_rewards(rewards, mask), expected)
+
+
+@pytest.mark.parametrize("module", [ppo, drpo], ids=["ppo", "drpo"])
+def test_whiten_rewards_flag_whitens_each_rollout(module, toy_cache, tmp_path, monkeypatch):
+    whitened, whiten = [], module.whiten_rewards
+    monkeypatch.setattr(module, "whiten_rewards", lambda rewards, mask: whitened.append(mask) or whiten(rewards, mask))
+    run = {"output_dir": str(tmp_path), "total_episodes": 16, "batch_size": 8, "eval_prompts": 4}
+    module.main(module.Args(**run, run_name="plain"))
+    assert whitened == []  # off by default (N+)
+    module.main(module.Args(**run, run_name="whiten", whiten_rewards=True))
+    assert len(whitened) == 2 and all(m.shape[0] == 8 for m in whitened)  # once per update, over its rollout
+
+
 def tiny_models(seed=0):
     torch.manual_seed(seed)
     tokenizer = toy.make_tokenizer()
