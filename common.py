@@ -309,8 +309,11 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def trainable(model, args):
-    """The training-side options of a model that will be trained: gradient checkpointing (recompute
-    activations in the backward pass, trading compute for memory) and, for a policy, LoRA adapters."""
+    """The training-side options of a model that will be trained: training mode, gradient checkpointing
+    (recompute activations in the backward pass, trading compute for memory) and, for a policy, LoRA adapters.
+    from_pretrained returns eval mode, and transformers checkpoints only in training mode; dropout is off,
+    so training mode changes nothing else (evaluate() and generate() switch to eval mode and back)."""
+    model.train()
     if getattr(args, "gradient_checkpointing", False):
         if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
             model.activation_checkpointing_enable({"use_reentrant": False})

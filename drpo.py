@@ -8,6 +8,12 @@ completion window: it counts for the reward model, the KL penalty and the critic
 in the policy-gradient loss (the policy did not choose those tokens). Evaluation starts from the bare
 prompt. `diff ppo.py drpo.py` shows the reset and nothing else.
 
+The official DR-PO code (github.com/Cornell-RL/drpo, src/tldr/ppo.py and drpo.py, which produced the paper's
+PPO and DR-PO numbers) forks an earlier N+ version and departs from the N+ details followed here in two
+ways: it whitens the per-token rewards (whiten_rewards=True, shift_mean=False; `--whiten-rewards` does the
+same here, over the completion tokens), and it does not mask after EOS (the KL penalty, the values, the
+whitening and both losses run over all 53 generated tokens; here a completion ends at its EOS, so no flag).
+
     python drpo.py                                                 # toy task, CPU, ~2 minutes
     python drpo.py --model vwxyzjn/EleutherAI_pythia-1b-deduped__sft__tldr \
         --reward-model vwxyzjn/EleutherAI_pythia-1b-deduped__reward__tldr --dataset trl-lib/tldr \
@@ -22,6 +28,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from transformers import LogitsProcessor
 
 import common
@@ -54,7 +61,7 @@ class Args:
     model: str = "toy-sft"
     """SFT policy to start from; also the frozen reference (Hub id or local dir; `toy-sft` = the cached toy SFT model)"""
     reward_model: str = "toy-rm"
-    """reward model; the critic starts from a copy of it, head included (`toy-rm` = the cached toy reward model)"""
+    """reward model; the critic starts as a copy of it, head and bias included (`toy-rm`: the cached toy RM)"""
     lora_r: int = 0
     """LoRA rank of the policy's adapters (peft; 0 = full fine-tuning); the reference is then the adapter-disabled policy, not a second copy"""
     lora_alpha: float = 16.0
@@ -93,6 +100,8 @@ class Args:
     """value clip around the rollout values (N+: 0.2)"""
     vf_coef: float = 0.1
     """value loss coefficient (N+: 0.1)"""
+    whiten_rewards: bool = False
+    """scale the per-token rewards to unit variance over the rollout, mean kept (N+: off; DR-PO's official code: on)"""
 
     # optimization and batch sizes
     lr: float = 3e-5
@@ -118,6 +127,12 @@ def per_token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor
     return rewards
 
 
+def whiten_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token rewards divided by their standard deviation over the completion tokens, their mean kept
+    (N+'s `whiten_rewards`, shift_mean=False); 0 after the end."""
+    return common.masked_whiten(rewards, mask, shift_mean=False).masked_fill(~mask, 0)
+
+
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """GAE over completion tokens ([B, C]; rewards and values already 0 after the end, V = 0 past it):
     delta_t = r_t + gamma V_{t+1} - V_t,  A_t = sum_k (gamma lam)^k delta_{t+k},  returns R_t = A_t + V_t.
@@ -138,7 +153,10 @@ def logprobs_and_values(model, prompt, completion, pad_id, temperature):
     keep = torch.arange(P - 1, P + C - 1, device=completion.device)  # the positions that predict y_1..y_C
     out = common.forward(model, torch.cat([prompt, completion], 1), pad_id, logits_to_keep=keep)
     logps = common.token_logprobs(out.logits, completion, pad_id, temperature)
-    return logps, out["critic_values"][:, P - 1 : -1].float()
+    # N+: the critic subtracts the normalization bias it inherits from the reward model, so that at the start
+    # the value of the state after EOS is the reward score
+    bias = getattr(extract_model_from_parallel(model).critic.config, "reward_bias", 0.0)
+    return logps, out["critic_values"][:, P - 1 : -1].float() - bias
 
 
 class ForcePrefix(LogitsProcessor):
@@ -260,6 +278,8 @@ def main(args: Args):
             scores = common.reward_scores(reward_model, prompt, completion, pad_id, has_eos, args.no_eos_score)
             kl = (old_logps - ref_logps).masked_fill(~mask, 0)  # k1 estimate per token, 0 after EOS
             rewards = per_token_rewards(kl, scores, mask, args.kl_coef)
+            if args.whiten_rewards:
+                rewards = whiten_rewards(rewards, mask)
             run.check_finite(update, reward=scores)
             advantages, returns = compute_gae(rewards, old_values, args.gamma, args.lam)
             advantages = common.masked_whiten(advantages, mask).masked_fill(~mask, 0)

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 
 import common
 import toy
@@ -51,7 +52,7 @@ class Args:
     model: str = "toy-sft"
     """SFT policy to start from; also the frozen reference (Hub id or local dir; `toy-sft` = the cached toy SFT model)"""
     reward_model: str = "toy-rm"
-    """reward model; the critic starts from a copy of it, head included (`toy-rm` = the cached toy reward model)"""
+    """reward model; the critic starts as a copy of it, head and bias included (`toy-rm`: the cached toy RM)"""
     lora_r: int = 0
     """LoRA rank of the policy's adapters (peft; 0 = full fine-tuning); the reference is then the adapter-disabled policy, not a second copy"""
     lora_alpha: float = 16.0
@@ -88,6 +89,8 @@ class Args:
     """value clip around the rollout values (N+: 0.2)"""
     vf_coef: float = 0.1
     """value loss coefficient (N+: 0.1)"""
+    whiten_rewards: bool = False
+    """scale the per-token rewards to unit variance over the rollout, mean kept (N+: off; DR-PO's official code: on)"""
 
     # optimization and batch sizes
     lr: float = 3e-5
@@ -113,6 +116,12 @@ def per_token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor
     return rewards
 
 
+def whiten_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token rewards divided by their standard deviation over the completion tokens, their mean kept
+    (N+'s `whiten_rewards`, shift_mean=False); 0 after the end."""
+    return common.masked_whiten(rewards, mask, shift_mean=False).masked_fill(~mask, 0)
+
+
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """GAE over completion tokens ([B, C]; rewards and values already 0 after the end, V = 0 past it):
     delta_t = r_t + gamma V_{t+1} - V_t,  A_t = sum_k (gamma lam)^k delta_{t+k},  returns R_t = A_t + V_t.
@@ -133,7 +142,10 @@ def logprobs_and_values(model, prompt, completion, pad_id, temperature):
     keep = torch.arange(P - 1, P + C - 1, device=completion.device)  # the positions that predict y_1..y_C
     out = common.forward(model, torch.cat([prompt, completion], 1), pad_id, logits_to_keep=keep)
     logps = common.token_logprobs(out.logits, completion, pad_id, temperature)
-    return logps, out["critic_values"][:, P - 1 : -1].float()
+    # N+: the critic subtracts the normalization bias it inherits from the reward model, so that at the start
+    # the value of the state after EOS is the reward score
+    bias = getattr(extract_model_from_parallel(model).critic.config, "reward_bias", 0.0)
+    return logps, out["critic_values"][:, P - 1 : -1].float() - bias
 
 
 def ppo_losses(new_logps, old_logps, advantages, new_values, old_values, returns, mask, args):
@@ -221,6 +233,8 @@ def main(args: Args):
             scores = common.reward_scores(reward_model, prompt, completion, pad_id, has_eos, args.no_eos_score)
             kl = (old_logps - ref_logps).masked_fill(~mask, 0)  # k1 estimate per token, 0 after EOS
             rewards = per_token_rewards(kl, scores, mask, args.kl_coef)
+            if args.whiten_rewards:
+                rewards = whiten_rewards(rewards, mask)
             run.check_finite(update, reward=scores)
             advantages, returns = compute_gae(rewards, old_values, args.gamma, args.lam)
             advantages = common.masked_whiten(advantages, mask).masked_fill(~mask, 0)

@@ -81,7 +81,10 @@ class Args:
     temperature: float = 0.7
     """sampling temperature tau_s; every log-prob is computed from logits / tau_s (REBEL TL;DR: 0.7)"""
     no_eos_score: float = -1.0
-    """score that replaces the reward-model score of a completion without EOS (REBEL TL;DR: -1)"""
+    """score that replaces the reward-model score of a completion without EOS (REBEL TL;DR: -1, chat: -4)"""
+    reward_scale: float = 1.0
+    """reward-model scores are multiplied by this before the missing-EOS rule and the KL penalty (REBEL chat: 0.001,
+    its official code's scores / 1000); eta cannot stand in for it, since eta scales the KL term too"""
 
     # optimization and batch sizes
     lr: float = 3e-5
@@ -96,6 +99,12 @@ class Args:
     """epochs over each rollout (REBEL TL;DR: 4)"""
     micro_batch_size: int = 64
     """prompts (pairs: 2x this many rows) per forward/backward; gradients accumulate up to a minibatch"""
+
+
+def scaled_scores(raw: torch.Tensor, has_eos: torch.Tensor, reward_scale: float, no_eos_score: float) -> torch.Tensor:
+    """s(x, y) = reward_scale * the reward-model score, or no_eos_score (not scaled) for a completion without
+    EOS: the scale comes first, as in REBEL's official chat code (score / 1000, then -4 without EOS)."""
+    return torch.where(has_eos, reward_scale * raw, torch.full_like(raw, no_eos_score))  # ALGO LOGIC: REBEL chat score
 
 
 def sequence_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
@@ -136,7 +145,7 @@ def main(args: Args):
     device = accelerator.device
     per_process = args.batch_size // accelerator.num_processes
     num_updates = args.total_episodes // args.batch_size
-    common.check_ranges(args, positive=("eta", "temperature", "max_new_tokens", "max_prompt_length", "rebel_epochs", "micro_batch_size"), non_negative=("lr", "kl_coef", "save_every"))  # fmt: skip
+    common.check_ranges(args, positive=("eta", "reward_scale", "temperature", "max_new_tokens", "max_prompt_length", "rebel_epochs", "micro_batch_size"), non_negative=("lr", "kl_coef", "save_every"))  # fmt: skip
     if per_process == 0 or per_process % args.num_minibatches or num_updates == 0:
         raise common.UserError(f"--batch-size {args.batch_size} must be a multiple of --num-minibatches {args.num_minibatches} (per process) and at most --total-episodes {args.total_episodes}")  # fmt: skip
     tokenizer = common.load_tokenizer(args.model)
@@ -192,7 +201,8 @@ def main(args: Args):
             unique = prompt[:per_process]  # each prompt once: its forward is shared by y and y'
             old_logps = common.completion_logprobs(unwrapped, unique, completion, pad_id, args.temperature)
             ref_logps = common.completion_logprobs(ref_policy, unique, completion, pad_id, args.temperature)
-            scores = common.reward_scores(reward_model, unique, completion, pad_id, has_eos, args.no_eos_score)
+            raw = common.reward_scores(reward_model, unique, completion, pad_id)
+            scores = scaled_scores(raw, has_eos, args.reward_scale, args.no_eos_score)
             kl = (old_logps - ref_logps).masked_fill(~mask, 0)  # k1 estimate per token, 0 after EOS
             rewards = sequence_rewards(scores, kl, mask, args.kl_coef)
             run.check_finite(update, reward=rewards)

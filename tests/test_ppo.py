@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import common
+import drpo
 import ppo
 import toy
+from toy_batches import toy_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +66,43 @@ def test_score_goes_to_the_eos_index_and_nothing_after():
     torch.testing.assert_close(rewards[0], torch.tensor([-0.05, -0.05, 0.95, 0.0, 0.0]))
     torch.testing.assert_close(rewards[1], torch.tensor([-0.05, -0.05, -0.05, -0.05, -1.05]))  # no EOS: last token
     assert has_eos.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("module", [ppo, drpo], ids=["ppo", "drpo"])
+def test_critic_starts_at_the_reward_score(module, toy_cache):
+    """The critic is a copy of the reward model whose normalization bias its values subtract, as N+'s critic
+    does: at the start, the value of the state after the last token (the head on the EOS) is the score."""
+    tokenizer = common.load_tokenizer("toy-sft")
+    pad_id = tokenizer.pad_token_id
+    prompt, completion = toy_batch(tokenizer)
+    reward_model, critic = common.load_model("toy-rm", "reward"), common.load_model("toy-rm", "reward")
+    assert abs(critic.config.reward_bias) > 0.1  # the toy reward model's bias: large enough to matter here
+    scores = common.reward_scores(reward_model, prompt, completion, pad_id)
+    model = common.PolicyAndCritic(common.load_model("toy-sft"), critic)
+    padded = torch.nn.functional.pad(completion, (0, 1), value=pad_id)
+    _, values = module.logprobs_and_values(model, prompt, padded, pad_id, 1.0)
+    end = (completion != pad_id).sum(1)  # values[:, t] reads the hidden state of token t - 1
+    torch.testing.assert_close(values[torch.arange(len(end)), end], scores)
+
+
+@pytest.mark.parametrize("module", [ppo, drpo], ids=["ppo", "drpo"])
+def test_whiten_rewards_hand_values(module):
+    """--whiten-rewards: rewards [0, 0, 4] on the completion tokens keep their mean 4/3 and are divided by their
+    standard deviation sqrt(16/3) (unbiased): (0 - 4/3) / 2.3094 + 4/3 = 0.75598; padding stays 0."""
+    rewards, mask = torch.tensor([[0.0, 0.0, 4.0, 9.0]]), torch.tensor([[True, True, True, False]])
+    expected = torch.tensor([[0.7559831, 0.7559831, 2.4880339, 0.0]])
+    torch.testing.assert_close(module.whiten_rewards(rewards, mask), expected)
+
+
+@pytest.mark.parametrize("module", [ppo, drpo], ids=["ppo", "drpo"])
+def test_whiten_rewards_flag_whitens_each_rollout(module, toy_cache, tmp_path, monkeypatch):
+    whitened, whiten = [], module.whiten_rewards
+    monkeypatch.setattr(module, "whiten_rewards", lambda rewards, mask: whitened.append(mask) or whiten(rewards, mask))
+    run = {"output_dir": str(tmp_path), "total_episodes": 16, "batch_size": 8, "eval_prompts": 4}
+    module.main(module.Args(**run, run_name="plain"))
+    assert whitened == []  # off by default (N+)
+    module.main(module.Args(**run, run_name="whiten", whiten_rewards=True))
+    assert len(whitened) == 2 and all(m.shape[0] == 8 for m in whitened)  # once per update, over its rollout
 
 
 def tiny_models(seed=0):

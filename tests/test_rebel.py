@@ -35,6 +35,29 @@ def test_reward_hand_values():
     torch.testing.assert_close(rebel.sequence_rewards(torch.tensor([1.0]), kl, mask, kl_coef=0.05), torch.tensor([0.8]))
 
 
+def test_chat_reward_hand_values():
+    """REBEL's official chat reward: RM score / 1000 (--reward-scale 0.001), then -4 without EOS (not scaled),
+    then - 0.05 * sum_t k_t."""
+    raw, has_eos = torch.tensor([2500.0, -800.0, 3000.0]), torch.tensor([True, True, False])
+    scores = rebel.scaled_scores(raw, has_eos, reward_scale=0.001, no_eos_score=-4.0)
+    torch.testing.assert_close(scores, torch.tensor([2.5, -0.8, -4.0]))
+    kl = torch.tensor([[1.0, 3.0], [0.5, 9.0], [2.0, 2.0]])
+    mask = torch.tensor([[True, True], [True, False], [True, True]])
+    rewards = rebel.sequence_rewards(scores, kl, mask, kl_coef=0.05)
+    torch.testing.assert_close(rewards, torch.tensor([2.3, -0.825, -4.2]))
+
+
+def test_reward_scale_comes_before_the_missing_eos_rule(toy_cache, tmp_path, monkeypatch):
+    """A run with every raw score 2 and --reward-scale 0.5: completions with EOS score 1, the others -1."""
+    monkeypatch.setattr(common, "reward_scores", lambda rm, prompt, completion, *a: torch.full((len(completion),), 2.0))
+    run = {"output_dir": str(tmp_path), "run_name": "scale", "total_episodes": 16, "batch_size": 16, "eval_prompts": 4}
+    rebel.main(rebel.Args(**run, reward_scale=0.5, max_new_tokens=3))
+    update = next(r for r in read_metrics(tmp_path / "scale") if "objective/scores" in r)
+    eos = update["objective/eos_rate"]
+    assert 0 < eos < 1  # both kinds of completion occur (3 new tokens)
+    assert update["objective/scores"] == pytest.approx(eos * 1.0 + (1 - eos) * -1.0, abs=1e-6)
+
+
 def test_swapping_y_and_y_prime_leaves_the_loss_unchanged():
     g = torch.Generator().manual_seed(0)
     new, old, rewards = (torch.randn(10, generator=g, dtype=torch.float64) for _ in range(3))
