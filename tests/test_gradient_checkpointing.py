@@ -36,8 +36,8 @@ TWO_TRAINED = ("ppo", "drpo", "aihf-explicit")  # policy and critic, or policy a
 
 def run_counted(name, checkpointing, tmp_path, monkeypatch):
     """One short run of the script. For each model that common.trainable() prepares, the number of forward
-    calls of the model and of one decoder layer's MLP made with gradients enabled (a checkpointed layer runs
-    again in the backward pass, the model's forward does not); and the gradients at every optimizer step."""
+    calls of its backbone and of one decoder layer's MLP made with gradients enabled (a checkpointed layer runs
+    again in the backward pass, the backbone's forward does not); and the gradients at every optimizer step."""
     counts, grads = [], []
     trainable = common.trainable
 
@@ -45,7 +45,8 @@ def run_counted(name, checkpointing, tmp_path, monkeypatch):
         model = trainable(model, args)
         layer = next(m for m in model.modules() if isinstance(m, GradientCheckpointingLayer))
         c = {"model": 0, "layer": 0}
-        model.register_forward_pre_hook(lambda *_: c.update(model=c["model"] + torch.is_grad_enabled()))
+        # the backbone: PPO's critic runs it and its head, not its own forward (common.PolicyAndCritic)
+        model.base_model.register_forward_pre_hook(lambda *_: c.update(model=c["model"] + torch.is_grad_enabled()))
         layer.mlp.register_forward_pre_hook(lambda *_: c.update(layer=c["layer"] + torch.is_grad_enabled()))
         counts.append(c)
         return model
