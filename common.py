@@ -1139,9 +1139,9 @@ class Run:
     def resume(self, *accelerators, **objects) -> dict | None:
         """Name what a checkpoint holds beyond what `accelerator.prepare` returned (its models and optimizers,
         which `accelerator.save_state` saves: DeepSpeed engines as their own sharded checkpoints): objects
-        with a state_dict (the scheduler), and any further Accelerator (a second DeepSpeed engine). With --resume, load them all with
-        every process's RNG states, and return the loop state this process saved (step, data position...);
-        else None."""
+        with a state_dict (the scheduler), and any further Accelerator (a second DeepSpeed engine). With
+        --resume, load them all with every process's RNG states, and return the loop state this process
+        saved (step, data position...); else None."""
         self.accelerators = [self.accelerator, *accelerators]
         for obj in objects.values():
             self.accelerator.register_for_checkpointing(obj)

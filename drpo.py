@@ -214,7 +214,7 @@ def main(args: Args):
     policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
     ref_policy = common.reference_model(args.model, policy, args.lora_r, device)
     reward_model = common.load_model(args.reward_model, "reward", tokenizer=tokenizer, frozen=True).to(device)
-    critic = common.trainable(common.load_model(args.reward_model, "reward"), args)  # starts from the reward model, head included
+    critic = common.trainable(common.load_model(args.reward_model, "reward"), args)  # the reward model, head included
     if getattr(reward_model, "retokenize", None) is not None:  # the critic reads the policy's tokens
         raise common.UserError(f"--reward-model {args.reward_model} has its own tokenizer, but the critic starts from it and reads the policy's tokens: use a reward model with the policy's tokenizer")  # fmt: skip
     is_toy = args.dataset == "toy"

@@ -212,6 +212,7 @@ def test_one_forward_gives_the_policy_log_probs_and_the_critic_values():
     completion, _ = common.generate(policy, prompt, tokenizer, 6, temperature=1.0)
     pad_id, P = tokenizer.pad_token_id, prompt.shape[1]
     logps, values = ppo.logprobs_and_values(common.PolicyAndCritic(policy, value), prompt, completion, pad_id, 0.7)
-    torch.testing.assert_close(logps, common.completion_logprobs(policy, prompt, completion, pad_id, 0.7), rtol=0, atol=1e-5)
+    expected_logps = common.completion_logprobs(policy, prompt, completion, pad_id, 0.7)
+    torch.testing.assert_close(logps, expected_logps, rtol=0, atol=1e-5)
     expected = common.token_scores(value, prompt, completion, pad_id)[:, P - 1 : -1]
     torch.testing.assert_close(values, expected, rtol=0, atol=1e-5)
