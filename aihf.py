@@ -8,7 +8,7 @@ bi-level problem whose upper level fits the reward to the preferences and the po
 demonstrations, whose lower level is KL-regularized reward maximization; it reduces to RLHF / DPO; the
 variants AIHF-DPO and Self-Play AIHF; its claim is about few preferences next to many demonstrations.
 The paper's equations are NOT available: the losses below are this project's reconstruction
-(ALGORITHMS.md §2.8, lines marked [R]). For the KL optimum pi_r = pi_ref exp(r/beta)/Z, the likelihood
+(lines marked [R]). For the KL optimum pi_r = pi_ref exp(r/beta)/Z, the likelihood
 of a demonstration has the maximum-likelihood-IRL gradient E_demo[grad r] - E_{y~pi_r}[grad r]:
 demonstrations are positives contrasted with the policy's own samples.
   --variant dpo (AIHF-DPO, default): one network, implicit reward beta*log(pi_theta/pi_ref), and
@@ -355,7 +355,7 @@ def main(args: Args):
 
     @torch.no_grad()
     def recentre():
-        """Shift r_phi so the first center_demos demonstrations score 0 on average (N+ bias, ALGORITHMS §1.3):
+        """Shift r_phi so the first center_demos demonstrations score 0 on average (the N+ reward bias):
         the missing-EOS score and the KL coefficient keep their meaning while the reward moves."""
         prompt, completion = collate(center, "demo", "demo", pad_id, device)
         rm.config.reward_bias = getattr(rm.config, "reward_bias", 0.0) + common.reward_scores(rm, prompt, completion, pad_id).mean().item()  # fmt: skip

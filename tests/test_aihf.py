@@ -1,4 +1,4 @@
-"""aihf.py: the reductions of ALGORITHMS.md §2.8 (w_demo = 0 is dpo.py's loss / reward.py's Bradley-Terry
+"""aihf.py: the reductions of its reconstructed losses (w_demo = 0 is dpo.py's loss / reward.py's Bradley-Terry
 loss, w_pref = 0 with self-play is SPIN's loss, (w_pref + w_demo) ln 2 at pi_theta = pi_ref), the RLOO
 baseline, the reward phase never reading policy samples when w_demo = 0, smoke runs of both variants
 and of self-play, and a learning check on the tiny toy models of the `toy_cache` fixture."""
@@ -91,7 +91,7 @@ def test_reward_phase_w_demo_zero_is_exactly_bradley_terry():
     assert torch.equal(loss, reward.bradley_terry_loss(chosen, rejected)) and "rm/demo_gap" not in stats
     zero = aihf.reward_loss(torch.zeros(3), torch.zeros(3), None, None, 1.0, 0.0)[0]
     one = aihf.reward_loss(torch.ones(3), torch.zeros(3), None, None, 1.0, 0.0)[0]
-    assert zero.item() == pytest.approx(LN2) and one.item() == pytest.approx(0.313262, abs=1e-6)  # ALGORITHMS §4.1
+    assert zero.item() == pytest.approx(LN2) and one.item() == pytest.approx(0.313262, abs=1e-6)  # -log sigmoid(1) by hand
 
 
 def test_reward_phase_demonstration_term_hand_values():

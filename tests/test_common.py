@@ -1,5 +1,5 @@
-"""Tests of the shared plumbing (common.py): the hand values of ALGORITHMS.md §4.1, the parity patterns of
-§4.3 (log-probs vs the HF loss, left-padded batches vs one sequence at a time on GPT-2, GPT-NeoX and Llama),
+"""Tests of the shared plumbing (common.py): hand-computed values, the parity patterns (log-probs vs the HF
+loss, left-padded batches vs one sequence at a time on GPT-2, GPT-NeoX and Llama),
 the pad-token rules, tokenization, generation, data loading, run outputs and evaluation.
 
 The models are tiny and randomly initialized (vocabulary 50, hidden 32, 2 layers, dropout 0), so every
@@ -87,7 +87,7 @@ COMPLETIONS = [[20, 21, EOS], [22, EOS], [23, 24, 25, 26]]
 
 
 # ---------------------------------------------------------------------------------------------
-# Masked statistics (ALGORITHMS.md §4.1)
+# Masked statistics (hand-computed values)
 # ---------------------------------------------------------------------------------------------
 
 

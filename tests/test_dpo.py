@@ -1,4 +1,4 @@
-"""dpo.py: the loss against hand-computed values (ALGORITHMS.md §4.1), the [chosen; rejected] collator's
+"""dpo.py: the loss against hand-computed values, the [chosen; rejected] collator's
 completion masks, detached rewards, the loss at initialization on a real batch, smoke runs (function
 and CLI) and a learning check on the tiny toy models of the `toy_cache` fixture."""
 
@@ -73,7 +73,7 @@ def test_logged_rewards_are_detached():
 
 
 def test_collator_completion_masks_exclude_each_prompt():
-    """ALGORITHMS §4.1 'preference collator', read in that oracle's right-padded layout."""
+    """The preference collator, read in that oracle's right-padded layout."""
     rows = [{"prompt": [1, 2, 3], "chosen": [4, 5], "rejected": [6]},
             {"prompt": [7, 8], "chosen": [9, 10], "rejected": [11, 12, 13]}]  # fmt: skip
     batch = dpo.collate(rows, pad_id=0)

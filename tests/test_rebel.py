@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_loss_hand_values():
-    """ALGORITHMS §4.1: log pi_theta / log pi_t = -10 / -11 for y, -12 / -12 for y'; R = 0.5, -0.3; eta 1."""
+    """By hand: log pi_theta / log pi_t = -10 / -11 for y, -12 / -12 for y'; R = 0.5, -0.3; eta 1."""
     new, old, rewards = torch.tensor([-10.0, -12.0]), torch.tensor([-11.0, -12.0]), torch.tensor([0.5, -0.3])
     loss, s = rebel.rebel_loss(new, old, rewards, eta=1.0)
     torch.testing.assert_close(s["delta_logratio"], torch.tensor([1.0]))

@@ -157,7 +157,7 @@ def test_reward_smoke_outputs(reward_run):
 
 def test_reward_normalization_centers_the_references(reward_run):
     """The saved model's mean score on the reference completions (the toy SFT train split, the 2000 that
-    reward.py draws) is 0 after the stored bias is subtracted (ALGORITHMS.md §1.3)."""
+    reward.py draws) is 0 after the stored bias is subtracted."""
     run, args = reward_run
     assert abs(json.loads((run / "eval.json").read_text())["eval/reference_score"]) < 1e-4
     rm, tok = common.load_model(str(run), kind="reward").eval(), common.load_tokenizer(str(run))

@@ -34,7 +34,7 @@ def test_alpha_zero_is_exactly_the_dpo_loss():
 
 
 def test_bonus_hand_value():
-    """ALGORITHMS §4.1: alpha 1e-5, sum log pi_theta(y~) = -100 -> -0.001 added to the loss."""
+    """By hand: alpha 1e-5, sum log pi_theta(y~) = -100 -> -0.001 added to the loss."""
     zero = torch.zeros(1, dtype=torch.float64)
     losses, dpo_losses, bonus, *_ = xpo.xpo_loss(zero, zero, zero, zero, torch.tensor([-100.0], dtype=torch.float64), beta=0.1, alpha=1e-5)  # fmt: skip
     assert bonus.item() == pytest.approx(-0.001, abs=1e-15)
