@@ -191,13 +191,27 @@ def aihf_dpo_loss(pref_logps, demo_logps, beta, w_pref, w_demo):
     if w_pref:
         losses, chosen, rejected = implicit_pair_loss(*pref_logps, beta)
         loss = loss + w_pref * losses.mean()  # ALGO LOGIC [R]: w_pref * mean_P[-log s(beta(l(y_w) - l(y_l)))]
-        stats.update({"loss/pref": losses.mean().detach(), "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-                      "rewards/pref_margin": (chosen - rejected).mean(), "rewards/pref_accuracy": (chosen > rejected).float().mean()})  # fmt: skip
+        stats.update(
+            {
+                "loss/pref": losses.mean().detach(),
+                "rewards/chosen": chosen.mean(),
+                "rewards/rejected": rejected.mean(),
+                "rewards/pref_margin": (chosen - rejected).mean(),
+                "rewards/pref_accuracy": (chosen > rejected).float().mean(),
+            }
+        )
     if w_demo:
         losses, demo, generated = implicit_pair_loss(*demo_logps, beta)
         loss = loss + w_demo * losses.mean()  # ALGO LOGIC [R]: w_demo * mean_D[-log s(beta(l(y_E) - l(y_gen)))]
-        stats.update({"loss/demo": losses.mean().detach(), "rewards/demo": demo.mean(), "rewards/generated": generated.mean(),
-                      "rewards/demo_margin": (demo - generated).mean(), "rewards/demo_accuracy": (demo > generated).float().mean()})  # fmt: skip
+        stats.update(
+            {
+                "loss/demo": losses.mean().detach(),
+                "rewards/demo": demo.mean(),
+                "rewards/generated": generated.mean(),
+                "rewards/demo_margin": (demo - generated).mean(),
+                "rewards/demo_accuracy": (demo > generated).float().mean(),
+            }
+        )
     return loss, stats
 
 
@@ -208,7 +222,9 @@ def reward_loss(chosen, rejected, demo, policy, w_pref, w_demo):
     if w_pref:
         bt = -F.logsigmoid(chosen.float() - rejected.float()).mean()  # Bradley-Terry NLL, as reward.py
         loss = loss + w_pref * bt  # ALGO LOGIC [R]: w_pref * mean_P[-log s(r(y_w) - r(y_l))]
-        stats.update({"rm/bt_loss": bt.detach(), "rm/accuracy": (chosen > rejected).float().mean(), "loss/pref": bt.detach()})
+        stats.update(
+            {"rm/bt_loss": bt.detach(), "rm/accuracy": (chosen > rejected).float().mean(), "loss/pref": bt.detach()}
+        )
     if w_demo:
         demo_gap = demo.float().mean() - policy.float().mean()
         loss = loss - w_demo * demo_gap  # ALGO LOGIC [R]: - w_demo * (mean_D r(y_E) - mean r(y_pi)), 1/beta in w_demo
@@ -225,17 +241,38 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
 def main(args: Args):
     is_toy = args.dataset == "toy"
     rm_name = args.reward_model if is_toy or args.reward_model != "toy-rm" else None  # the toy RM fits toy data only
-    if args.variant == "explicit" and (args.self_play or args.rloo_k < 2 or min(args.policy_steps, args.reward_steps) < 1):
-        raise common.UserError("--variant explicit needs --rloo-k >= 2, --policy-steps and --reward-steps >= 1, and no --self-play")  # fmt: skip
+    if args.variant == "explicit" and (
+        args.self_play or args.rloo_k < 2 or min(args.policy_steps, args.reward_steps) < 1
+    ):
+        raise common.UserError(
+            "--variant explicit needs --rloo-k >= 2, --policy-steps and --reward-steps >= 1, and no --self-play"
+        )
     if args.variant == "explicit" and (args.reward_init or rm_name) is None:
         raise common.UserError("--variant explicit needs --reward-model or --reward-init: the starting point of r_phi")
     if not (args.w_pref or args.w_demo):
         raise common.UserError("--w-pref and --w-demo are both 0: nothing to learn from")
-    common.check_ranges(args, positive=("beta", "temperature", "total_steps", "rounds", "max_prompt_length", "max_completion_length", "max_new_tokens", "num_demonstrations", "num_preferences"),
-                        non_negative=("lr", "w_pref", "w_demo", "kl_coef", "reward_lr", "center_demos", "save_every"))  # fmt: skip
+    common.check_ranges(
+        args,
+        positive=(
+            "beta",
+            "temperature",
+            "total_steps",
+            "rounds",
+            "max_prompt_length",
+            "max_completion_length",
+            "max_new_tokens",
+            "num_demonstrations",
+            "num_preferences",
+        ),
+        non_negative=("lr", "w_pref", "w_demo", "kl_coef", "reward_lr", "center_demos", "save_every"),
+    )
     accelerator = common.setup(args)
     device, n_proc = accelerator.device, accelerator.num_processes
-    per_pref, per_demo, per_prompts = args.batch_size // n_proc, args.demo_batch_size // n_proc, args.rollout_prompts // n_proc  # fmt: skip
+    per_pref, per_demo, per_prompts = (
+        args.batch_size // n_proc,
+        args.demo_batch_size // n_proc,
+        args.rollout_prompts // n_proc,
+    )
     num_rounds = args.rounds if args.self_play else 1
     steps_per_round = args.total_steps // num_rounds
     total = steps_per_round * num_rounds
@@ -283,25 +320,40 @@ def main(args: Args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / total)
     policy, optimizer = common.prepare(accelerator, policy, optimizer, micro_batch_size=2 * max(per_pref, per_demo))
     if args.self_play and common.zero_stage() == 3:
-        raise common.UserError("--self-play copies the policy into its opponent each round, which ZeRO-3's sharded weights do not allow: use ZeRO-2")  # fmt: skip
+        raise common.UserError(
+            "--self-play copies the policy into its opponent each round, which ZeRO-3's sharded weights do not allow: use ZeRO-2"
+        )
     if args.variant == "explicit":  # r_phi: trained, separate from the frozen eval scorer
-        reward_model = common.trainable(common.load_model(args.reward_init or rm_name, "reward", tokenizer=tokenizer), args)
+        reward_model = common.trainable(
+            common.load_model(args.reward_init or rm_name, "reward", tokenizer=tokenizer), args
+        )
         if getattr(reward_model, "retokenize", None) is not None:  # r_phi is trained on the policy's tokens
-            raise common.UserError(f"{args.reward_init or rm_name} has its own tokenizer: --variant explicit trains r_phi on the policy's tokens and needs the policy's tokenizer")  # fmt: skip
+            raise common.UserError(
+                f"{args.reward_init or rm_name} has its own tokenizer: --variant explicit trains r_phi on the policy's tokens and needs the policy's tokenizer"
+            )
         reward_optimizer = torch.optim.AdamW(reward_model.parameters(), lr=args.reward_lr, eps=1e-5)
         # r_phi gets an Accelerator of its own: DeepSpeed trains one model per Accelerator (same processes)
         reward_accelerator = Accelerator()
-        reward_model, reward_optimizer = common.prepare(reward_accelerator, reward_model, reward_optimizer, micro_batch_size=2 * max(per_pref, per_demo))  # fmt: skip
+        reward_model, reward_optimizer = common.prepare(
+            reward_accelerator, reward_model, reward_optimizer, micro_batch_size=2 * max(per_pref, per_demo)
+        )
         rm = reward_accelerator.unwrap_model(reward_model)
         center = [{"prompt": r["prompt"], "demo": r["demo"]} for r in demo_rows[: args.center_demos]]
     run = common.Run(args, accelerator, total)
 
     def run_eval(step):
         metrics, samples = common.evaluate(
-            accelerator.unwrap_model(policy), tokenizer, test["prompt"], test["completion"], is_toy=is_toy,
-            max_prompt=args.max_prompt_length, max_new_tokens=args.max_new_tokens, ref_model=ref_policy,
-            reward_model=scorer, no_eos_score=args.no_eos_score,
-        )  # fmt: skip
+            accelerator.unwrap_model(policy),
+            tokenizer,
+            test["prompt"],
+            test["completion"],
+            is_toy=is_toy,
+            max_prompt=args.max_prompt_length,
+            max_new_tokens=args.max_new_tokens,
+            ref_model=ref_policy,
+            reward_model=scorer,
+            no_eos_score=args.no_eos_score,
+        )
         run.write_samples(samples, step)
         return run.log(metrics, step, show=("eval/win_rate", "eval/kl") if is_toy else ("eval/score", "eval/kl"))
 
@@ -345,7 +397,9 @@ def main(args: Args):
         if args.w_demo:  # the only place policy samples enter the reward: never read when w_demo = 0
             rows = draw_demos(per_demo)
             rows = [dict(r, gen=g) for r, g in zip(rows, sample(unwrapped, rows)[0])]
-            demo, fresh = common.reward_scores(reward_model, *collate(rows, "demo", "gen", pad_id, device), pad_id).chunk(2)
+            demo, fresh = common.reward_scores(
+                reward_model, *collate(rows, "demo", "gen", pad_id, device), pad_id
+            ).chunk(2)
         loss, stats = reward_loss(chosen, rejected, demo, fresh, args.w_pref, args.w_demo)
         run.check_finite(step, reward_loss=loss)
         reward_accelerator.backward(loss)
@@ -358,7 +412,9 @@ def main(args: Args):
         """Shift r_phi so the first center_demos demonstrations score 0 on average (the N+ reward bias):
         the missing-EOS score and the KL coefficient keep their meaning while the reward moves."""
         prompt, completion = collate(center, "demo", "demo", pad_id, device)
-        rm.config.reward_bias = getattr(rm.config, "reward_bias", 0.0) + common.reward_scores(rm, prompt, completion, pad_id).mean().item()  # fmt: skip
+        rm.config.reward_bias = (
+            getattr(rm.config, "reward_bias", 0.0) + common.reward_scores(rm, prompt, completion, pad_id).mean().item()
+        )
 
     unwrapped = accelerator.unwrap_model(policy)
     # Self-Play AIHF: each round's frozen opponent (and reference) is the iterate the previous round ended at
@@ -402,7 +458,11 @@ def main(args: Args):
                 if args.w_demo:
                     rows = round_rows[j * per_demo : (j + 1) * per_demo]
                     ref_d, ref_g = (torch.tensor([r[k] for r in rows], device=device) for k in ("ref_demo", "ref_gen"))
-                    demo_logps = (*sequence_logps(policy, *collate(rows, "demo", "gen", pad_id, device), pad_id), ref_d, ref_g)  # fmt: skip
+                    demo_logps = (
+                        *sequence_logps(policy, *collate(rows, "demo", "gen", pad_id, device), pad_id),
+                        ref_d,
+                        ref_g,
+                    )
                 loss, stats = aihf_dpo_loss(pref_logps, demo_logps, args.beta, args.w_pref, args.w_demo)
                 run.check_finite(step, loss=loss)  # lower --lr
                 accelerator.backward(loss)
@@ -411,7 +471,17 @@ def main(args: Args):
                 optimizer.zero_grad()
             run.advance()
             n_seq = 2 * (per_pref * bool(args.w_pref) + per_demo * bool(args.w_demo))
-            run.log({"loss": loss.detach(), **stats, "lr": scheduler.get_last_lr()[0], **times, "time/samples_per_second": n_seq / times["time/update"]}, step, show=("loss/pref", "loss/demo"))  # fmt: skip
+            run.log(
+                {
+                    "loss": loss.detach(),
+                    **stats,
+                    "lr": scheduler.get_last_lr()[0],
+                    **times,
+                    "time/samples_per_second": n_seq / times["time/update"],
+                },
+                step,
+                show=("loss/pref", "loss/demo"),
+            )
             if step % args.eval_every == 0 and step < total:
                 run_eval(step)
             run.step_done(step, lambda: {"initial": initial, "drawn": dict(drawn), "round_rows": round_rows})
@@ -422,7 +492,9 @@ def main(args: Args):
             with common.timer(times, "time/generation"), torch.no_grad():
                 rows = draw_demos(per_prompts)
                 prompt = common.pad([r["prompt"] for r in rows] * args.rloo_k, pad_id, "left").to(device)
-                completion, has_eos = common.generate(unwrapped, prompt, tokenizer, args.max_new_tokens, args.temperature)
+                completion, has_eos = common.generate(
+                    unwrapped, prompt, tokenizer, args.max_new_tokens, args.temperature
+                )
             unique = prompt[: len(rows)]  # each prompt once: its forward is shared by its k samples
             with common.timer(times, "time/scoring"), torch.no_grad():
                 ref_logps = common.completion_logprobs(ref_policy, unique, completion, pad_id, args.temperature).sum(1)
@@ -440,10 +512,14 @@ def main(args: Args):
                 scheduler.step()
                 optimizer.zero_grad()
             metrics = {
-                "objective/scores": scores.mean(), "objective/kl": kl.mean(), "objective/rlhf_reward": rewards.mean(),
-                "objective/entropy": -logps.detach().mean(), "objective/eos_rate": has_eos.float().mean(),
-                "objective/length": (completion != pad_id).sum(1).float().mean(), "loss/policy": policy_loss.detach(),
-            }  # fmt: skip
+                "objective/scores": scores.mean(),
+                "objective/kl": kl.mean(),
+                "objective/rlhf_reward": rewards.mean(),
+                "objective/entropy": -logps.detach().mean(),
+                "objective/eos_rate": has_eos.float().mean(),
+                "objective/length": (completion != pad_id).sum(1).float().mean(),
+                "loss/policy": policy_loss.detach(),
+            }
             if is_toy:
                 metrics["objective/gold"] = gold(rows * args.rloo_k, completion, has_eos)
             # ---- reward phase [R]: K_rew steps on preferences + demonstrations vs FRESH policy samples ----
@@ -453,12 +529,26 @@ def main(args: Args):
                         metrics.update(reward_step(step))
                     recentre()
                 metrics["rm/bias"] = rm.config.reward_bias
-            metrics.update({"lr": scheduler.get_last_lr()[0], **times, "time/samples_per_second": len(completion) / sum(times.values())})  # fmt: skip
+            metrics.update(
+                {
+                    "lr": scheduler.get_last_lr()[0],
+                    **times,
+                    "time/samples_per_second": len(completion) / sum(times.values()),
+                }
+            )
             run.log(metrics, step, show=("objective/scores", "objective/kl"))
             run.advance()
             if step % args.eval_every == 0 and step < total:
                 run_eval(step)
-            run.step_done(step, lambda: {"initial": initial, "drawn": dict(drawn), "round_rows": None, "reward_bias": rm.config.reward_bias})  # fmt: skip
+            run.step_done(
+                step,
+                lambda: {
+                    "initial": initial,
+                    "drawn": dict(drawn),
+                    "round_rows": None,
+                    "reward_bias": rm.config.reward_bias,
+                },
+            )
 
     final = run_eval(total)
     common.save_model(accelerator, policy, tokenizer, run.dir)
@@ -466,10 +556,22 @@ def main(args: Args):
         common.save_model(reward_accelerator, reward_model, tokenizer, run.dir / "reward_model")
     if accelerator.is_main_process:
         if is_toy:
-            print(f"[aihf] win rate vs the reference summaries: SFT {initial['eval/win_rate']:.3f} -> AIHF {final['eval/win_rate']:.3f} (KL {final['eval/kl']:.2f})")  # fmt: skip
-        print(f"[aihf] last update: {sum(times.values()):.3f} s ({', '.join(f'{k[5:]} {v:.3f}' for k, v in times.items())}), peak memory {common.peak_memory_mb():.0f} MiB")  # fmt: skip
+            print(
+                f"[aihf] win rate vs the reference summaries: SFT {initial['eval/win_rate']:.3f} -> AIHF {final['eval/win_rate']:.3f} (KL {final['eval/kl']:.2f})"
+            )
+        print(
+            f"[aihf] last update: {sum(times.values()):.3f} s ({', '.join(f'{k[5:]} {v:.3f}' for k, v in times.items())}), peak memory {common.peak_memory_mb():.0f} MiB"
+        )
     initial = {f"initial/{k.removeprefix('eval/')}": v for k, v in initial.items()}
-    run.finish({**initial, **final, "time/total": time.time() - start, "time/update_last": sum(times.values()), "memory/peak_mb": common.peak_memory_mb()})  # fmt: skip
+    run.finish(
+        {
+            **initial,
+            **final,
+            "time/total": time.time() - start,
+            "time/update_last": sum(times.values()),
+            "memory/peak_mb": common.peak_memory_mb(),
+        }
+    )
 
 
 if __name__ == "__main__":

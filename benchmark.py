@@ -175,10 +175,42 @@ def plan_aihf(a: Args, out: Path) -> list[Job]:
         for seed in a.seeds[:2]:
             limit = ["--eval-prompts", str(a.eval_prompts), "--num-preferences", str(n)]
             jobs.append(make_job(out, "aihf", f"aihf N={n}", seed, "aihf.py", [*limit, "--total-steps", str(steps)]))
-            jobs.append(make_job(out, "aihf", f"dpo N={n}", seed, "dpo.py", [*limit, "--epochs", epochs, "--max-steps", str(steps), "--eval-every", str(steps)]))  # fmt: skip
-            rm = make_job(out, "aihf", f"rm N={n}", seed, "reward.py", ["--dataset", str(data), "--epochs", epochs, "--max-steps", str(steps), "--eval-every", str(steps), "--batch-size", str(min(64, n))])  # fmt: skip
+            jobs.append(
+                make_job(
+                    out,
+                    "aihf",
+                    f"dpo N={n}",
+                    seed,
+                    "dpo.py",
+                    [*limit, "--epochs", epochs, "--max-steps", str(steps), "--eval-every", str(steps)],
+                )
+            )
+            rm = make_job(
+                out,
+                "aihf",
+                f"rm N={n}",
+                seed,
+                "reward.py",
+                [
+                    "--dataset",
+                    str(data),
+                    "--epochs",
+                    epochs,
+                    "--max-steps",
+                    str(steps),
+                    "--eval-every",
+                    str(steps),
+                    "--batch-size",
+                    str(min(64, n)),
+                ],
+            )
             script, flags = online_flags("ppo", a)
-            jobs += [rm, make_job(out, "aihf", f"rm+ppo N={n}", seed, script, [*flags, "--reward-model", str(rm.dir)], after=rm.key)]  # fmt: skip
+            jobs += [
+                rm,
+                make_job(
+                    out, "aihf", f"rm+ppo N={n}", seed, script, [*flags, "--reward-model", str(rm.dir)], after=rm.key
+                ),
+            ]
     return jobs
 
 
@@ -193,13 +225,20 @@ def write_preference_subsets(a: Args, out: Path):
         path = out / "data" / f"preferences_{n}"
         if not (path / "dataset_dict.json").exists():
             train = toy.preference_dataset("train")
-            datasets.DatasetDict({"train": train.select(range(min(n, len(train)))), "test": toy.preference_dataset("test")}).save_to_disk(str(path))  # fmt: skip
+            datasets.DatasetDict(
+                {"train": train.select(range(min(n, len(train)))), "test": toy.preference_dataset("test")}
+            ).save_to_disk(str(path))
 
 
 def run_all(jobs: list[Job], a: Args) -> None:
     """Run the jobs `a.jobs` at a time (respecting `after`), one progress line per finished run."""
     threads = max(1, (os.cpu_count() or 1) // a.jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     pending, running, done = list(jobs), {}, {}
     start, total, ran = time.time(), len(jobs), 0
     print(f"[bench] {total} runs, {a.jobs} at a time, OMP_NUM_THREADS={threads}; logs in <run dir>.log", flush=True)
@@ -216,15 +255,28 @@ def run_all(jobs: list[Job], a: Args) -> None:
                 continue
             cmd = [sys.executable, str(HERE / job.script), *job.argv]
             stamp = job.dir.parent / f"{job.name}.cmd"
-            if not a.rerun and (job.dir / "eval.json").exists() and stamp.exists() and stamp.read_text() == " ".join(job.argv):  # fmt: skip
+            if (
+                not a.rerun
+                and (job.dir / "eval.json").exists()
+                and stamp.exists()
+                and stamp.read_text() == " ".join(job.argv)
+            ):
                 job.ok, job.reused, job.wall = True, True, json.loads((job.dir.parent / f"{job.name}.wall").read_text())
                 done[job.key] = job
-                print(f"[bench] {len(done)}/{total} {job.key}: reused (same command, finished earlier; --rerun to redo)", flush=True)  # fmt: skip
+                print(
+                    f"[bench] {len(done)}/{total} {job.key}: reused (same command, finished earlier; --rerun to redo)",
+                    flush=True,
+                )
                 continue
             job.dir.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(job.dir, ignore_errors=True)  # metrics.jsonl appends: start clean
             log = open(job.dir.parent / f"{job.name}.log", "w")
-            running[job.key] = (job, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE), time.time(), log)  # fmt: skip
+            running[job.key] = (
+                job,
+                subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE),
+                time.time(),
+                log,
+            )
         finished = [(n, r) for n, r in running.items() if r[1].poll() is not None]
         for key, (job, proc, t0, log) in finished:
             log.close()
@@ -238,8 +290,11 @@ def run_all(jobs: list[Job], a: Args) -> None:
             ran += 1
             elapsed = time.time() - start
             eta = elapsed / ran * (len(pending) + len(running))  # runs finished in this call set the pace
-            print(f"[bench] {len(done)}/{total} {job.key} ({job.wall:.0f} s): {summary(job)} | "
-                  f"elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min", flush=True)  # fmt: skip
+            print(
+                f"[bench] {len(done)}/{total} {job.key} ({job.wall:.0f} s): {summary(job)} | "
+                f"elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min",
+                flush=True,
+            )
         if not finished:
             time.sleep(0.5)
 
@@ -249,7 +304,13 @@ def summary(job: Job) -> str:
         tail = (job.dir.parent / f"{job.name}.log").read_text().strip().splitlines()[-3:]
         return "FAILED: " + " / ".join(tail)
     e = json.loads((job.dir / "eval.json").read_text())
-    keys = [("eval/win_rate", "win"), ("eval/gold", "gold"), ("eval/score", "RM"), ("eval/kl", "KL"), ("eval/accuracy", "acc")]
+    keys = [
+        ("eval/win_rate", "win"),
+        ("eval/gold", "gold"),
+        ("eval/score", "RM"),
+        ("eval/kl", "KL"),
+        ("eval/accuracy", "acc"),
+    ]
     return ", ".join(f"{short} {e[k]:.3f}" for k, short in keys if k in e)
 
 
@@ -301,14 +362,28 @@ def curve_mean(runs: list[dict], key: str) -> tuple[list[int], list[float], list
 # Tables (markdown)
 # ---------------------------------------------------------------------------------------------
 
-NAMES = {"sft": "SFT (`sft.py`, retrained)", "ppo": "PPO", "drpo": "DR-PO", "rebel": "REBEL", "xpo": "XPO",
-         "odpo": "online DPO (XPO, α = 0)", "dpo": "DPO", "aihf": "AIHF-DPO", "drpo reset_prob=0": "DR-PO, reset_prob 0",
-         "drpo reset_prob=0.5": "DR-PO, reset_prob 0.5", "drpo reset_prob=1": "DR-PO, reset_prob 1 (default)"}  # fmt: skip
+NAMES = {
+    "sft": "SFT (`sft.py`, retrained)",
+    "ppo": "PPO",
+    "drpo": "DR-PO",
+    "rebel": "REBEL",
+    "xpo": "XPO",
+    "odpo": "online DPO (XPO, α = 0)",
+    "dpo": "DPO",
+    "aihf": "AIHF-DPO",
+    "drpo reset_prob=0": "DR-PO, reset_prob 0",
+    "drpo reset_prob=0.5": "DR-PO, reset_prob 0.5",
+    "drpo reset_prob=1": "DR-PO, reset_prob 1 (default)",
+}
 
 
 def command(job: Job) -> str:
-    shown = [x for i, x in enumerate(job.argv) if x not in ("--output-dir", "--run-name", "--seed", "--eval-prompts") and
-             (i == 0 or job.argv[i - 1] not in ("--output-dir", "--run-name", "--seed", "--eval-prompts"))]  # fmt: skip
+    shown = [
+        x
+        for i, x in enumerate(job.argv)
+        if x not in ("--output-dir", "--run-name", "--seed", "--eval-prompts")
+        and (i == 0 or job.argv[i - 1] not in ("--output-dir", "--run-name", "--seed", "--eval-prompts"))
+    ]
     return f"`python {job.script} {' '.join(shown)}`".replace(" `", "`")
 
 
@@ -323,19 +398,25 @@ def budget_of(job: Job, run: dict, a: Args) -> str:
 def quality_table(jobs: list[Job], group: str, a: Args, start_row: bool) -> str:
     runs = by_label(jobs, group)
     first = {j.label: j for j in jobs if j.group == group and j.ok}
-    head = ("| method | trains on | gold win rate | gold reward | RM score | KL(π‖π_ref) | length | wall time (s) |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- |\n")  # fmt: skip
+    head = (
+        "| method | trains on | gold win rate | gold reward | RM score | KL(π‖π_ref) | length | wall time (s) |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- |\n"
+    )
     lines = []
     if start_row and runs:
         any_run = next(r for rs in runs.values() for r in rs if "initial/win_rate" in r["final"])
         i = any_run["final"]
-        lines.append(f"| SFT checkpoint (start of every run) | | {i['initial/win_rate']:.3f} | {i['initial/gold']:.3f} | "
-                     f"{i['initial/score']:.3f} | 0 | {i['initial/length']:.2f} | |")  # fmt: skip
+        lines.append(
+            f"| SFT checkpoint (start of every run) | | {i['initial/win_rate']:.3f} | {i['initial/gold']:.3f} | "
+            f"{i['initial/score']:.3f} | 0 | {i['initial/length']:.2f} | |"
+        )
     for label, rs in runs.items():
         col = lambda k: fmt([r["final"].get(k, math.nan) for r in rs])  # noqa: E731
         score = "(= gold)" if group == "gold" else col("eval/score")
-        lines.append(f"| {NAMES.get(label, label)} | {budget_of(first[label], rs[0], a)} | {col('eval/win_rate')} | {col('eval/gold')} | "
-                     f"{score} | {col('eval/kl')} | {fmt([r['final']['eval/length'] for r in rs], 2)} | {fmt([r['wall'] for r in rs], 0)} |")  # fmt: skip
+        lines.append(
+            f"| {NAMES.get(label, label)} | {budget_of(first[label], rs[0], a)} | {col('eval/win_rate')} | {col('eval/gold')} | "
+            f"{score} | {col('eval/kl')} | {fmt([r['final']['eval/length'] for r in rs], 2)} | {fmt([r['wall'] for r in rs], 0)} |"
+        )
     return head + "\n".join(lines) + "\n"
 
 
@@ -373,17 +454,25 @@ def cost_table(jobs: list[Job]) -> str:
         med = {k: statistics.median(u[k] for u in ups) for k in ("time/generation", "time/scoring", "time/update")}
         total = statistics.median(u["time/generation"] + u["time/scoring"] + u["time/update"] for u in ups)
         mem = fmt([r["final"]["memory/peak_mb"] for r in runs[label]], 0)
-        body.append(f"| {NAMES[label]} | {med['time/generation']:.3f} | {med['time/scoring']:.3f} | {med['time/update']:.3f} | {total:.3f} | {mem} |")  # fmt: skip
+        body.append(
+            f"| {NAMES[label]} | {med['time/generation']:.3f} | {med['time/scoring']:.3f} | {med['time/update']:.3f} | {total:.3f} | {mem} |"
+        )
     return head + "\n".join(body) + "\n" if body else ""
 
 
 def aihf_table(jobs: list[Job], a: Args) -> str:
     runs = by_label(jobs, "aihf")
-    head = ("| preference pairs | pipeline | gold win rate | gold reward | KL(π‖π_ref) | RM accuracy (held-out) |\n"
-            "|---|---|---|---|---|---|\n")  # fmt: skip
+    head = (
+        "| preference pairs | pipeline | gold win rate | gold reward | KL(π‖π_ref) | RM accuracy (held-out) |\n"
+        "|---|---|---|---|---|---|\n"
+    )
     body = []
     for n in a.num_preferences:
-        for pipe, name in (("aihf", "AIHF-DPO (+ 20,000 demonstrations)"), ("dpo", "DPO"), ("rm+ppo", "SFT → RM → PPO")):
+        for pipe, name in (
+            ("aihf", "AIHF-DPO (+ 20,000 demonstrations)"),
+            ("dpo", "DPO"),
+            ("rm+ppo", "SFT → RM → PPO"),
+        ):
             rs = runs.get(f"{pipe} N={n}")
             if not rs:
                 continue
@@ -412,7 +501,9 @@ def pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("error: the plots need matplotlib: pip install -r requirements-bench.txt (or --no-plots)") from None
+        raise SystemExit(
+            "error: the plots need matplotlib: pip install -r requirements-bench.txt (or --no-plots)"
+        ) from None
     return plt
 
 
@@ -428,7 +519,9 @@ def plot_curves(plt, jobs, out: Path) -> list[Path]:
         xs, m, s = curve_mean(rs, "eval/win_rate")
         ax = on if label in ONLINE else off
         ax.plot(xs, m, marker="o", ms=3, label=NAMES[label], color=color(label))
-        ax.fill_between(xs, [u - v for u, v in zip(m, s)], [u + v for u, v in zip(m, s)], alpha=0.15, color=color(label))
+        ax.fill_between(
+            xs, [u - v for u, v in zip(m, s)], [u + v for u, v in zip(m, s)], alpha=0.15, color=color(label)
+        )
     for ax, xlabel in ((on, "policy samples"), (off, "preference pairs seen")):
         ax.axhline(0.8735, color="gray", ls=":", lw=1, label="perfect summarizer (0.8735)")
         ax.set_xlabel(xlabel)
@@ -510,13 +603,20 @@ def save(fig, plt, path: Path) -> Path:
 
 def quality(a: Args) -> int:
     if a.quick:
-        a = dataclasses.replace(a, seeds=a.seeds[:1], budget=min(a.budget, 256),
-                                eval_every=64, eval_prompts=min(a.eval_prompts, 200),
-                                num_preferences=(100, 10000) if a.num_preferences == Args.num_preferences else a.num_preferences)  # fmt: skip
+        a = dataclasses.replace(
+            a,
+            seeds=a.seeds[:1],
+            budget=min(a.budget, 256),
+            eval_every=64,
+            eval_prompts=min(a.eval_prompts, 200),
+            num_preferences=(100, 10000) if a.num_preferences == Args.num_preferences else a.num_preferences,
+        )
     if min(a.num_preferences) < 64:
         raise SystemExit(f"error: --num-preferences must be >= 64 (one batch), got {min(a.num_preferences)}")
     if a.budget % 64 or a.eval_every % 64 or a.budget < a.eval_every:
-        raise SystemExit(f"error: --budget ({a.budget}) and --eval-every ({a.eval_every}) must be multiples of 64, budget >= eval-every")  # fmt: skip
+        raise SystemExit(
+            f"error: --budget ({a.budget}) and --eval-every ({a.eval_every}) must be multiples of 64, budget >= eval-every"
+        )
     unknown = set(a.methods) - set(NAMES)
     if unknown:
         raise SystemExit(f"error: unknown --methods {sorted(unknown)}; choose from {sorted(NAMES)}")
@@ -530,40 +630,78 @@ def quality(a: Args) -> int:
     run_all(jobs, a)
     wall = time.time() - t0
 
-    sections = [f"# Toy-task benchmark\n\n`python benchmark.py {' '.join(sys.argv[1:])}`: seeds {list(a.seeds)}, "
-                f"{a.budget:,} policy samples per online run, {a.eval_prompts} test prompts per evaluation, "
-                f"{a.jobs} runs at a time; {sum(not j.reused for j in jobs)} runs in {wall / 60:.1f} min"
-                f"{f' ({sum(j.reused for j in jobs)} more reused from earlier calls)' if any(j.reused for j in jobs) else ''}; "
-                f"wall time is that of each run's process, {a.jobs} at a time. Mean ± std over seeds.\n"]  # fmt: skip
+    sections = [
+        f"# Toy-task benchmark\n\n`python benchmark.py {' '.join(sys.argv[1:])}`: seeds {list(a.seeds)}, "
+        f"{a.budget:,} policy samples per online run, {a.eval_prompts} test prompts per evaluation, "
+        f"{a.jobs} runs at a time; {sum(not j.reused for j in jobs)} runs in {wall / 60:.1f} min"
+        f"{f' ({sum(j.reused for j in jobs)} more reused from earlier calls)' if any(j.reused for j in jobs) else ''}; "
+        f"wall time is that of each run's process, {a.jobs} at a time. Mean ± std over seeds.\n"
+    ]
     commands = {}
     for job in jobs:
         commands.setdefault(f"{job.group}: {job.label}", command(job))
     if "main" in a.modes:
-        sections += ["## All methods\n", quality_table(jobs, "main", a, start_row=True),
-                     "\n## Win rate at each evaluation (policy samples)\n", early_table(jobs, ["main", "gold", "reset"], a),
-                     "\n## Cost per update at 64 policy samples (median over updates and seeds; runs shared the CPU)\n",
-                     cost_table(jobs)]  # fmt: skip
+        sections += [
+            "## All methods\n",
+            quality_table(jobs, "main", a, start_row=True),
+            "\n## Win rate at each evaluation (policy samples)\n",
+            early_table(jobs, ["main", "gold", "reset"], a),
+            "\n## Cost per update at 64 policy samples (median over updates and seeds; runs shared the CPU)\n",
+            cost_table(jobs),
+        ]
     if "gold" in a.modes:
         sections += ["\n## Gold reward as the RL reward (oracle)\n", quality_table(jobs, "gold", a, start_row=False)]
     if "reset" in a.modes:  # the main DR-PO runs are reset_prob = 1
-        sweep = jobs + [dataclasses.replace(j, group="reset", label="drpo reset_prob=1") for j in jobs if j.group == "main" and j.label == "drpo"]  # fmt: skip
-        sections += ["\n## DR-PO reset probability (0 is PPO with the same random stream)\n", quality_table(sweep, "reset", a, start_row=False)]  # fmt: skip
+        sweep = jobs + [
+            dataclasses.replace(j, group="reset", label="drpo reset_prob=1")
+            for j in jobs
+            if j.group == "main" and j.label == "drpo"
+        ]
+        sections += [
+            "\n## DR-PO reset probability (0 is PPO with the same random stream)\n",
+            quality_table(sweep, "reset", a, start_row=False),
+        ]
     if "aihf" in a.modes:
         sections += ["\n## Fewer preference pairs, demonstrations fixed\n", aihf_table(jobs, a)]
-    sections += ["\n## Commands (plus `--seed S --eval-prompts N --output-dir ... --run-name ...`)\n",
-                 "\n".join(f"- {k}: {v}" for k, v in commands.items()) + "\n"]  # fmt: skip
+    sections += [
+        "\n## Commands (plus `--seed S --eval-prompts N --output-dir ... --run-name ...`)\n",
+        "\n".join(f"- {k}: {v}" for k, v in commands.items()) + "\n",
+    ]
     failed = [j for j in jobs if not j.ok]
     if failed:
         sections.append("\n**Failed runs:** " + ", ".join(f"{j.group}/{j.name}" for j in failed) + "\n")
     report = "\n".join(sections)
     (out / "results.md").write_text(report)
-    results = {"args": dataclasses.asdict(a), "wall_s": wall, "runs": [
-        {"group": j.group, "label": j.label, "seed": j.seed, "command": f"python {j.script} {' '.join(j.argv)}", "ok": j.ok,
-         "wall_s": j.wall, "final": read_run(j)["final"] if j.ok else None,
-         "curve": [{"x": x, **{k: v for k, v in r.items() if k.startswith("eval/")}} for x, r in read_run(j)["curve"]] if j.ok else None}
-        for j in jobs]}  # fmt: skip
+    results = {
+        "args": dataclasses.asdict(a),
+        "wall_s": wall,
+        "runs": [
+            {
+                "group": j.group,
+                "label": j.label,
+                "seed": j.seed,
+                "command": f"python {j.script} {' '.join(j.argv)}",
+                "ok": j.ok,
+                "wall_s": j.wall,
+                "final": read_run(j)["final"] if j.ok else None,
+                "curve": [
+                    {"x": x, **{k: v for k, v in r.items() if k.startswith("eval/")}} for x, r in read_run(j)["curve"]
+                ]
+                if j.ok
+                else None,
+            }
+            for j in jobs
+        ],
+    }
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    plots = [] if plt is None else plot_curves(plt, jobs, out) + plot_frontier(plt, jobs, out) + plot_oracle(plt, jobs, out) + plot_aihf(plt, jobs, a, out)  # fmt: skip
+    plots = (
+        []
+        if plt is None
+        else plot_curves(plt, jobs, out)
+        + plot_frontier(plt, jobs, out)
+        + plot_oracle(plt, jobs, out)
+        + plot_aihf(plt, jobs, a, out)
+    )
     print("\n" + report)
     print(f"[bench] wrote {out / 'results.md'}, {out / 'results.json'}, " + ", ".join(str(p) for p in plots))
     if a.docs:
@@ -599,7 +737,10 @@ def speed_models(out: Path, size: str) -> tuple[str, str]:
         tokenizer = toy.make_tokenizer(extra_words=vocab - len(toy.VOCAB))
         config = toy.model_config("tiny" if size == "toy-tiny" else "small")
         config.vocab_size, config.pad_token_id = vocab, tokenizer.pad_token_id
-        for kind, cls, extra in (("policy", AutoModelForCausalLM, {}), ("reward", AutoModelForSequenceClassification, {"num_labels": 1})):
+        for kind, cls, extra in (
+            ("policy", AutoModelForCausalLM, {}),
+            ("reward", AutoModelForSequenceClassification, {"num_labels": 1}),
+        ):
             fields = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
             model = cls.from_config(config.__class__(**{**fields, **extra}))
             model.save_pretrained(path / kind)
@@ -619,23 +760,48 @@ def speed_data(out: Path, repeats: int) -> tuple[str, str]:
     for name, make in (("prompts", toy.sft_dataset), ("pairs", toy.preference_dataset)):
         path = out / "data" / f"{name}_{n}"
         if not (path / "dataset_dict.json").exists():
-            datasets.DatasetDict({"train": make("train").select(range(n)), "test": make("test").select(range(64))}).save_to_disk(str(path))  # fmt: skip
+            datasets.DatasetDict(
+                {"train": make("train").select(range(n)), "test": make("test").select(range(64))}
+            ).save_to_disk(str(path))
         paths.append(str(path))
     return paths[0], paths[1]
 
 
-def our_speed_runs(policy: str, reward: str, repeats: int, prompts: str, pairs: str) -> dict[str, tuple[str, list[str]]]:
+def our_speed_runs(
+    policy: str, reward: str, repeats: int, prompts: str, pairs: str
+) -> dict[str, tuple[str, list[str]]]:
     """Each script at 64 sequences per update, one update = the same work as one TRL step (trl_worker)."""
-    shape = ["--model", policy, "--reward-model", reward, "--max-new-tokens", str(SPEED_NEW_TOKENS), "--eval-prompts", "16",
-             "--eval-every", str(10**6), "--dataset", prompts]  # fmt: skip
+    shape = [
+        "--model",
+        policy,
+        "--reward-model",
+        reward,
+        "--max-new-tokens",
+        str(SPEED_NEW_TOKENS),
+        "--eval-prompts",
+        "16",
+        "--eval-every",
+        str(10**6),
+        "--dataset",
+        prompts,
+    ]
     n = str(SPEED_BATCH * repeats)
     return {
         "ppo": ("ppo.py", [*shape, "--total-episodes", n, "--batch-size", "64"]),  # 2 minibatches x 4 epochs
         "drpo": ("drpo.py", [*shape, "--total-episodes", n, "--batch-size", "64"]),
         "rebel": ("rebel.py", [*shape, "--total-episodes", str(32 * repeats), "--batch-size", "32"]),  # 32 prompts x 2
-        "xpo": ("xpo.py", [*shape, "--total-episodes", n, "--batch-size", "64", "--num-minibatches", "1"]),  # 1 step, as TRL
-        "odpo": ("xpo.py", [*shape, "--total-episodes", n, "--batch-size", "64", "--num-minibatches", "1", "--alpha", "0"]),
-        "dpo": ("dpo.py", [*shape[:-1], pairs, "--max-steps", str(repeats), "--batch-size", "64", "--eval-pairs", "64"]),
+        "xpo": (
+            "xpo.py",
+            [*shape, "--total-episodes", n, "--batch-size", "64", "--num-minibatches", "1"],
+        ),  # 1 step, as TRL
+        "odpo": (
+            "xpo.py",
+            [*shape, "--total-episodes", n, "--batch-size", "64", "--num-minibatches", "1", "--alpha", "0"],
+        ),
+        "dpo": (
+            "dpo.py",
+            [*shape[:-1], pairs, "--max-steps", str(repeats), "--batch-size", "64", "--eval-pairs", "64"],
+        ),
         "aihf": ("aihf.py", [*shape, "--preference-dataset", pairs, "--total-steps", str(repeats)]),
     }
 
@@ -651,7 +817,9 @@ def read_speed(run_dir: Path, warmup: int = 2) -> dict:
     for part in ("generation", "scoring", "update"):
         if any(f"time/{part}" in u for u in ups):
             out[part] = statistics.median(u.get(f"time/{part}", 0.0) for u in ups)
-    out["total"] = statistics.median(sum(u.get(f"time/{p}", 0.0) for p in ("generation", "scoring", "update")) for u in ups)  # fmt: skip
+    out["total"] = statistics.median(
+        sum(u.get(f"time/{p}", 0.0) for p in ("generation", "scoring", "update")) for u in ups
+    )
     return out
 
 
@@ -683,41 +851,102 @@ def trl_worker(trainer: str, policy: str, reward: str, repeats: str, out_json: s
 
     tmp = tempfile.mkdtemp()
     # TRL's configs default to gradient checkpointing (less memory, more time); our scripts do not checkpoint: off, same work
-    common = dict(output_dir=tmp, report_to=[], logging_steps=10**6, save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
-                  gradient_checkpointing=False)  # fmt: skip
+    common = dict(
+        output_dir=tmp,
+        report_to=[],
+        logging_steps=10**6,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+    )
     prompts = datasets.Dataset.from_dict({"prompt": toy.sft_dataset("train")["prompt"][: SPEED_BATCH * (repeats + 2)]})
     if trainer == "ppo":
         from trl.experimental.ppo import PPOConfig, PPOTrainer
 
         data = prompts.map(lambda r: {"input_ids": tokenizer(r["prompt"])["input_ids"]}, remove_columns=["prompt"])
-        config = PPOConfig(**common, learning_rate=3e-5, per_device_train_batch_size=SPEED_BATCH, gradient_accumulation_steps=1,
-                           num_mini_batches=2, num_ppo_epochs=4, total_episodes=SPEED_BATCH * repeats, response_length=SPEED_NEW_TOKENS,
-                           stop_token="eos", temperature=0.7, local_rollout_forward_batch_size=SPEED_BATCH, num_sample_generations=0,
-                           kl_coef=0.05, missing_eos_penalty=1.0)  # fmt: skip
+        config = PPOConfig(
+            **common,
+            learning_rate=3e-5,
+            per_device_train_batch_size=SPEED_BATCH,
+            gradient_accumulation_steps=1,
+            num_mini_batches=2,
+            num_ppo_epochs=4,
+            total_episodes=SPEED_BATCH * repeats,
+            response_length=SPEED_NEW_TOKENS,
+            stop_token="eos",
+            temperature=0.7,
+            local_rollout_forward_batch_size=SPEED_BATCH,
+            num_sample_generations=0,
+            kl_coef=0.05,
+            missing_eos_penalty=1.0,
+        )
         value = AutoModelForSequenceClassification.from_pretrained(reward)
-        run = PPOTrainer(args=config, processing_class=tokenizer, model=model, ref_model=ref, reward_model=rm,
-                         train_dataset=data, value_model=value, callbacks=[Stamp()])  # fmt: skip
+        run = PPOTrainer(
+            args=config,
+            processing_class=tokenizer,
+            model=model,
+            ref_model=ref,
+            reward_model=rm,
+            train_dataset=data,
+            value_model=value,
+            callbacks=[Stamp()],
+        )
     elif trainer in ("xpo", "odpo"):
         if trainer == "xpo":
-            from trl.experimental.xpo import XPOConfig as Config, XPOTrainer as Trainer
+            from trl.experimental.xpo import XPOConfig as Config
+            from trl.experimental.xpo import XPOTrainer as Trainer
         else:
-            from trl.experimental.online_dpo import OnlineDPOConfig as Config, OnlineDPOTrainer as Trainer
+            from trl.experimental.online_dpo import OnlineDPOConfig as Config
+            from trl.experimental.online_dpo import OnlineDPOTrainer as Trainer
         extra = {"alpha": [1e-2]} if trainer == "xpo" else {}
-        config = Config(**common, **extra, learning_rate=5e-5, per_device_train_batch_size=SPEED_BATCH, gradient_accumulation_steps=1,
-                        max_steps=repeats, max_new_tokens=SPEED_NEW_TOKENS, temperature=1.0, beta=0.1, missing_eos_penalty=1.0)  # fmt: skip
-        run = Trainer(model=model, ref_model=ref, reward_funcs=rm, args=config, train_dataset=prompts, processing_class=tokenizer,
-                      reward_processing_classes=tokenizer, callbacks=[Stamp()])  # fmt: skip
+        config = Config(
+            **common,
+            **extra,
+            learning_rate=5e-5,
+            per_device_train_batch_size=SPEED_BATCH,
+            gradient_accumulation_steps=1,
+            max_steps=repeats,
+            max_new_tokens=SPEED_NEW_TOKENS,
+            temperature=1.0,
+            beta=0.1,
+            missing_eos_penalty=1.0,
+        )
+        run = Trainer(
+            model=model,
+            ref_model=ref,
+            reward_funcs=rm,
+            args=config,
+            train_dataset=prompts,
+            processing_class=tokenizer,
+            reward_processing_classes=tokenizer,
+            callbacks=[Stamp()],
+        )
     elif trainer == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         pairs = toy.preference_dataset("train").select(range(SPEED_BATCH * (repeats + 2)))
-        config = DPOConfig(**common, learning_rate=1e-4, per_device_train_batch_size=SPEED_BATCH, max_steps=repeats, beta=0.1)
-        run = DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=pairs, processing_class=tokenizer, callbacks=[Stamp()])  # fmt: skip
+        config = DPOConfig(
+            **common, learning_rate=1e-4, per_device_train_batch_size=SPEED_BATCH, max_steps=repeats, beta=0.1
+        )
+        run = DPOTrainer(
+            model=model,
+            ref_model=ref,
+            args=config,
+            train_dataset=pairs,
+            processing_class=tokenizer,
+            callbacks=[Stamp()],
+        )
     else:
         raise ValueError(f"no TRL trainer for {trainer!r}")
     run.train()
     steps = [b - a for a, b in zip(stamps, stamps[1:])][2:]
-    result = {"total": statistics.median(steps), "steps": len(steps), "memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+    result = {
+        "total": statistics.median(steps),
+        "steps": len(steps),
+        "memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     Path(out_json).write_text(json.dumps(result))
 
 
@@ -727,7 +956,12 @@ def speed(a: Args) -> int:
         raise SystemExit("error: --speed-repeats must be >= 3 (two warm-up updates are dropped)")
     out = Path(a.output_dir) / "speed"
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.speed_threads), "MKL_NUM_THREADS": str(a.speed_threads), "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(a.speed_threads),
+        "MKL_NUM_THREADS": str(a.speed_threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     try:
         import trl
 
@@ -753,29 +987,47 @@ def speed(a: Args) -> int:
             if has_trl and name in ("ppo", "xpo", "odpo", "dpo"):
                 out_json = out / size / f"trl_{name}.json"
                 worker = "import benchmark, sys; benchmark.trl_worker(*sys.argv[1:])"
-                proc = subprocess.run([sys.executable, "-c", worker, name, policy, reward, str(a.speed_repeats), str(out_json)],
-                                      capture_output=True, text=True, env=env, cwd=HERE)  # fmt: skip
+                proc = subprocess.run(
+                    [sys.executable, "-c", worker, name, policy, reward, str(a.speed_repeats), str(out_json)],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    cwd=HERE,
+                )
                 if proc.returncode == 0:
                     theirs = json.loads(out_json.read_text())
                 else:
                     print(f"[speed] {size} TRL {name}: FAILED: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
-            results[f"{size}/{name}"] = {"size": size, "method": name, "ours": ours, "trl": theirs, "command": " ".join(cmd[1:])}
+            results[f"{size}/{name}"] = {
+                "size": size,
+                "method": name,
+                "ours": ours,
+                "trl": theirs,
+                "command": " ".join(cmd[1:]),
+            }
             ratio = f", ours/TRL {ours['total'] / theirs['total']:.2f}x" if theirs else ""
-            print(f"[speed] {size} {name}: {ours['total']:.3f} s per update, {ours['memory_mb']:.0f} MiB{ratio}", flush=True)
-    head = (f"# Speed: one update of 64 sequences, completions of {SPEED_NEW_TOKENS} tokens, random models\n\n"
-            f"`python benchmark.py {' '.join(sys.argv[1:])}`; median of {a.speed_repeats - 2} updates after 2 warm-up updates"
-            "; peak resident memory of the whole process; "
-            f"trl {has_trl or 'not installed'} (gradient checkpointing off, as in our scripts); one process at a time, "
-            f"{a.speed_threads} CPU thread(s) each; both sides hold the same {SPEED_BATCH * (a.speed_repeats + 2)} training rows.\n\n"
-            "| model | method | generation (s) | scoring (s) | update (s) | total (s) | peak memory (MiB) | TRL total (s) | TRL peak memory (MiB) | time ours / TRL |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")  # fmt: skip
+            print(
+                f"[speed] {size} {name}: {ours['total']:.3f} s per update, {ours['memory_mb']:.0f} MiB{ratio}",
+                flush=True,
+            )
+    head = (
+        f"# Speed: one update of 64 sequences, completions of {SPEED_NEW_TOKENS} tokens, random models\n\n"
+        f"`python benchmark.py {' '.join(sys.argv[1:])}`; median of {a.speed_repeats - 2} updates after 2 warm-up updates"
+        "; peak resident memory of the whole process; "
+        f"trl {has_trl or 'not installed'} (gradient checkpointing off, as in our scripts); one process at a time, "
+        f"{a.speed_threads} CPU thread(s) each; both sides hold the same {SPEED_BATCH * (a.speed_repeats + 2)} training rows.\n\n"
+        "| model | method | generation (s) | scoring (s) | update (s) | total (s) | peak memory (MiB) | TRL total (s) | TRL peak memory (MiB) | time ours / TRL |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     lines = []
     for r in results.values():
         o, t = r["ours"], r["trl"]
         cell = lambda k: f"{o[k]:.3f}" if k in o else ""  # noqa: E731
         trl_cells = f"{t['total']:.3f} | {t['memory_mb']:.0f} | {o['total'] / t['total']:.2f}" if t else " | | "
-        lines.append(f"| {r['size']} | {NAMES[r['method']]} | {cell('generation')} | {cell('scoring')} | {cell('update')} | "
-                     f"{o['total']:.3f} | {o['memory_mb']:.0f} | {trl_cells} |")  # fmt: skip
+        lines.append(
+            f"| {r['size']} | {NAMES[r['method']]} | {cell('generation')} | {cell('scoring')} | {cell('update')} | "
+            f"{o['total']:.3f} | {o['memory_mb']:.0f} | {trl_cells} |"
+        )
     report = head + "\n".join(lines) + "\n"
     (out / "speed.md").write_text(report)
     (out / "speed.json").write_text(json.dumps(results, indent=1))

@@ -93,12 +93,16 @@ def resume_args(args_cls, args):
         raise UserError(f"--resume {args.resume}: args.json is not valid JSON") from None
     fields = {f.name for f in dataclasses.fields(args_cls)}
     if set(saved) != fields:
-        raise UserError(f"--resume {args.resume}: a run of another script (its arguments differ: {sorted(set(saved) ^ fields)})")  # fmt: skip
+        raise UserError(
+            f"--resume {args.resume}: a run of another script (its arguments differ: {sorted(set(saved) ^ fields)})"
+        )
     defaults = args_cls()
     for name in sorted(fields - set(RESUME_MAY_CHANGE) - {"output_dir", "run_name"}):
         given, default = getattr(args, name), getattr(defaults, name)
         if given != default and json.loads(json.dumps(given, default=str)) != saved[name]:
-            raise UserError(f"--resume: --{name.replace('_', '-')} {given} differs from the run's {saved[name]} (a resumed run keeps its arguments)")  # fmt: skip
+            raise UserError(
+                f"--resume: --{name.replace('_', '-')} {given} differs from the run's {saved[name]} (a resumed run keeps its arguments)"
+            )
     keep = {name: getattr(args, name) for name in RESUME_MAY_CHANGE if name in fields}
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}  # JSON has no tuples
     return dataclasses.replace(args_cls(**saved), **keep, output_dir=str(run_dir.parent), run_name=run_dir.name)
@@ -106,7 +110,11 @@ def resume_args(args_cls, args):
 
 def check_ranges(args, positive=(), non_negative=(), unit=()):
     """One-line errors for hyperparameters out of range: > 0, >= 0, or in [0, 1]."""
-    for names, ok, want in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"), (unit, lambda v: 0 <= v <= 1, "in [0, 1]")):  # fmt: skip
+    for names, ok, want in (
+        (positive, lambda v: v > 0, "> 0"),
+        (non_negative, lambda v: v >= 0, ">= 0"),
+        (unit, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ):
         for name in names:
             value = getattr(args, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
@@ -299,7 +307,9 @@ def _from_pretrained(cls, name, **kwargs):
         return cls.from_pretrained(name, trust_remote_code=TRUST_REMOTE_CODE, **kwargs)
     except OSError as e:
         offline = " (offline: HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        raise UserError(f"cannot load {name!r}{offline}: not a local directory and not loadable from the Hub ({str(e).splitlines()[0]})") from None  # fmt: skip
+        raise UserError(
+            f"cannot load {name!r}{offline}: not a local directory and not loadable from the Hub ({str(e).splitlines()[0]})"
+        ) from None
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -332,7 +342,9 @@ def apply_lora(policy, r: int, alpha: float):
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise UserError("--lora-r needs peft: pip install peft") from None
-    return get_peft_model(policy, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))  # fmt: skip
+    return get_peft_model(
+        policy, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
 
 
 class AdapterDisabled:
@@ -552,13 +564,21 @@ def standardize(data: datasets.Dataset, columns: tuple[str, ...], name: str = "d
         messages = list(data["messages"])
         ends = [bool(m) and m[-1]["role"] == "assistant" for m in messages]
         if "completion" in columns and not all(ends):
-            raise UserError(f"{name}: row {ends.index(False)}'s `messages` does not end with an assistant turn (the completion)")  # fmt: skip
-        return datasets.Dataset.from_dict({
-            "prompt": [m[:-1] if e else m for m, e in zip(messages, ends)],
-            "completion": [m[-1:] if e else [] for m, e in zip(messages, ends)],
-        })  # fmt: skip
-    if {"chosen", "rejected"} <= cols and ("prompt" not in cols or (is_conversation(first["chosen"]) and not is_conversation(first["prompt"]))):  # fmt: skip
-        rows = [split_dialogues(c, r, f"{name} row {i}") for i, (c, r) in enumerate(zip(data["chosen"], data["rejected"]))]  # fmt: skip
+            raise UserError(
+                f"{name}: row {ends.index(False)}'s `messages` does not end with an assistant turn (the completion)"
+            )
+        return datasets.Dataset.from_dict(
+            {
+                "prompt": [m[:-1] if e else m for m, e in zip(messages, ends)],
+                "completion": [m[-1:] if e else [] for m, e in zip(messages, ends)],
+            }
+        )
+    if {"chosen", "rejected"} <= cols and (
+        "prompt" not in cols or (is_conversation(first["chosen"]) and not is_conversation(first["prompt"]))
+    ):
+        rows = [
+            split_dialogues(c, r, f"{name} row {i}") for i, (c, r) in enumerate(zip(data["chosen"], data["rejected"]))
+        ]
         data = datasets.Dataset.from_dict(dict(zip(("prompt", "chosen", "rejected"), map(list, zip(*rows)))))
     if "completion" in columns and "completion" not in data.column_names and "chosen" in data.column_names:
         print(f"[data] {name} has no `completion` column: the `chosen` responses are the completions")
@@ -591,7 +611,9 @@ def split_dialogues(chosen, rejected, where: str = "row") -> tuple:
     while end >= 0 and not rejected.startswith(chosen[: end + len(HH_ASSISTANT)]):
         end = chosen.rfind(HH_ASSISTANT, 0, end)
     if end < 0:
-        raise UserError(f"{where}: no prompt column, and `chosen`/`rejected` share no '\\n\\nAssistant:' turn to split at")  # fmt: skip
+        raise UserError(
+            f"{where}: no prompt column, and `chosen`/`rejected` share no '\\n\\nAssistant:' turn to split at"
+        )
     end += len(HH_ASSISTANT)
     return chosen[:end], chosen[end:], rejected[end:]
 
@@ -603,7 +625,9 @@ def chat_text(tokenizer, prompt, completion=None) -> tuple[str, str | None]:
     if not is_conversation(prompt):
         return prompt, completion
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError("conversational data (lists of messages) needs a tokenizer with a chat template; this one has none")  # fmt: skip
+        raise UserError(
+            "conversational data (lists of messages) needs a tokenizer with a chat template; this one has none"
+        )
     text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     if completion is None or isinstance(completion, str):  # a plain-text reply continues the rendered prompt
         return text, completion
@@ -683,8 +707,16 @@ def truncate_after_eos(completion: torch.Tensor, eos_id: int, pad_id: int) -> tu
 
 
 @torch.no_grad()
-def generate(model, prompt: torch.Tensor, tokenizer, max_new_tokens: int, temperature: float, top_p: float = 1.0,
-             logits_processor=None, return_logprobs: bool = False):  # fmt: skip
+def generate(
+    model,
+    prompt: torch.Tensor,
+    tokenizer,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    logits_processor=None,
+    return_logprobs: bool = False,
+):
     """Sample completions for left-padded prompts ([B, P] -> [B, C]) at `temperature` (0 = greedy), then
     pad everything after the first EOS. Returns (completion, has_eos), and with `return_logprobs` also the
     per-token log-probs [B, C] of the sampled tokens under softmax(logits / T), 0 on padding: what
@@ -695,10 +727,13 @@ def generate(model, prompt: torch.Tensor, tokenizer, max_new_tokens: int, temper
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     mask = prompt != pad_id
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False,  # greedy over the sampler's one-hot scores = its draw
-        eos_token_id=eos_id, pad_token_id=eos_id, bos_token_id=tokenizer.bos_token_id,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,  # greedy over the sampler's one-hot scores = its draw
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        bos_token_id=tokenizer.bos_token_id,
         suppress_tokens=[pad_id] if pad_id < model.config.vocab_size else None,  # a sampled pad would read as padding
-    )  # fmt: skip
+    )
     recorder = SampledLogprobs(temperature) if return_logprobs else None
     sampler = [InverseCdfSampler(temperature, top_p)] if temperature > 0 else []
     # the recorder sees the model's logits, the sampler draws last (after a caller's forced tokens)
@@ -711,9 +746,11 @@ def generate(model, prompt: torch.Tensor, tokenizer, max_new_tokens: int, temper
     try:
         with gathered_weights(model):
             out = model.generate(
-                input_ids=prompt.masked_fill(~mask, 0), attention_mask=mask.long(), generation_config=config,
+                input_ids=prompt.masked_fill(~mask, 0),
+                attention_mask=mask.long(),
+                generation_config=config,
                 logits_processor=processors or None,
-            )  # fmt: skip
+            )
     finally:
         model.generation_config = default
         model.train(was_training)
@@ -823,8 +860,14 @@ def shared_prompt_forward(model, prompt, completion, pad_id, logits_to_keep: int
     completion, comp_mask = completion[order], comp_mask[order]
     full_mask = torch.cat([mask.repeat_interleave(k, 0), comp_mask], 1)  # completions attend to the real prompt tokens
     position_ids = (full_mask.cumsum(1) - 1).clamp(min=0)[:, prompt.shape[1] :]
-    second = model(input_ids=completion.masked_fill(~comp_mask, 0), attention_mask=full_mask.long(),
-                   position_ids=position_ids, use_cache=True, **{name: cache}, **keep(logits_to_keep))  # fmt: skip
+    second = model(
+        input_ids=completion.masked_fill(~comp_mask, 0),
+        attention_mask=full_mask.long(),
+        position_ids=position_ids,
+        use_cache=True,
+        **{name: cache},
+        **keep(logits_to_keep),
+    )
     return first, second, order
 
 
@@ -851,12 +894,23 @@ def completion_logprobs(model, prompt, completion, pad_id, temperature=1.0, chun
         first, second, order = shared
         parts = [first.logits[:, -1:].repeat_interleave(k, 0)] + ([second.logits] if C > 1 else [])  # [kB, 1 | C-1, V]
     else:
-        parts = [forward(model, torch.cat([prompt.repeat(k, 1), completion], 1), pad_id, logits_to_keep=keep(prompt.shape[1] - 1, C)).logits]  # fmt: skip
+        parts = [
+            forward(
+                model,
+                torch.cat([prompt.repeat(k, 1), completion], 1),
+                pad_id,
+                logits_to_keep=keep(prompt.shape[1] - 1, C),
+            ).logits
+        ]
         order = torch.arange(completion.shape[0], device=completion.device)
     targets = completion[order].masked_fill(completion[order] == pad_id, 0)  # in the rows' order of the logits
     columns, t = [], 0
     for logits in parts:  # views of the model's logits: nothing vocabulary-sized is copied
-        columns.append(TokenLogprobs.apply(logits, targets[:, t : t + logits.shape[1]], temperature, pad_id, chunk_rows, with_entropy))  # fmt: skip
+        columns.append(
+            TokenLogprobs.apply(
+                logits, targets[:, t : t + logits.shape[1]], temperature, pad_id, chunk_rows, with_entropy
+            )
+        )
         t += logits.shape[1]
     back, valid = torch.argsort(order), completion != pad_id  # back to the layout of `completion`
     out = torch.cat(columns, 1)[back].masked_fill(~valid[..., None], 0.0)
@@ -1063,7 +1117,9 @@ class Run:
                 raise UserError(f"--resume {self.dir}: the run has finished (eval.json exists)")
             resume_step, self.resume_from = find_checkpoint(self.dir)
         elif (self.dir / "args.json").exists():
-            raise UserError(f"{self.dir} already holds a run: continue it with --resume {self.dir}, or choose another --run-name")  # fmt: skip
+            raise UserError(
+                f"{self.dir} already holds a run: continue it with --resume {self.dir}, or choose another --run-name"
+            )
         accelerator.wait_for_everyone()  # every rank has checked before the main one writes
         if self.main:
             from torch.utils.tensorboard import SummaryWriter
@@ -1076,7 +1132,14 @@ class Run:
                 for log in ("metrics.jsonl", "samples.jsonl"):
                     cut_log(self.dir / log, resume_step)
             self.writer = SummaryWriter(str(self.dir), purge_step=None if resume_step is None else resume_step + 1)
-            self.bar = tqdm(total=total, initial=resume_step or 0, desc=args.exp_name, dynamic_ncols=True, file=sys.stdout, mininterval=1 if sys.stdout.isatty() else 10)  # fmt: skip
+            self.bar = tqdm(
+                total=total,
+                initial=resume_step or 0,
+                desc=args.exp_name,
+                dynamic_ncols=True,
+                file=sys.stdout,
+                mininterval=1 if sys.stdout.isatty() else 10,
+            )
             if args.track:
                 self._start_wandb(name, new_run=resume_step is None)
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1090,8 +1153,12 @@ class Run:
 
         try:
             wandb.init(
-                project=self.args.wandb_project, name=name, config=dataclasses.asdict(self.args),
-                sync_tensorboard=True, resume="allow", id=name,
+                project=self.args.wandb_project,
+                name=name,
+                config=dataclasses.asdict(self.args),
+                sync_tensorboard=True,
+                resume="allow",
+                id=name,
             )
         except Exception as e:
             self.close()
@@ -1104,14 +1171,20 @@ class Run:
         if self.stop_signal is not None or self.closed:  # the second one (or a finished run): stop now
             raise KeyboardInterrupt
         self.stop_signal = signal.Signals(signum).name
-        print(f"\n[run] {self.stop_signal}: saving a checkpoint at the end of this step (again to stop at once)", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"\n[run] {self.stop_signal}: saving a checkpoint at the end of this step (again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def log(self, metrics: dict, step: int, show: tuple[str, ...] = ()) -> dict:
         """Average across processes, write to TensorBoard and metrics.jsonl, show `show` on the bar."""
         metrics = {k: float(v) for k, v in metrics.items()}
         if self.accelerator.num_processes > 1:
             keys = sorted(metrics)
-            values = self.accelerator.reduce(torch.tensor([metrics[k] for k in keys], device=self.accelerator.device), "mean")  # fmt: skip
+            values = self.accelerator.reduce(
+                torch.tensor([metrics[k] for k in keys], device=self.accelerator.device), "mean"
+            )
             metrics = dict(zip(keys, values.tolist()))
         if self.main:
             for k, v in metrics.items():
@@ -1119,7 +1192,9 @@ class Run:
             with open(self.dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
             if show:
-                self.bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in show if k in metrics}, refresh=False)
+                self.bar.set_postfix(
+                    {k.split("/")[-1]: f"{metrics[k]:.3g}" for k in show if k in metrics}, refresh=False
+                )
         return metrics
 
     def advance(self, n: int = 1):
@@ -1163,7 +1238,9 @@ class Run:
         raise Interrupted). `state()` returns the loop state to save with it (plain data and tensors)."""
         stop = self.stop_signal is not None
         if self.accelerator.num_processes > 1:  # all ranks stop at the same step
-            stop = bool(self.accelerator.reduce(torch.tensor([float(stop)], device=self.accelerator.device), "max").item())  # fmt: skip
+            stop = bool(
+                self.accelerator.reduce(torch.tensor([float(stop)], device=self.accelerator.device), "max").item()
+            )
         every = getattr(self.args, "save_every", 0)
         if stop or (every and step % every == 0):
             self.save_checkpoint(step, state())
@@ -1177,7 +1254,9 @@ class Run:
         crash at any moment leaves the previous checkpoint (or checkpoint.old/ during the swap) complete."""
         for model in self.models:  # local shards under ZeRO-3: each process checks its own
             if not all(p.isfinite().all() for p in model.parameters()):
-                raise TrainingError(f"non-finite weights at step {step}: checkpoint not written; last good checkpoint: {self.last_checkpoint()}")  # fmt: skip
+                raise TrainingError(
+                    f"non-finite weights at step {step}: checkpoint not written; last good checkpoint: {self.last_checkpoint()}"
+                )
         tmp, old = self.dir / "checkpoint.tmp", self.dir / "checkpoint.old"
         if self.main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -1209,7 +1288,9 @@ class Run:
         """Stop the run when a loss or reward is NaN or infinite, before it reaches the weights."""
         for name, value in values.items():
             if not torch.isfinite(torch.as_tensor(value)).all():
-                raise TrainingError(f"non-finite {name} at step {step}: stopped before the weights changed; last good checkpoint: {self.last_checkpoint()}")  # fmt: skip
+                raise TrainingError(
+                    f"non-finite {name} at step {step}: stopped before the weights changed; last good checkpoint: {self.last_checkpoint()}"
+                )
 
     def close(self):
         self.closed = True
@@ -1247,7 +1328,11 @@ def find_checkpoint(run_dir: Path) -> tuple[int, Path]:
 def cut_log(path: Path, step: int):
     """Keep the lines of a jsonl log up to `step`: a resumed run writes the later ones again."""
     if path.exists():
-        lines = [line for line in path.read_text().splitlines(keepends=True) if line.strip() and json.loads(line)["step"] <= step]
+        lines = [
+            line
+            for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
         path.write_text("".join(lines))
 
 
@@ -1281,8 +1366,20 @@ def print_samples(samples: list[dict], step: int):
 
 
 @torch.no_grad()
-def evaluate(policy, tokenizer, prompts, references, *, is_toy, max_prompt, max_new_tokens, batch_size=64,
-             ref_model=None, reward_model=None, no_eos_score=-1.0):  # fmt: skip
+def evaluate(
+    policy,
+    tokenizer,
+    prompts,
+    references,
+    *,
+    is_toy,
+    max_prompt,
+    max_new_tokens,
+    batch_size=64,
+    ref_model=None,
+    reward_model=None,
+    no_eos_score=-1.0,
+):
     """Greedy completions for the prompts: reward-model score, length (tokens incl. EOS), EOS rate, and on
     the toy task gold reward and win rate against the reference summaries under the gold reward. With a
     reference model, also KL(pi || pi_ref) at temperature 1, estimated from samples as the mean over

@@ -114,8 +114,15 @@ class Args:
     """stop after this many steps (default: the full epochs)"""
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-             beta: float, label_smoothing: float = 0.0, loss_type: str = "sigmoid"):  # fmt: skip
+def dpo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    beta: float,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+):
     """Per-pair DPO loss from summed completion log-probs, and the implicit rewards beta*l_theta(y) of the
     chosen and rejected completions (detached: metrics, not part of the graph)."""
     chosen_logratios = policy_chosen_logps - ref_chosen_logps  # l_theta(y_w) = log pi_theta/pi_ref (y_w)
@@ -123,7 +130,9 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     h = chosen_logratios - rejected_logratios  # h = l_theta(y_w) - l_theta(y_l)   # ALGO LOGIC
     if loss_type == "sigmoid":
         # DPO Eq. (7): -log sigmoid(beta h); cDPO: -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)  # ALGO LOGIC
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(
+            -beta * h
+        )  # ALGO LOGIC
     elif loss_type == "ipo":
         # IPO Eq. (17) of Azar et al. 2023: (h - 1/(2 beta))^2   (TRL's "ipo" uses per-token mean log-probs instead)
         losses = (h - 1 / (2 * beta)) ** 2  # ALGO LOGIC
@@ -196,7 +205,9 @@ def held_out_metrics(policy, ref_model, rows, args, pad_id, device, batch_size=1
     for i in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
         chosen, rejected = sequence_logps(policy, batch, pad_id)
-        losses, r_c, r_r = dpo_loss(chosen, rejected, *sequence_logps(ref_model, batch, pad_id), args.beta, args.label_smoothing, args.loss_type)  # fmt: skip
+        losses, r_c, r_r = dpo_loss(
+            chosen, rejected, *sequence_logps(ref_model, batch, pad_id), args.beta, args.label_smoothing, args.loss_type
+        )
         for lst, x in zip(out, (losses, r_c, r_r, chosen, rejected)):
             lst.append(x.float())
     policy.train(was_training)
@@ -204,9 +215,25 @@ def held_out_metrics(policy, ref_model, rows, args, pad_id, device, batch_size=1
 
 
 def main(args: Args):
-    common.check_ranges(args, positive=("beta", "epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens", "max_steps", "num_preferences", "micro_batch_size"), non_negative=("lr", "save_every"))  # fmt: skip
+    common.check_ranges(
+        args,
+        positive=(
+            "beta",
+            "epochs",
+            "batch_size",
+            "max_prompt_length",
+            "max_completion_length",
+            "max_new_tokens",
+            "max_steps",
+            "num_preferences",
+            "micro_batch_size",
+        ),
+        non_negative=("lr", "save_every"),
+    )
     if not 0 <= args.label_smoothing < 0.5:
-        raise common.UserError(f"--label-smoothing {args.label_smoothing} must be in [0, 0.5): the share of flipped labels")  # fmt: skip
+        raise common.UserError(
+            f"--label-smoothing {args.label_smoothing} must be in [0, 0.5): the share of flipped labels"
+        )
     accelerator = common.setup(args)
     device, is_toy = accelerator.device, args.dataset == "toy"
     tokenizer = common.load_tokenizer(args.model)
@@ -223,11 +250,17 @@ def main(args: Args):
     test = common.load_data(args.dataset, "test", PREFERENCE_COLUMNS)
     train_rows = tokenize_pairs(tokenizer, train, args)
     test_rows = tokenize_pairs(tokenizer, test.select(range(min(args.eval_pairs, len(test)))), args)
-    gen = common.load_data("toy", "test", ("prompt", "completion")) if is_toy else test.rename_column("chosen", "completion")  # fmt: skip
+    gen = (
+        common.load_data("toy", "test", ("prompt", "completion"))
+        if is_toy
+        else test.rename_column("chosen", "completion")
+    )
     gen = gen.select(range(min(args.eval_prompts, len(gen))))
     n_cut = sum(r[k][-1] != tokenizer.eos_token_id for r in train_rows for k in ("chosen", "rejected"))
     if n_cut:
-        print(f"[data] {n_cut} completions longer than --max-completion-length {args.max_completion_length} lost their EOS")  # fmt: skip
+        print(
+            f"[data] {n_cut} completions longer than --max-completion-length {args.max_completion_length} lost their EOS"
+        )
 
     if args.precompute_ref_logps:  # log pi_ref never changes: one pass over the training pairs
         with torch.no_grad():
@@ -240,23 +273,36 @@ def main(args: Args):
     per_process = args.batch_size // accelerator.num_processes
     loader_rng = torch.Generator().manual_seed(args.seed)  # the shuffle; its state is the data position of a checkpoint
     loader = torch.utils.data.DataLoader(
-        train_rows, batch_size=per_process, shuffle=True, drop_last=True,
-        collate_fn=lambda b: collate(b, pad_id), generator=loader_rng,
-    )  # fmt: skip
+        train_rows,
+        batch_size=per_process,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=lambda b: collate(b, pad_id),
+        generator=loader_rng,
+    )
     if len(loader) == 0:
         raise common.UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_rows)})")
     total = min(args.max_steps or 10**12, args.epochs * len(loader))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=total)
-    policy, optimizer, loader = common.prepare(accelerator, policy, optimizer, loader, micro_batch_size=args.micro_batch_size or per_process)  # fmt: skip
+    policy, optimizer, loader = common.prepare(
+        accelerator, policy, optimizer, loader, micro_batch_size=args.micro_batch_size or per_process
+    )
     run = common.Run(args, accelerator, total)
 
     def run_eval(step):
         unwrapped = accelerator.unwrap_model(policy)
         metrics, samples = common.evaluate(
-            unwrapped, tokenizer, gen["prompt"], gen["completion"], is_toy=is_toy, max_prompt=args.max_prompt_length,
-            max_new_tokens=args.max_new_tokens, ref_model=ref_model, reward_model=reward_model,
-        )  # fmt: skip
+            unwrapped,
+            tokenizer,
+            gen["prompt"],
+            gen["completion"],
+            is_toy=is_toy,
+            max_prompt=args.max_prompt_length,
+            max_new_tokens=args.max_new_tokens,
+            ref_model=ref_model,
+            reward_model=reward_model,
+        )
         metrics.update(held_out_metrics(unwrapped, ref_model, test_rows, args, pad_id, device))
         run.write_samples(samples, step)
         return run.log(metrics, step, show=("eval/win_rate", "eval/kl", "eval/rewards/accuracies"))
@@ -284,12 +330,20 @@ def main(args: Args):
                         with torch.no_grad():
                             ref_chosen, ref_rejected = sequence_logps(ref_model, mb, pad_id)
                     losses, chosen_rewards, rejected_rewards = dpo_loss(
-                        chosen_logps, rejected_logps, ref_chosen, ref_rejected, args.beta, args.label_smoothing, args.loss_type
-                    )  # fmt: skip
+                        chosen_logps,
+                        rejected_logps,
+                        ref_chosen,
+                        ref_rejected,
+                        args.beta,
+                        args.label_smoothing,
+                        args.loss_type,
+                    )
                     loss = losses.mean()
                     run.check_finite(step, loss=loss)  # lower --lr; use fp32/bf16, never fp16
                     accelerator.backward(loss * len(losses) / n_pairs)  # the batch mean, accumulated
-                parts.append((losses.detach(), chosen_rewards, rejected_rewards, chosen_logps.detach(), rejected_logps.detach()))  # fmt: skip
+                parts.append(
+                    (losses.detach(), chosen_rewards, rejected_rewards, chosen_logps.detach(), rejected_logps.detach())
+                )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
@@ -298,7 +352,9 @@ def main(args: Args):
         run.advance()
         if step % 10 == 0 or step == total:
             metrics = pair_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
-            metrics.update({"lr": scheduler.get_last_lr()[0], "time/update": times["update"], "time/elapsed": time.time() - start})
+            metrics.update(
+                {"lr": scheduler.get_last_lr()[0], "time/update": times["update"], "time/elapsed": time.time() - start}
+            )
             run.log(metrics, step, show=("loss", "rewards/accuracies"))
         if step % args.eval_every == 0 and step < total:
             run_eval(step)
@@ -311,11 +367,24 @@ def main(args: Args):
     if accelerator.is_main_process:
         before, after = initial.get("eval/win_rate"), final.get("eval/win_rate")
         if before is not None:
-            print(f"[dpo] win rate vs the reference summaries: SFT {before:.3f} -> DPO {after:.3f} (KL {final['eval/kl']:.2f})")
-        print(f"[dpo] one update ({args.batch_size} pairs): {median:.3f} s (median of {len(step_times[2:] or step_times)}); "
-              f"peak memory {common.peak_memory_mb():.0f} MiB")
+            print(
+                f"[dpo] win rate vs the reference summaries: SFT {before:.3f} -> DPO {after:.3f} (KL {final['eval/kl']:.2f})"
+            )
+        print(
+            f"[dpo] one update ({args.batch_size} pairs): {median:.3f} s (median of {len(step_times[2:] or step_times)}); "
+            f"peak memory {common.peak_memory_mb():.0f} MiB"
+        )
     initial = {f"initial/{k.removeprefix('eval/')}": v for k, v in initial.items()}
-    run.finish({**initial, **final, "time/update_mean": mean, "time/update_median": median, "memory/peak_mb": common.peak_memory_mb(), "time/total": time.time() - start})  # fmt: skip
+    run.finish(
+        {
+            **initial,
+            **final,
+            "time/update_mean": mean,
+            "time/update_median": median,
+            "memory/peak_mb": common.peak_memory_mb(),
+            "time/total": time.time() - start,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -122,7 +122,9 @@ def whiten_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return common.masked_whiten(rewards, mask, shift_mean=False).masked_fill(~mask, 0)
 
 
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE over completion tokens ([B, C]; rewards and values already 0 after the end, V = 0 past it):
     delta_t = r_t + gamma V_{t+1} - V_t,  A_t = sum_k (gamma lam)^k delta_{t+k},  returns R_t = A_t + V_t.
     Vectorized as one product with the upper-triangular matrix of discounts."""
@@ -155,11 +157,15 @@ def ppo_losses(new_logps, old_logps, advantages, new_values, old_values, returns
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1 - args.cliprange, 1 + args.cliprange)
     pg_loss = common.masked_mean(torch.max(pg_losses, pg_losses_clipped), mask)
     values_clipped = old_values + torch.clamp(new_values - old_values, -args.cliprange_value, args.cliprange_value)
-    vf_loss = 0.5 * common.masked_mean(torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2), mask)  # ALGO LOGIC: N+ clipped value loss  # fmt: skip
+    vf_loss = 0.5 * common.masked_mean(
+        torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2), mask
+    )  # ALGO LOGIC: N+ clipped value loss
     stats = {
         "policy/clipfrac": common.masked_mean((pg_losses_clipped > pg_losses).float(), mask),
         "policy/approxkl": 0.5 * common.masked_mean((new_logps - old_logps) ** 2, mask),
-        "val/clipfrac": common.masked_mean(((new_values - returns) ** 2 < (values_clipped - returns) ** 2).float(), mask),  # fmt: skip
+        "val/clipfrac": common.masked_mean(
+            ((new_values - returns) ** 2 < (values_clipped - returns) ** 2).float(), mask
+        ),
         "val/ratio": common.masked_mean(ratio, mask),
     }
     return pg_loss, vf_loss, stats
@@ -170,9 +176,24 @@ def main(args: Args):
     device = accelerator.device
     per_process = args.batch_size // accelerator.num_processes
     num_updates = args.total_episodes // args.batch_size
-    common.check_ranges(args, positive=("temperature", "max_new_tokens", "max_prompt_length", "ppo_epochs", "micro_batch_size", "cliprange", "cliprange_value"), non_negative=("lr", "kl_coef", "vf_coef", "save_every"), unit=("gamma", "lam"))  # fmt: skip
+    common.check_ranges(
+        args,
+        positive=(
+            "temperature",
+            "max_new_tokens",
+            "max_prompt_length",
+            "ppo_epochs",
+            "micro_batch_size",
+            "cliprange",
+            "cliprange_value",
+        ),
+        non_negative=("lr", "kl_coef", "vf_coef", "save_every"),
+        unit=("gamma", "lam"),
+    )
     if per_process == 0 or per_process % args.num_minibatches or num_updates == 0:
-        raise common.UserError(f"--batch-size {args.batch_size} must be a multiple of --num-minibatches {args.num_minibatches} (per process) and at most --total-episodes {args.total_episodes}")  # fmt: skip
+        raise common.UserError(
+            f"--batch-size {args.batch_size} must be a multiple of --num-minibatches {args.num_minibatches} (per process) and at most --total-episodes {args.total_episodes}"
+        )
     tokenizer = common.load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
     policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
@@ -180,7 +201,9 @@ def main(args: Args):
     reward_model = common.load_model(args.reward_model, "reward", tokenizer=tokenizer, frozen=True).to(device)
     critic = common.trainable(common.load_model(args.reward_model, "reward"), args)  # the reward model, head included
     if getattr(reward_model, "retokenize", None) is not None:  # the critic reads the policy's tokens
-        raise common.UserError(f"--reward-model {args.reward_model} has its own tokenizer, but the critic starts from it and reads the policy's tokens: use a reward model with the policy's tokenizer")  # fmt: skip
+        raise common.UserError(
+            f"--reward-model {args.reward_model} has its own tokenizer, but the critic starts from it and reads the policy's tokens: use a reward model with the policy's tokenizer"
+        )
     is_toy = args.dataset == "toy"
 
     train = common.load_data(args.dataset, "train", ("prompt",))
@@ -201,10 +224,17 @@ def main(args: Args):
 
     def run_eval(update):
         metrics, samples = common.evaluate(
-            policy, tokenizer, test["prompt"], references, is_toy=is_toy,
-            max_prompt=args.max_prompt_length, max_new_tokens=args.max_new_tokens, ref_model=ref_policy,
-            reward_model=reward_model, no_eos_score=args.no_eos_score,
-        )  # fmt: skip
+            policy,
+            tokenizer,
+            test["prompt"],
+            references,
+            is_toy=is_toy,
+            max_prompt=args.max_prompt_length,
+            max_new_tokens=args.max_new_tokens,
+            ref_model=ref_policy,
+            reward_model=reward_model,
+            no_eos_score=args.no_eos_score,
+        )
         run.write_samples(samples, update)
         return run.log(metrics, update, show=("eval/win_rate", "eval/kl") if is_toy else ("eval/score", "eval/kl"))
 
@@ -227,7 +257,9 @@ def main(args: Args):
             completion, has_eos = common.generate(policy, prompt, tokenizer, args.max_new_tokens, args.temperature)
         with common.timer(times, "time/scoring"), torch.no_grad():
             mask = completion != pad_id  # completion tokens up to and including the first EOS
-            old_logps, old_values = logprobs_and_values(accelerator.unwrap_model(model), prompt, completion, pad_id, args.temperature)  # fmt: skip
+            old_logps, old_values = logprobs_and_values(
+                accelerator.unwrap_model(model), prompt, completion, pad_id, args.temperature
+            )
             ref_logps = common.completion_logprobs(ref_policy, prompt, completion, pad_id, args.temperature)
             old_values = old_values.masked_fill(~mask, 0)
             scores = common.reward_scores(reward_model, prompt, completion, pad_id, has_eos, args.no_eos_score)
@@ -249,15 +281,29 @@ def main(args: Args):
                     micro_batches = mb.split(args.micro_batch_size)
                     for i, idx in enumerate(micro_batches):
                         with common.accumulate(accelerator, model, last=i == len(micro_batches) - 1):
-                            new_logps, new_values = logprobs_and_values(model, prompt[idx], completion[idx], pad_id, args.temperature)  # fmt: skip
+                            new_logps, new_values = logprobs_and_values(
+                                model, prompt[idx], completion[idx], pad_id, args.temperature
+                            )
                             pg_loss, vf_loss, s = ppo_losses(
-                                new_logps, old_logps[idx], advantages[idx], new_values, old_values[idx], returns[idx],
-                                mask[idx], args,
-                            )  # fmt: skip
+                                new_logps,
+                                old_logps[idx],
+                                advantages[idx],
+                                new_values,
+                                old_values[idx],
+                                returns[idx],
+                                mask[idx],
+                                args,
+                            )
                             loss = pg_loss + args.vf_coef * vf_loss  # ALGO LOGIC: N+ total loss
                             run.check_finite(update, loss=loss)
                             accelerator.backward(loss * len(idx) / len(mb))
-                        stats.append({"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), **{k: v.item() for k, v in s.items()}})  # fmt: skip
+                        stats.append(
+                            {
+                                "loss/policy": pg_loss.item(),
+                                "loss/value": vf_loss.item(),
+                                **{k: v.item() for k, v in s.items()},
+                            }
+                        )
                     optimizer.step()
                     optimizer.zero_grad()
             scheduler.step()
@@ -265,15 +311,19 @@ def main(args: Args):
         seq_kl = kl.sum(1)
         returns_var = common.masked_var(returns, mask)
         metrics = {
-            "objective/scores": scores.mean(), "objective/kl": seq_kl.mean(),
+            "objective/scores": scores.mean(),
+            "objective/kl": seq_kl.mean(),
             "objective/rlhf_reward": (scores - args.kl_coef * seq_kl).mean(),
-            "objective/entropy": -old_logps.sum(1).mean(), "objective/eos_rate": has_eos.float().mean(),
+            "objective/entropy": -old_logps.sum(1).mean(),
+            "objective/eos_rate": has_eos.float().mean(),
             "objective/length": mask.sum(1).float().mean(),
             "val/explained_variance": 1 - common.masked_var(returns - old_values, mask) / returns_var.clamp(min=1e-8),
             **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
-            "lr": scheduler.get_last_lr()[0], "episodes": update * args.batch_size, **times,
+            "lr": scheduler.get_last_lr()[0],
+            "episodes": update * args.batch_size,
+            **times,
             "time/samples_per_second": per_process / sum(times.values()),
-        }  # fmt: skip
+        }
         if is_toy:  # the gold reward of the training samples: the smoothest learning curve on the toy task
             texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
             golds = [toy.gold_reward(train_texts[i], t, bool(e)) for i, t, e in zip(rows, texts, has_eos)]
@@ -282,13 +332,25 @@ def main(args: Args):
         run.advance()
         if update % args.eval_every == 0 and update < num_updates:
             run_eval(update)
-        run.step_done(update, lambda: {"initial": initial, "cursor": cursor, "order": order, "generator": generator.get_state()})  # fmt: skip
+        run.step_done(
+            update, lambda: {"initial": initial, "cursor": cursor, "order": order, "generator": generator.get_state()}
+        )
 
     final = run_eval(num_updates)
     common.save_model(accelerator, model, tokenizer, run.dir, part="policy")
-    print(f"[ppo] last update: {sum(times.values()):.3f} s ({', '.join(f'{k[5:]} {v:.3f}' for k, v in times.items())}), peak memory {common.peak_memory_mb():.0f} MiB")  # fmt: skip
+    print(
+        f"[ppo] last update: {sum(times.values()):.3f} s ({', '.join(f'{k[5:]} {v:.3f}' for k, v in times.items())}), peak memory {common.peak_memory_mb():.0f} MiB"
+    )
     initial = {f"initial/{k.removeprefix('eval/')}": v for k, v in initial.items()}
-    run.finish({**initial, **final, "time/total": time.time() - start, "time/update_last": sum(times.values()), "memory/peak_mb": common.peak_memory_mb()})  # fmt: skip
+    run.finish(
+        {
+            **initial,
+            **final,
+            "time/total": time.time() - start,
+            "time/update_last": sum(times.values()),
+            "memory/peak_mb": common.peak_memory_mb(),
+        }
+    )
 
 
 if __name__ == "__main__":

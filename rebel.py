@@ -145,9 +145,23 @@ def main(args: Args):
     device = accelerator.device
     per_process = args.batch_size // accelerator.num_processes
     num_updates = args.total_episodes // args.batch_size
-    common.check_ranges(args, positive=("eta", "reward_scale", "temperature", "max_new_tokens", "max_prompt_length", "rebel_epochs", "micro_batch_size"), non_negative=("lr", "kl_coef", "save_every"))  # fmt: skip
+    common.check_ranges(
+        args,
+        positive=(
+            "eta",
+            "reward_scale",
+            "temperature",
+            "max_new_tokens",
+            "max_prompt_length",
+            "rebel_epochs",
+            "micro_batch_size",
+        ),
+        non_negative=("lr", "kl_coef", "save_every"),
+    )
     if per_process == 0 or per_process % args.num_minibatches or num_updates == 0:
-        raise common.UserError(f"--batch-size {args.batch_size} must be a multiple of --num-minibatches {args.num_minibatches} (per process) and at most --total-episodes {args.total_episodes}")  # fmt: skip
+        raise common.UserError(
+            f"--batch-size {args.batch_size} must be a multiple of --num-minibatches {args.num_minibatches} (per process) and at most --total-episodes {args.total_episodes}"
+        )
     tokenizer = common.load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
     policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
@@ -171,10 +185,17 @@ def main(args: Args):
 
     def run_eval(update):
         metrics, samples = common.evaluate(
-            accelerator.unwrap_model(policy), tokenizer, test["prompt"], references, is_toy=is_toy,
-            max_prompt=args.max_prompt_length, max_new_tokens=args.max_new_tokens, ref_model=ref_policy,
-            reward_model=reward_model, no_eos_score=args.no_eos_score,
-        )  # fmt: skip
+            accelerator.unwrap_model(policy),
+            tokenizer,
+            test["prompt"],
+            references,
+            is_toy=is_toy,
+            max_prompt=args.max_prompt_length,
+            max_new_tokens=args.max_new_tokens,
+            ref_model=ref_policy,
+            reward_model=reward_model,
+            no_eos_score=args.no_eos_score,
+        )
         run.write_samples(samples, update)
         return run.log(metrics, update, show=("eval/win_rate", "eval/kl") if is_toy else ("eval/score", "eval/kl"))
 
@@ -219,12 +240,19 @@ def main(args: Args):
                         idx = idx.to(device)
                         pair_prompt = prompt[idx[: len(idx) // 2]]  # idx = [pairs, pairs + n]: y and y' share it
                         with common.accumulate(accelerator, policy, last=i == len(minibatch) - 1):
-                            new_logps = common.completion_logprobs(policy, pair_prompt, completion[idx], pad_id, args.temperature).sum(1)  # fmt: skip
+                            new_logps = common.completion_logprobs(
+                                policy, pair_prompt, completion[idx], pad_id, args.temperature
+                            ).sum(1)
                             loss, s = rebel_loss(new_logps, old_seq_logps[idx], rewards[idx], args.eta)
                             run.check_finite(update, loss=loss)
                             accelerator.backward(loss * len(idx) / n_rows)
-                        stats.append({"loss/policy": loss.item(), "rebel/residual": s["residual"].mean().item(),
-                                      "rebel/residual_abs": s["residual"].abs().mean().item()})  # fmt: skip
+                        stats.append(
+                            {
+                                "loss/policy": loss.item(),
+                                "rebel/residual": s["residual"].mean().item(),
+                                "rebel/residual_abs": s["residual"].abs().mean().item(),
+                            }
+                        )
                         epoch["delta_logratio"].append(s["delta_logratio"])
                         epoch["target"].append(s["target"])
                     optimizer.step()
@@ -234,16 +262,22 @@ def main(args: Args):
         seq_kl = kl.sum(1)
         delta_logratio, target = torch.cat(epoch["delta_logratio"]), torch.cat(epoch["target"])
         metrics = {
-            "objective/scores": scores.mean(), "objective/kl": seq_kl.mean(), "objective/rlhf_reward": rewards.mean(),
-            "objective/entropy": -old_logps.sum(1).mean(), "objective/eos_rate": has_eos.float().mean(),
+            "objective/scores": scores.mean(),
+            "objective/kl": seq_kl.mean(),
+            "objective/rlhf_reward": rewards.mean(),
+            "objective/entropy": -old_logps.sum(1).mean(),
+            "objective/eos_rate": has_eos.float().mean(),
             "objective/length": mask.sum(1).float().mean(),
             **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
-            "rebel/delta_logratio": delta_logratio.mean(), "rebel/eta_delta_reward": target.mean(),
+            "rebel/delta_logratio": delta_logratio.mean(),
+            "rebel/eta_delta_reward": target.mean(),
             "rebel/eta_delta_reward_abs": target.abs().mean(),
             "rebel/correlation": torch.corrcoef(torch.stack([delta_logratio, target]))[0, 1].nan_to_num(),
-            "lr": scheduler.get_last_lr()[0], "episodes": update * args.batch_size, **times,
+            "lr": scheduler.get_last_lr()[0],
+            "episodes": update * args.batch_size,
+            **times,
             "time/samples_per_second": len(completion) / sum(times.values()),
-        }  # fmt: skip
+        }
         if is_toy:  # the gold reward of the training samples: the smoothest learning curve on the toy task
             texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
             golds = [toy.gold_reward(train_texts[i], t, bool(e)) for i, t, e in zip(rows, texts, has_eos)]
@@ -252,13 +286,25 @@ def main(args: Args):
         run.advance()
         if update % args.eval_every == 0 and update < num_updates:
             run_eval(update)
-        run.step_done(update, lambda: {"initial": initial, "cursor": cursor, "order": order, "generator": generator.get_state()})  # fmt: skip
+        run.step_done(
+            update, lambda: {"initial": initial, "cursor": cursor, "order": order, "generator": generator.get_state()}
+        )
 
     final = run_eval(num_updates)
     common.save_model(accelerator, policy, tokenizer, run.dir)
-    print(f"[rebel] last update: {sum(times.values()):.3f} s ({', '.join(f'{k[5:]} {v:.3f}' for k, v in times.items())}), peak memory {common.peak_memory_mb():.0f} MiB")  # fmt: skip
+    print(
+        f"[rebel] last update: {sum(times.values()):.3f} s ({', '.join(f'{k[5:]} {v:.3f}' for k, v in times.items())}), peak memory {common.peak_memory_mb():.0f} MiB"
+    )
     initial = {f"initial/{k.removeprefix('eval/')}": v for k, v in initial.items()}
-    run.finish({**initial, **final, "time/total": time.time() - start, "time/update_last": sum(times.values()), "memory/peak_mb": common.peak_memory_mb()})  # fmt: skip
+    run.finish(
+        {
+            **initial,
+            **final,
+            "time/total": time.time() - start,
+            "time/update_last": sum(times.values()),
+            "memory/peak_mb": common.peak_memory_mb(),
+        }
+    )
 
 
 if __name__ == "__main__":

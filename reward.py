@@ -143,8 +143,10 @@ def mean_score(model, tokenizer, data, args, device, batch_size=128):
     total = 0.0
     for i in range(0, len(data), batch_size):
         chunk = data[i : i + batch_size]
-        pairs = [common.tokenize_pair(tokenizer, p, c, args.max_prompt_length, args.max_completion_length)
-                 for p, c in zip(chunk["prompt"], chunk["completion"])]  # fmt: skip
+        pairs = [
+            common.tokenize_pair(tokenizer, p, c, args.max_prompt_length, args.max_completion_length)
+            for p, c in zip(chunk["prompt"], chunk["completion"])
+        ]
         prompt = common.pad([p for p, _ in pairs], tokenizer.pad_token_id, "left").to(device)
         completion = common.pad([c for _, c in pairs], tokenizer.pad_token_id, "right").to(device)
         total += common.reward_scores(model, prompt, completion, tokenizer.pad_token_id).sum().item()
@@ -153,7 +155,10 @@ def mean_score(model, tokenizer, data, args, device, batch_size=128):
 
 def gold_accuracy(data) -> float:
     """Toy task: accuracy of the gold reward itself on the noisy labels (the ceiling for any reward model)."""
-    golds = [(toy.gold_reward(p, c), toy.gold_reward(p, r)) for p, c, r in zip(data["prompt"], data["chosen"], data["rejected"])]  # fmt: skip
+    golds = [
+        (toy.gold_reward(p, c), toy.gold_reward(p, r))
+        for p, c, r in zip(data["prompt"], data["chosen"], data["rejected"])
+    ]
     return sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in golds) / len(golds)
 
 
@@ -162,7 +167,9 @@ def sft_sample_pairs(tokenizer, policy_name, prompts, args, device):
     """Toy task: two SFT samples (T=1) per test prompt with their gold rewards, for the check that the
     reward model orders the policy's own samples like the gold reward (what RL will ask of it)."""
     policy = common.load_model(policy_name, frozen=True).to(device)
-    prompt = common.pad(common.tokenize_prompts(tokenizer, prompts, args.max_prompt_length), tokenizer.pad_token_id, "left").to(device)  # fmt: skip
+    prompt = common.pad(
+        common.tokenize_prompts(tokenizer, prompts, args.max_prompt_length), tokenizer.pad_token_id, "left"
+    ).to(device)
     pairs = []
     for _ in range(2):
         completion, has_eos = common.generate(policy, prompt, tokenizer, toy.MAX_NEW_TOKENS, temperature=1.0)
@@ -185,7 +192,18 @@ def sft_sample_agreement(model, pairs, pad_id, no_eos_score=-1.0):
 
 
 def main(args: Args):
-    common.check_ranges(args, positive=("epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_steps", "micro_batch_size"), non_negative=("lr", "save_every"))  # fmt: skip
+    common.check_ranges(
+        args,
+        positive=(
+            "epochs",
+            "batch_size",
+            "max_prompt_length",
+            "max_completion_length",
+            "max_steps",
+            "micro_batch_size",
+        ),
+        non_negative=("lr", "save_every"),
+    )
     accelerator = common.setup(args)
     tokenizer = common.load_tokenizer(args.model)
     model = common.trainable(common.load_model(args.model, kind="reward"), args)
@@ -203,9 +221,13 @@ def main(args: Args):
     per_process = args.batch_size // accelerator.num_processes
     loader_rng = torch.Generator().manual_seed(args.seed)  # the shuffle; its state is the data position of a checkpoint
     loader = torch.utils.data.DataLoader(
-        train_rows, batch_size=per_process, shuffle=True, drop_last=True,
-        collate_fn=lambda b: collate(b, pad_id), generator=loader_rng,
-    )  # fmt: skip
+        train_rows,
+        batch_size=per_process,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=lambda b: collate(b, pad_id),
+        generator=loader_rng,
+    )
     if len(loader) == 0:
         raise common.UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_rows)})")
     total = min(args.max_steps or 10**12, args.epochs * len(loader))
@@ -245,11 +267,18 @@ def main(args: Args):
         loss = bradley_terry_loss(chosen, rejected)
         run.advance()
         if step % 10 == 0 or step == total:
-            run.log({
-                "loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
-                "scores/chosen": chosen.mean().item(), "scores/rejected": rejected.mean().item(),
-                "scores/margin": (chosen - rejected).mean().item(), "lr": scheduler.get_last_lr()[0],
-            }, step, show=("loss", "accuracy"))  # fmt: skip
+            run.log(
+                {
+                    "loss": loss.item(),
+                    "accuracy": (chosen > rejected).float().mean().item(),
+                    "scores/chosen": chosen.mean().item(),
+                    "scores/rejected": rejected.mean().item(),
+                    "scores/margin": (chosen - rejected).mean().item(),
+                    "lr": scheduler.get_last_lr()[0],
+                },
+                step,
+                show=("loss", "accuracy"),
+            )
         if step % args.eval_every == 0 and step < total:
             run_eval(step)
         run.step_done(step, lambda: {"position": position})

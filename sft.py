@@ -91,7 +91,19 @@ def collate(examples, pad_id):
 
 
 def main(args: Args):
-    common.check_ranges(args, positive=("epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens", "max_steps", "micro_batch_size"), non_negative=("lr", "save_every"))  # fmt: skip
+    common.check_ranges(
+        args,
+        positive=(
+            "epochs",
+            "batch_size",
+            "max_prompt_length",
+            "max_completion_length",
+            "max_new_tokens",
+            "max_steps",
+            "micro_batch_size",
+        ),
+        non_negative=("lr", "save_every"),
+    )
     accelerator = common.setup(args)
     tokenizer = common.load_tokenizer(args.model)
     model = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
@@ -100,19 +112,27 @@ def main(args: Args):
     train = common.load_data(args.dataset, "train", ("prompt", "completion"))
     test = common.load_data(args.dataset, "test", ("prompt", "completion"))
     test = test.select(range(min(args.eval_prompts, len(test))))
-    pairs = [common.tokenize_pair(tokenizer, p, c, args.max_prompt_length, args.max_completion_length)
-             for p, c in zip(train["prompt"], train["completion"])]  # fmt: skip
+    pairs = [
+        common.tokenize_pair(tokenizer, p, c, args.max_prompt_length, args.max_completion_length)
+        for p, c in zip(train["prompt"], train["completion"])
+    ]
     examples = [{"prompt_ids": p, "completion_ids": c} for p, c in pairs]
     n_cut = sum(c[-1] != tokenizer.eos_token_id for _, c in pairs)
     if n_cut:
-        print(f"[data] {n_cut} completions longer than --max-completion-length {args.max_completion_length} lost their EOS")  # fmt: skip
+        print(
+            f"[data] {n_cut} completions longer than --max-completion-length {args.max_completion_length} lost their EOS"
+        )
 
     per_process = args.batch_size // accelerator.num_processes
     loader_rng = torch.Generator().manual_seed(args.seed)  # the shuffle; its state is the data position of a checkpoint
     loader = torch.utils.data.DataLoader(
-        examples, batch_size=per_process, shuffle=True, drop_last=True,
-        collate_fn=lambda b: collate(b, tokenizer.pad_token_id), generator=loader_rng,
-    )  # fmt: skip
+        examples,
+        batch_size=per_process,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=lambda b: collate(b, tokenizer.pad_token_id),
+        generator=loader_rng,
+    )
     if len(loader) == 0:
         raise common.UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(examples)})")
     total = min(args.max_steps or 10**12, args.epochs * len(loader))
@@ -124,9 +144,14 @@ def main(args: Args):
 
     def run_eval(step):
         metrics, samples = common.evaluate(
-            accelerator.unwrap_model(model), tokenizer, test["prompt"], test["completion"], is_toy=is_toy,
-            max_prompt=args.max_prompt_length, max_new_tokens=args.max_new_tokens,
-        )  # fmt: skip
+            accelerator.unwrap_model(model),
+            tokenizer,
+            test["prompt"],
+            test["completion"],
+            is_toy=is_toy,
+            max_prompt=args.max_prompt_length,
+            max_new_tokens=args.max_new_tokens,
+        )
         run.write_samples(samples, step)
         return run.log(metrics, step, show=("eval/win_rate", "eval/eos"))
 
@@ -154,7 +179,11 @@ def main(args: Args):
         optimizer.zero_grad()
         run.advance()
         if step % 10 == 0 or step == total:
-            run.log({"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "time/elapsed": time.time() - start}, step, show=("loss",))  # fmt: skip
+            run.log(
+                {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "time/elapsed": time.time() - start},
+                step,
+                show=("loss",),
+            )
         if step % args.eval_every == 0 and step < total:
             run_eval(step)
         run.step_done(step, lambda: {"position": position})

@@ -53,10 +53,35 @@ from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 TOPIC_WORDS = ["rain", "cat", "train", "bank", "party", "exam", "boss", "rent", "dog", "car", "phone", "trip"]
 FILLER_WORDS = [
-    "very", "then", "so", "maybe", "really", "just", "also", "today", "again", "still", "quite", "often", "soon",
-    "later", "never", "always", "here", "there", "now", "well", "okay", "anyway", "though", "like", "yet", "even",
-    "almost", "perhaps",
-]  # fmt: skip
+    "very",
+    "then",
+    "so",
+    "maybe",
+    "really",
+    "just",
+    "also",
+    "today",
+    "again",
+    "still",
+    "quite",
+    "often",
+    "soon",
+    "later",
+    "never",
+    "always",
+    "here",
+    "there",
+    "now",
+    "well",
+    "okay",
+    "anyway",
+    "though",
+    "like",
+    "yet",
+    "even",
+    "almost",
+    "perhaps",
+]
 PROMPT_HEAD, PROMPT_TAIL = "POST:", "TL;DR:"
 # <|pad|> comes last and lies outside the model's vocabulary (as the pad token common.load_tokenizer adds to a real
 # tokenizer without resizing the embeddings): the model can never emit it, and common.forward() never embeds it.
@@ -79,19 +104,33 @@ def make_tokenizer(extra_words: int = 0, pad: bool = True) -> PreTrainedTokenize
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>" if pad else "<eos>", bos_token="<bos>", eos_token="<eos>",
-        unk_token="<unk>", padding_side="left", model_max_length=64,
-    )  # fmt: skip
+        tokenizer_object=tok,
+        pad_token="<|pad|>" if pad else "<eos>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        padding_side="left",
+        model_max_length=64,
+    )
 
 
 def model_config(size: str = "small") -> LlamaConfig:
     """Llama-style causal-LM config: "small" ~1.05M parameters (the default), "tiny" ~0.1M (tests)."""
     hidden, layers, inter = {"small": (128, 4, 512), "tiny": (64, 2, 128)}[size]
     return LlamaConfig(
-        vocab_size=len(VOCAB) - 1, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True,
-        pad_token_id=None, bos_token_id=0, eos_token_id=1, attention_dropout=0.0,
-    )  # fmt: skip
+        vocab_size=len(VOCAB) - 1,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        pad_token_id=None,
+        bos_token_id=0,
+        eos_token_id=1,
+        attention_dropout=0.0,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +253,14 @@ def make_preference_pair(post: list[str], rng: random.Random) -> dict:
 
 def sft_dataset(split: str = "train", seed: int = 0) -> datasets.Dataset:
     """prompt / completion: reference summaries of distinct posts. Test posts never occur in train."""
-    return _split(split, seed, lambda post, rng: {"prompt": prompt_text(post), "completion": _completion(reference_summary(post, rng))}, SFT_TRAIN, SFT_TEST, salt=1)  # fmt: skip
+    return _split(
+        split,
+        seed,
+        lambda post, rng: {"prompt": prompt_text(post), "completion": _completion(reference_summary(post, rng))},
+        SFT_TRAIN,
+        SFT_TEST,
+        salt=1,
+    )
 
 
 def preference_dataset(split: str = "train", seed: int = 0) -> datasets.Dataset:

@@ -126,7 +126,9 @@ def label_pairs(policy_scores: torch.Tensor, ref_scores: torch.Tensor) -> torch.
     return policy_scores >= ref_scores
 
 
-def xpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, tilde_logps, beta: float, alpha: float):  # fmt: skip
+def xpo_loss(
+    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, tilde_logps, beta: float, alpha: float
+):
     """Per-pair XPO loss from summed completion log-probs: DPO on (y+, y-) plus alpha * log pi_theta(y~).
     Returns (losses, dpo_losses, bonus, chosen_rewards, rejected_rewards), rewards detached."""
     chosen_logratios = chosen_logps - ref_chosen_logps  # l_theta(y+) = log pi_theta/pi_ref (y+)
@@ -144,7 +146,14 @@ def to_rows(prompt, completion, tilde, policy_won, ref_logps, ref_tilde_logps, p
     def strip(t):
         return [[i for i in row if i != pad_id] for row in t.tolist()]
 
-    cols = zip(strip(prompt), strip(completion), strip(tilde), policy_won.tolist(), ref_logps.tolist(), ref_tilde_logps.tolist())  # fmt: skip
+    cols = zip(
+        strip(prompt),
+        strip(completion),
+        strip(tilde),
+        policy_won.tolist(),
+        ref_logps.tolist(),
+        ref_tilde_logps.tolist(),
+    )
     return [dict(zip(("prompt", "y", "tilde", "policy_won", "ref_y", "ref_tilde"), c)) for c in cols]
 
 
@@ -161,13 +170,21 @@ def main(args: Args):
     device, is_toy = accelerator.device, args.dataset == "toy"
     per_process = args.batch_size // accelerator.num_processes
     num_updates = args.total_episodes // args.batch_size
-    common.check_ranges(args, positive=("beta", "temperature", "max_new_tokens", "max_prompt_length", "epochs", "micro_batch_size"), non_negative=("lr", "save_every"))  # fmt: skip
+    common.check_ranges(
+        args,
+        positive=("beta", "temperature", "max_new_tokens", "max_prompt_length", "epochs", "micro_batch_size"),
+        non_negative=("lr", "save_every"),
+    )
     if any(not a >= 0 for a in args.alpha):
         raise common.UserError(f"--alpha {' '.join(map(str, args.alpha))}: every alpha must be >= 0")
     if per_process == 0 or per_process % args.num_minibatches or num_updates == 0:
-        raise common.UserError(f"--batch-size {args.batch_size} must be a multiple of --num-minibatches {args.num_minibatches} (per process) and at most --total-episodes {args.total_episodes}")  # fmt: skip
+        raise common.UserError(
+            f"--batch-size {args.batch_size} must be a multiple of --num-minibatches {args.num_minibatches} (per process) and at most --total-episodes {args.total_episodes}"
+        )
     if args.judge == "gold" and not is_toy:
-        raise common.UserError("--judge gold needs --dataset toy (the gold reward is the toy task's judge); use --judge rm")
+        raise common.UserError(
+            "--judge gold needs --dataset toy (the gold reward is the toy task's judge); use --judge rm"
+        )
     tokenizer = common.load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
     policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
@@ -190,10 +207,17 @@ def main(args: Args):
 
     def run_eval(update):
         metrics, samples = common.evaluate(
-            accelerator.unwrap_model(policy), tokenizer, test["prompt"], references, is_toy=is_toy,
-            max_prompt=args.max_prompt_length, max_new_tokens=args.max_new_tokens, ref_model=ref_policy,
-            reward_model=reward_model, no_eos_score=args.no_eos_score,
-        )  # fmt: skip
+            accelerator.unwrap_model(policy),
+            tokenizer,
+            test["prompt"],
+            references,
+            is_toy=is_toy,
+            max_prompt=args.max_prompt_length,
+            max_new_tokens=args.max_new_tokens,
+            ref_model=ref_policy,
+            reward_model=reward_model,
+            no_eos_score=args.no_eos_score,
+        )
         run.write_samples(samples, update)
         return run.log(metrics, update, show=("eval/win_rate", "eval/kl") if is_toy else ("eval/score", "eval/kl"))
 
@@ -201,7 +225,9 @@ def main(args: Args):
         """The preference oracle's score of each completion; the missing-EOS rule hits both samples alike."""
         if args.judge == "gold":  # the gold reward carries its own missing-EOS term
             decoded = tokenizer.batch_decode(completion, skip_special_tokens=True)
-            return torch.tensor([toy.gold_reward(p, t, bool(e)) for p, t, e in zip(texts, decoded, has_eos)], device=device)  # fmt: skip
+            return torch.tensor(
+                [toy.gold_reward(p, t, bool(e)) for p, t, e in zip(texts, decoded, has_eos)], device=device
+            )
         return common.reward_scores(reward_model, prompt, completion, pad_id, has_eos, args.no_eos_score)
 
     state = run.resume(scheduler=scheduler)
@@ -223,7 +249,9 @@ def main(args: Args):
             cursor += per_process
             unwrapped = accelerator.unwrap_model(policy)
             # log pi_t(y|x) of the samples (for the KL and entropy metrics) from the sampler itself: no extra forward
-            completion, has_eos, sampled_logps = common.generate(unwrapped, prompt, tokenizer, args.max_new_tokens, args.temperature, return_logprobs=True)  # fmt: skip
+            completion, has_eos, sampled_logps = common.generate(
+                unwrapped, prompt, tokenizer, args.max_new_tokens, args.temperature, return_logprobs=True
+            )
             explorer = ref_policy if args.explore_from == "reference" else unwrapped
             tilde, tilde_eos = common.generate(explorer, prompt, tokenizer, args.max_new_tokens, args.temperature)
         # ---- step 2: the preference oracle labels (y, y~) -> (y+, y-); ties go to the policy sample ----
@@ -233,7 +261,9 @@ def main(args: Args):
             scores, ref_scores = judge(prompt, both, torch.cat([has_eos, tilde_eos]), texts * 2).chunk(2)
             run.check_finite(update, reward=torch.cat([scores, ref_scores]))
             policy_won = label_pairs(scores, ref_scores)
-            ref_logps, ref_tilde_logps = common.completion_logprobs(ref_policy, prompt, both, pad_id, args.temperature).sum(1).chunk(2)  # fmt: skip
+            ref_logps, ref_tilde_logps = (
+                common.completion_logprobs(ref_policy, prompt, both, pad_id, args.temperature).sum(1).chunk(2)
+            )
             old_logps = sampled_logps.sum(1)
         # ---- step 3: D_t = D_{t-1} + {(x, y+, y-, y~)} with --replay; else the newest pairs only (TRL) ----
         rows = to_rows(prompt, completion, tilde, policy_won, ref_logps, ref_tilde_logps, pad_id)
@@ -250,54 +280,99 @@ def main(args: Args):
                     for i, idx in enumerate(micro_batches):
                         with common.accumulate(accelerator, policy, last=i == len(micro_batches) - 1):
                             mb_prompt, mb_completion, b = collate([buffer[i] for i in idx], pad_id, device)
-                            logps_y, logps_tilde = common.completion_logprobs(policy, mb_prompt, mb_completion, pad_id, args.temperature).sum(1).chunk(2)  # fmt: skip
+                            logps_y, logps_tilde = (
+                                common.completion_logprobs(policy, mb_prompt, mb_completion, pad_id, args.temperature)
+                                .sum(1)
+                                .chunk(2)
+                            )
                             won = b["policy_won"]
                             losses, dpo_losses, bonus, r_c, r_r = xpo_loss(
-                                torch.where(won, logps_y, logps_tilde), torch.where(won, logps_tilde, logps_y),
-                                torch.where(won, b["ref_y"], b["ref_tilde"]), torch.where(won, b["ref_tilde"], b["ref_y"]),
-                                logps_tilde, args.beta, alpha,
-                            )  # fmt: skip
+                                torch.where(won, logps_y, logps_tilde),
+                                torch.where(won, logps_tilde, logps_y),
+                                torch.where(won, b["ref_y"], b["ref_tilde"]),
+                                torch.where(won, b["ref_tilde"], b["ref_y"]),
+                                logps_tilde,
+                                args.beta,
+                                alpha,
+                            )
                             loss = losses.mean()
                             run.check_finite(update, loss=loss)  # lower --lr or --alpha
                             accelerator.backward(loss * len(idx) / len(mb))
-                        stats.append({
-                            "loss/dpo": dpo_losses.mean().item(), "loss/xpo": bonus.mean().item(), "loss/total": loss.item(),
-                            "rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
-                            "rewards/margins": (r_c - r_r).mean().item(), "rewards/accuracies": (r_c > r_r).float().mean().item(),
-                            "logps/chosen": torch.where(won, logps_y, logps_tilde).mean().item(),
-                            "logps/rejected": torch.where(won, logps_tilde, logps_y).mean().item(),
-                            "logps/tilde": logps_tilde.mean().item(),
-                        })  # fmt: skip
+                        stats.append(
+                            {
+                                "loss/dpo": dpo_losses.mean().item(),
+                                "loss/xpo": bonus.mean().item(),
+                                "loss/total": loss.item(),
+                                "rewards/chosen": r_c.mean().item(),
+                                "rewards/rejected": r_r.mean().item(),
+                                "rewards/margins": (r_c - r_r).mean().item(),
+                                "rewards/accuracies": (r_c > r_r).float().mean().item(),
+                                "logps/chosen": torch.where(won, logps_y, logps_tilde).mean().item(),
+                                "logps/rejected": torch.where(won, logps_tilde, logps_y).mean().item(),
+                                "logps/tilde": logps_tilde.mean().item(),
+                            }
+                        )
                     optimizer.step()
                     optimizer.zero_grad()
             scheduler.step()
         # (Algorithm 1, step 5, returns the best iterate on validation; like TRL, this script keeps the last)
 
         metrics = {
-            "objective/scores": scores.mean(), "objective/ref_scores": ref_scores.mean(),
-            "objective/kl": (old_logps - ref_logps).mean(), "objective/entropy": -old_logps.mean(),
+            "objective/scores": scores.mean(),
+            "objective/ref_scores": ref_scores.mean(),
+            "objective/kl": (old_logps - ref_logps).mean(),
+            "objective/entropy": -old_logps.mean(),
             "objective/policy_win_rate": policy_won.float().mean(),
-            "val/model_contain_eos_token": has_eos.float().mean(), "val/ref_contain_eos_token": tilde_eos.float().mean(),
+            "val/model_contain_eos_token": has_eos.float().mean(),
+            "val/ref_contain_eos_token": tilde_eos.float().mean(),
             **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
-            "alpha": alpha, "beta": args.beta, "lr": scheduler.get_last_lr()[0], "episodes": update * args.batch_size,
-            "buffer_size": len(buffer), **times, "time/samples_per_second": per_process / sum(times.values()),
-        }  # fmt: skip
+            "alpha": alpha,
+            "beta": args.beta,
+            "lr": scheduler.get_last_lr()[0],
+            "episodes": update * args.batch_size,
+            "buffer_size": len(buffer),
+            **times,
+            "time/samples_per_second": per_process / sum(times.values()),
+        }
         if is_toy:  # the gold reward of the policy samples: the smoothest learning curve on the toy task
             decoded = tokenizer.batch_decode(completion, skip_special_tokens=True)
-            metrics["objective/gold"] = sum(toy.gold_reward(p, t, bool(e)) for p, t, e in zip(texts, decoded, has_eos)) / len(texts)  # fmt: skip
+            metrics["objective/gold"] = sum(
+                toy.gold_reward(p, t, bool(e)) for p, t, e in zip(texts, decoded, has_eos)
+            ) / len(texts)
         run.log(metrics, update, show=("objective/scores", "objective/kl", "objective/policy_win_rate"))
         run.advance()
         if update % args.eval_every == 0 and update < num_updates:
             run_eval(update)
-        run.step_done(update, lambda: {"initial": initial, "cursor": cursor, "order": order, "buffer": buffer, "generator": generator.get_state()})  # fmt: skip
+        run.step_done(
+            update,
+            lambda: {
+                "initial": initial,
+                "cursor": cursor,
+                "order": order,
+                "buffer": buffer,
+                "generator": generator.get_state(),
+            },
+        )
 
     final = run_eval(num_updates)
     common.save_model(accelerator, policy, tokenizer, run.dir)
     if accelerator.is_main_process and is_toy:
-        print(f"[xpo] win rate vs the reference summaries: SFT {initial['eval/win_rate']:.3f} -> XPO {final['eval/win_rate']:.3f} (KL {final['eval/kl']:.2f})")  # fmt: skip
-    print(f"[xpo] last update: {sum(times.values()):.3f} s ({', '.join(f'{k[5:]} {v:.3f}' for k, v in times.items())}), peak memory {common.peak_memory_mb():.0f} MiB")  # fmt: skip
+        print(
+            f"[xpo] win rate vs the reference summaries: SFT {initial['eval/win_rate']:.3f} -> XPO {final['eval/win_rate']:.3f} (KL {final['eval/kl']:.2f})"
+        )
+    print(
+        f"[xpo] last update: {sum(times.values()):.3f} s ({', '.join(f'{k[5:]} {v:.3f}' for k, v in times.items())}), peak memory {common.peak_memory_mb():.0f} MiB"
+    )
     initial = {f"initial/{k.removeprefix('eval/')}": v for k, v in initial.items()}
-    run.finish({**initial, **final, "time/total": time.time() - start, "time/update_last": sum(times.values()), "memory/peak_mb": common.peak_memory_mb()})  # fmt: skip
+    run.finish(
+        {
+            **initial,
+            **final,
+            "time/total": time.time() - start,
+            "time/update_last": sum(times.values()),
+            "memory/peak_mb": common.peak_memory_mb(),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -33,10 +33,28 @@ def toy_cache(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("toy_cache")
     os.environ["RLHF_TOY_CACHE"] = str(cache)
-    sft.main(sft.Args(model="toy-tiny", output_dir=str(cache), run_name="toy-sft", max_steps=300, lr=3e-3,
-                      eval_every=10**9, eval_prompts=64))  # fmt: skip
-    reward.main(reward.Args(model=str(cache / "toy-sft"), output_dir=str(cache), run_name="toy-rm", max_steps=156,
-                            lr=2e-3, eval_every=10**9, eval_pairs=200))  # fmt: skip
+    sft.main(
+        sft.Args(
+            model="toy-tiny",
+            output_dir=str(cache),
+            run_name="toy-sft",
+            max_steps=300,
+            lr=3e-3,
+            eval_every=10**9,
+            eval_prompts=64,
+        )
+    )
+    reward.main(
+        reward.Args(
+            model=str(cache / "toy-sft"),
+            output_dir=str(cache),
+            run_name="toy-rm",
+            max_steps=156,
+            lr=2e-3,
+            eval_every=10**9,
+            eval_pairs=200,
+        )
+    )
     return cache
 
 

@@ -38,8 +38,25 @@ RUNS = {
     "drpo": (drpo, dict(total_episodes=16, batch_size=8, num_minibatches=2, micro_batch_size=1, eval_prompts=4)),
     "rebel": (rebel, dict(total_episodes=16, batch_size=8, num_minibatches=2, micro_batch_size=1, eval_prompts=4)),
     "xpo": (xpo, dict(total_episodes=16, batch_size=8, num_minibatches=2, micro_batch_size=1, eval_prompts=4)),
-    "aihf": (aihf, dict(total_steps=2, batch_size=4, demo_batch_size=4, num_demonstrations=32, num_preferences=32, eval_prompts=4)),  # fmt: skip
-    "aihf-explicit": (aihf, dict(variant="explicit", total_steps=2, policy_steps=1, rollout_prompts=4, batch_size=4, demo_batch_size=4, center_demos=8, num_demonstrations=32, num_preferences=32, eval_prompts=4)),  # fmt: skip
+    "aihf": (
+        aihf,
+        dict(total_steps=2, batch_size=4, demo_batch_size=4, num_demonstrations=32, num_preferences=32, eval_prompts=4),
+    ),
+    "aihf-explicit": (
+        aihf,
+        dict(
+            variant="explicit",
+            total_steps=2,
+            policy_steps=1,
+            rollout_prompts=4,
+            batch_size=4,
+            demo_batch_size=4,
+            center_demos=8,
+            num_demonstrations=32,
+            num_preferences=32,
+            eval_prompts=4,
+        ),
+    ),
 }
 
 
@@ -97,7 +114,9 @@ def main(out: Path, names: list[str]):
                 interrupt_and_resume(name.removesuffix("-resume"), out / f"{name}-{os.environ.get('WORLD_SIZE', 1)}")
             else:
                 module, kw = RUNS[name]
-                module.main(module.Args(output_dir=str(out), run_name=f"{name}-{os.environ.get('WORLD_SIZE', 1)}", **kw))
+                module.main(
+                    module.Args(output_dir=str(out), run_name=f"{name}-{os.environ.get('WORLD_SIZE', 1)}", **kw)
+                )
             torch.save(record, out / f"{name}.rank{rank}.pt")
     finally:
         torch.optim.AdamW.step, common.Run.step_done = real_step, real_step_done

@@ -51,9 +51,16 @@ def test_w_demo_zero_is_the_dpo_loss_on_a_real_batch(toy_cache):
     data = common.load_data("toy", "test", dpo.PREFERENCE_COLUMNS).select(range(12))
     batch = dpo.collate(dpo.tokenize_pairs(tokenizer, data, dpo.Args()), pad_id)
     with torch.no_grad():
-        expected = dpo.dpo_loss(*dpo.sequence_logps(policy, batch, pad_id), *dpo.sequence_logps(ref, batch, pad_id), beta=0.1)[0].mean()  # fmt: skip
-        prompt, completion = aihf.collate(aihf.tokenize_pairs(tokenizer, data, aihf.Args()), "chosen", "rejected", pad_id, "cpu")  # fmt: skip
-        pref = (*aihf.sequence_logps(policy, prompt, completion, pad_id), *aihf.sequence_logps(ref, prompt, completion, pad_id))  # fmt: skip
+        expected = dpo.dpo_loss(
+            *dpo.sequence_logps(policy, batch, pad_id), *dpo.sequence_logps(ref, batch, pad_id), beta=0.1
+        )[0].mean()
+        prompt, completion = aihf.collate(
+            aihf.tokenize_pairs(tokenizer, data, aihf.Args()), "chosen", "rejected", pad_id, "cpu"
+        )
+        pref = (
+            *aihf.sequence_logps(policy, prompt, completion, pad_id),
+            *aihf.sequence_logps(ref, prompt, completion, pad_id),
+        )
         loss, _ = aihf.aihf_dpo_loss(pref, None, beta=0.1, w_pref=1.0, w_demo=0.0)
     assert abs(expected.item() - LN2) > 1e-3
     assert torch.equal(loss, expected)
@@ -66,9 +73,13 @@ def test_w_pref_zero_self_play_is_the_spin_loss_hand_values():
     # row 0: (1) - (-0.5) = 1.5 -> log(1 + e^-0.15); row 1: (0) - (2) = -2 -> log(1 + e^0.2)
     expected = (math.log1p(math.exp(-0.15)) + math.log1p(math.exp(0.2))) / 2
     assert expected == pytest.approx((0.6209571 + 0.7981389) / 2, abs=1e-6)
-    loss, stats = aihf.aihf_dpo_loss(None, (policy_demo, policy_gen, opp_demo, opp_gen), beta=0.1, w_pref=0.0, w_demo=1.0)
+    loss, stats = aihf.aihf_dpo_loss(
+        None, (policy_demo, policy_gen, opp_demo, opp_gen), beta=0.1, w_pref=0.0, w_demo=1.0
+    )
     assert loss.item() == pytest.approx(expected, abs=1e-6) and "loss/pref" not in stats
-    assert stats["rewards/demo"].item() == pytest.approx(0.05) and stats["rewards/generated"].item() == pytest.approx(0.075)  # fmt: skip
+    assert stats["rewards/demo"].item() == pytest.approx(0.05) and stats["rewards/generated"].item() == pytest.approx(
+        0.075
+    )
     assert stats["rewards/demo_margin"].item() == pytest.approx(-0.025) and stats["rewards/demo_accuracy"].item() == 0.5
 
 
@@ -77,8 +88,12 @@ def test_loss_at_init_is_weighted_ln2():
     pref = (chosen.requires_grad_(), rejected, chosen.detach().clone(), rejected.clone())
     loss, stats = aihf.aihf_dpo_loss(pref, (demo, gen, demo.clone(), gen.clone()), beta=0.1, w_pref=0.7, w_demo=1.3)
     assert loss.item() == pytest.approx(2.0 * LN2, abs=1e-12)
-    assert stats["loss/pref"].item() == pytest.approx(LN2, abs=1e-12) and stats["loss/demo"].item() == pytest.approx(LN2, abs=1e-12)  # fmt: skip
-    assert loss.requires_grad and not any(v.requires_grad for v in stats.values() if torch.is_tensor(v))  # metrics detached
+    assert stats["loss/pref"].item() == pytest.approx(LN2, abs=1e-12) and stats["loss/demo"].item() == pytest.approx(
+        LN2, abs=1e-12
+    )
+    assert loss.requires_grad and not any(
+        v.requires_grad for v in stats.values() if torch.is_tensor(v)
+    )  # metrics detached
 
 
 # ---- explicit variant: reward phase and RLOO -----------------------------------------------------
@@ -91,7 +106,9 @@ def test_reward_phase_w_demo_zero_is_exactly_bradley_terry():
     assert torch.equal(loss, reward.bradley_terry_loss(chosen, rejected)) and "rm/demo_gap" not in stats
     zero = aihf.reward_loss(torch.zeros(3), torch.zeros(3), None, None, 1.0, 0.0)[0]
     one = aihf.reward_loss(torch.ones(3), torch.zeros(3), None, None, 1.0, 0.0)[0]
-    assert zero.item() == pytest.approx(LN2) and one.item() == pytest.approx(0.313262, abs=1e-6)  # -log sigmoid(1) by hand
+    assert zero.item() == pytest.approx(LN2) and one.item() == pytest.approx(
+        0.313262, abs=1e-6
+    )  # -log sigmoid(1) by hand
 
 
 def test_reward_phase_demonstration_term_hand_values():
@@ -106,8 +123,12 @@ def test_reward_phase_demonstration_term_hand_values():
 def test_rloo_advantages_hand_values_and_loop():
     rewards = torch.tensor([[1.0, 2, 3], [2, 3, 4], [5, 6, 7], [8, 9, 10]])  # k = 4 samples x 3 prompts
     adv = aihf.rloo_advantages(rewards)
-    assert adv[0, 0].item() == pytest.approx(1 - (2 + 5 + 8) / 3) and adv[2, 1].item() == pytest.approx(6 - (2 + 3 + 9) / 3)  # fmt: skip
-    loop = torch.tensor([[rewards[j, i] - sum(rewards[m, i] for m in range(4) if m != j) / 3 for i in range(3)] for j in range(4)])  # fmt: skip
+    assert adv[0, 0].item() == pytest.approx(1 - (2 + 5 + 8) / 3) and adv[2, 1].item() == pytest.approx(
+        6 - (2 + 3 + 9) / 3
+    )
+    loop = torch.tensor(
+        [[rewards[j, i] - sum(rewards[m, i] for m in range(4) if m != j) / 3 for i in range(3)] for j in range(4)]
+    )
     torch.testing.assert_close(adv, loop)
     torch.testing.assert_close(adv.sum(0), torch.zeros(3))  # the baseline is unbiased: advantages sum to 0 per prompt
 
@@ -127,13 +148,25 @@ def test_smoke_aihf_dpo(toy_cache, tmp_path):
     rows = read_metrics(tmp_path / "smoke")
     steps = [r for r in rows if "loss/pref" in r]
     assert len(steps) == 3 and steps[0]["loss"] == pytest.approx(2 * LN2, abs=1e-5)  # pi_theta = pi_ref at step 1
-    for key in ("loss/demo", "w_pref", "w_demo", "rewards/demo", "rewards/generated", "rewards/demo_margin",
-                "rewards/demo_accuracy", "rewards/pref_accuracy", "time/update", "time/samples_per_second"):  # fmt: skip
+    for key in (
+        "loss/demo",
+        "w_pref",
+        "w_demo",
+        "rewards/demo",
+        "rewards/generated",
+        "rewards/demo_margin",
+        "rewards/demo_accuracy",
+        "rewards/pref_accuracy",
+        "time/update",
+        "time/samples_per_second",
+    ):
         assert key in steps[0], key
     assert any("objective/gold" in r and "time/round_generation" in r for r in rows)
     assert [r["step"] for r in rows if "eval/win_rate" in r] == [0, 2, 3]
     final = json.load(open(tmp_path / "smoke" / "eval.json"))
-    assert {"eval/win_rate", "eval/kl", "eval/score", "initial/win_rate", "time/update_last", "memory/peak_mb"} <= set(final)
+    assert {"eval/win_rate", "eval/kl", "eval/score", "initial/win_rate", "time/update_last", "memory/peak_mb"} <= set(
+        final
+    )
     assert final["initial/kl"] == pytest.approx(0.0, abs=1e-5)
     assert (tmp_path / "smoke" / "model.safetensors").exists() and (tmp_path / "smoke" / "tokenizer.json").exists()
 
@@ -141,8 +174,18 @@ def test_smoke_aihf_dpo(toy_cache, tmp_path):
 def test_smoke_self_play_each_round_starts_at_2ln2(toy_cache, tmp_path):
     """Each round the previous iterate becomes pi_opp, the reference of both terms: the first loss of every
     round is 2 ln 2 exactly, whatever the policy learned before."""
-    aihf.main(aihf.Args(output_dir=str(tmp_path), run_name="sp", self_play=True, rounds=2, total_steps=4, lr=1e-3,
-                        eval_every=10**9, **SMALL))  # fmt: skip
+    aihf.main(
+        aihf.Args(
+            output_dir=str(tmp_path),
+            run_name="sp",
+            self_play=True,
+            rounds=2,
+            total_steps=4,
+            lr=1e-3,
+            eval_every=10**9,
+            **SMALL,
+        )
+    )
     rows = read_metrics(tmp_path / "sp")
     steps = [r for r in rows if "loss/pref" in r]
     assert [r["round"] for r in rows if "round" in r] == [0, 1]
@@ -151,12 +194,32 @@ def test_smoke_self_play_each_round_starts_at_2ln2(toy_cache, tmp_path):
 
 
 def test_smoke_explicit_recentres_the_reward(toy_cache, tmp_path):
-    aihf.main(aihf.Args(output_dir=str(tmp_path), run_name="ex", variant="explicit", total_steps=4, policy_steps=2,
-                        reward_lr=1e-3, rollout_prompts=4, rloo_k=2, center_demos=32, eval_every=10**9, **SMALL))  # fmt: skip
+    aihf.main(
+        aihf.Args(
+            output_dir=str(tmp_path),
+            run_name="ex",
+            variant="explicit",
+            total_steps=4,
+            policy_steps=2,
+            reward_lr=1e-3,
+            rollout_prompts=4,
+            rloo_k=2,
+            center_demos=32,
+            eval_every=10**9,
+            **SMALL,
+        )
+    )
     rows = read_metrics(tmp_path / "ex")
     steps = [r for r in rows if "objective/scores" in r]
     assert len(steps) == 4 and steps[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
-    for key in ("objective/gold", "objective/eos_rate", "loss/policy", "time/generation", "time/scoring", "time/update"):
+    for key in (
+        "objective/gold",
+        "objective/eos_rate",
+        "loss/policy",
+        "time/generation",
+        "time/scoring",
+        "time/update",
+    ):
         assert key in steps[0], key
     for key in ("rm/bt_loss", "rm/accuracy", "rm/demo_gap", "rm/bias", "loss/pref", "loss/demo", "time/reward"):
         assert key in steps[1] and key not in steps[0], key
@@ -165,9 +228,14 @@ def test_smoke_explicit_recentres_the_reward(toy_cache, tmp_path):
     rm = common.load_model(str(run / "reward_model"), "reward")
     tokenizer = common.load_tokenizer(str(run / "reward_model"))
     demos = common.load_data("toy", "train", ("prompt", "completion")).select(range(32))
-    rows_c = [dict(zip(("prompt", "demo"), common.tokenize_pair(tokenizer, p, c, 32, 16))) for p, c in zip(demos["prompt"], demos["completion"])]  # fmt: skip
+    rows_c = [
+        dict(zip(("prompt", "demo"), common.tokenize_pair(tokenizer, p, c, 32, 16)))
+        for p, c in zip(demos["prompt"], demos["completion"])
+    ]
     with torch.no_grad():
-        scores = common.reward_scores(rm, *aihf.collate(rows_c, "demo", "demo", tokenizer.pad_token_id, "cpu"), tokenizer.pad_token_id)  # fmt: skip
+        scores = common.reward_scores(
+            rm, *aihf.collate(rows_c, "demo", "demo", tokenizer.pad_token_id, "cpu"), tokenizer.pad_token_id
+        )
     assert abs(scores.mean().item()) < 1e-4
     assert (run / "model.safetensors").exists()
 
@@ -177,9 +245,19 @@ def test_explicit_w_demo_zero_never_samples_for_the_reward(toy_cache, tmp_path, 
     weights stay those of --reward-model."""
     sizes = []
     generate = common.generate
-    monkeypatch.setattr(common, "generate", lambda model, prompt, *a, **k: sizes.append(len(prompt)) or generate(model, prompt, *a, **k))  # fmt: skip
-    base = dict(output_dir=str(tmp_path), variant="explicit", total_steps=2, policy_steps=1, rollout_prompts=4, rloo_k=2,
-                eval_every=10**9, **{**SMALL, "demo_batch_size": 6, "eval_prompts": 10})  # fmt: skip
+    monkeypatch.setattr(
+        common, "generate", lambda model, prompt, *a, **k: sizes.append(len(prompt)) or generate(model, prompt, *a, **k)
+    )
+    base = dict(
+        output_dir=str(tmp_path),
+        variant="explicit",
+        total_steps=2,
+        policy_steps=1,
+        rollout_prompts=4,
+        rloo_k=2,
+        eval_every=10**9,
+        **{**SMALL, "demo_batch_size": 6, "eval_prompts": 10},
+    )
     aihf.main(aihf.Args(run_name="w0", w_demo=0.0, reward_lr=0.0, **base))
     assert 6 not in sizes and sizes.count(8) == 2  # two policy updates of 4 prompts x 2, no reward-phase sample
     rm0 = common.load_model("toy-rm", "reward").state_dict()
@@ -192,14 +270,28 @@ def test_explicit_w_demo_zero_never_samples_for_the_reward(toy_cache, tmp_path, 
 
 def test_cli_error_is_one_line(toy_cache, tmp_path):
     cmd = [sys.executable, str(ROOT / "aihf.py"), "--output-dir", str(tmp_path), "--variant", "explicit", "--self-play"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RLHF_TOY_CACHE": str(toy_cache)}, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "RLHF_TOY_CACHE": str(toy_cache)}, timeout=120
+    )
     assert out.returncode == 2 and out.stderr.strip().startswith("error:") and "Traceback" not in out.stderr
 
 
 def test_learning_check(toy_cache, tmp_path):
     """A short AIHF-DPO run on the tiny toy SFT model raises the gold win rate against the references."""
-    aihf.main(aihf.Args(output_dir=str(tmp_path), run_name="learn", total_steps=60, batch_size=32, demo_batch_size=32,
-                        lr=2e-3, beta=0.3, num_demonstrations=4000, eval_prompts=200, eval_every=10**9))  # fmt: skip
+    aihf.main(
+        aihf.Args(
+            output_dir=str(tmp_path),
+            run_name="learn",
+            total_steps=60,
+            batch_size=32,
+            demo_batch_size=32,
+            lr=2e-3,
+            beta=0.3,
+            num_demonstrations=4000,
+            eval_prompts=200,
+            eval_every=10**9,
+        )
+    )
     final = json.load(open(tmp_path / "learn" / "eval.json"))
     assert final["eval/win_rate"] > final["initial/win_rate"] + 0.05, final
     assert final["eval/score"] > final["initial/score"]

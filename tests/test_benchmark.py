@@ -39,12 +39,21 @@ def test_online_methods_get_the_same_policy_sample_budget(tmp_path):
     # the aihf mode: each RL run reads the reward model trained on the same N pairs, after it
     for job in (j for j in jobs if j.label.startswith("rm+ppo")):
         rm = next(j for j in jobs if j.key == job.after)
-        assert job.argv[job.argv.index("--reward-model") + 1] == str(rm.dir) and rm.label == job.label.replace("rm+ppo", "rm")
+        assert job.argv[job.argv.index("--reward-model") + 1] == str(rm.dir) and rm.label == job.label.replace(
+            "rm+ppo", "rm"
+        )
     assert len({j.key for j in jobs}) == len(jobs)  # run directories never collide
 
 
-@pytest.mark.parametrize("argv,needle", [(["--bogus"], "--bogus"), (["--budget", "100"], "multiples of 64"),
-                                         (["--methods", "sfx"], "sfx"), (["--jobs", "0"], "--jobs")])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--bogus"], "--bogus"),
+        (["--budget", "100"], "multiples of 64"),
+        (["--methods", "sfx"], "sfx"),
+        (["--jobs", "0"], "--jobs"),
+    ],
+)
 def test_bad_flags_give_one_line_errors(tmp_path, argv, needle):
     cmd = [sys.executable, str(ROOT / "benchmark.py"), "--output-dir", str(tmp_path), "--no-plots", *argv]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -55,8 +64,28 @@ def test_bad_flags_give_one_line_errors(tmp_path, argv, needle):
 
 def test_quick_run(toy_cache, tmp_path):
     """The whole pipeline at a tiny budget: 64 policy samples, 16 eval prompts, 7 runs of the real scripts."""
-    cmd = [sys.executable, str(ROOT / "benchmark.py"), "--quick", "--output-dir", str(tmp_path), "--modes", "main", "gold", "aihf",
-           "--methods", "ppo", "dpo", "--budget", "64", "--eval-prompts", "16", "--num-preferences", "100", "--jobs", "2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmark.py"),
+        "--quick",
+        "--output-dir",
+        str(tmp_path),
+        "--modes",
+        "main",
+        "gold",
+        "aihf",
+        "--methods",
+        "ppo",
+        "dpo",
+        "--budget",
+        "64",
+        "--eval-prompts",
+        "16",
+        "--num-preferences",
+        "100",
+        "--jobs",
+        "2",
+    ]
     if not HAS_MATPLOTLIB:
         cmd.append("--no-plots")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ})
@@ -81,8 +110,15 @@ def test_quick_run(toy_cache, tmp_path):
     assert "--reward-model toy-gold" in gold_ppo["command"]
 
     table = (tmp_path / "results.md").read_text()
-    for needle in ("| PPO | 64 samples |", "| DPO |", "SFT checkpoint",
-                   "Gold reward as the RL reward", "| 100 | AIHF-DPO", "| 100 | SFT → RM → PPO", "peak memory"):  # fmt: skip
+    for needle in (
+        "| PPO | 64 samples |",
+        "| DPO |",
+        "SFT checkpoint",
+        "Gold reward as the RL reward",
+        "| 100 | AIHF-DPO",
+        "| 100 | SFT → RM → PPO",
+        "peak memory",
+    ):
         assert needle in table, needle
     row = next(ln for ln in table.splitlines() if ln.startswith("| PPO | 64 samples |"))
     win = float(row.split("|")[3])
@@ -94,4 +130,7 @@ def test_quick_run(toy_cache, tmp_path):
 
     # a second call reuses the finished runs (same commands) and only redraws
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ})
-    assert again.returncode == 0 and json.loads((tmp_path / "results.json").read_text())["runs"][0]["final"] == runs[0]["final"]
+    assert (
+        again.returncode == 0
+        and json.loads((tmp_path / "results.json").read_text())["runs"][0]["final"] == runs[0]["final"]
+    )

@@ -48,11 +48,25 @@ def tiny_config(arch: str, **overrides):
     """Hidden 32, 2 layers, 4 heads, dropout 0; `overrides` replace any of these."""
     kwargs = {
         "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
-        "gpt_neox": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                         max_position_embeddings=64, attention_dropout=0.0, hidden_dropout=0.0),
-        "llama": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                      intermediate_size=64, max_position_embeddings=64, attention_dropout=0.0),
-    }[arch]  # fmt: skip
+        "gpt_neox": dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            attention_dropout=0.0,
+            hidden_dropout=0.0,
+        ),
+        "llama": dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            attention_dropout=0.0,
+        ),
+    }[arch]
     kwargs.update(vocab_size=V, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=0, **overrides)
     return {"gpt2": GPT2Config, "gpt_neox": GPTNeoXConfig, "llama": LlamaConfig}[arch](**kwargs)
 
@@ -214,8 +228,12 @@ def test_completion_logprobs_equal_full_log_softmax_at_temperature(chunk_rows):
     model = tiny_lm("llama")
     prompt, completion = common.pad(PROMPTS, PAD_OUT, "left"), common.pad(COMPLETIONS, PAD_OUT, "right")
     with torch.no_grad():
-        logps, entropy = common.completion_logprobs(model, prompt, completion, PAD_OUT, temperature=T, chunk_rows=chunk_rows, with_entropy=True)  # fmt: skip
-        full = common.forward(model, torch.cat([prompt, completion], 1), PAD_OUT).logits  # [B, P + C, V], every position
+        logps, entropy = common.completion_logprobs(
+            model, prompt, completion, PAD_OUT, temperature=T, chunk_rows=chunk_rows, with_entropy=True
+        )
+        full = common.forward(
+            model, torch.cat([prompt, completion], 1), PAD_OUT
+        ).logits  # [B, P + C, V], every position
     P = prompt.shape[1]
     for i, c in enumerate(COMPLETIONS):
         for t, token in enumerate(c):
@@ -268,9 +286,13 @@ def test_shared_prompt_equals_the_prompt_repeated(arch, pad_id):
     same gradients."""
     lm, rm = tiny_lm(arch).train(), tiny_rm(arch)
     prompt = common.pad(PROMPTS, pad_id, "left")
-    completion = common.pad(COMPLETIONS + [[30, EOS], [31, 32, 33, 34, 35, EOS], [EOS]] + COMPLETIONS[::-1], pad_id, "right")  # fmt: skip
+    completion = common.pad(
+        COMPLETIONS + [[30, EOS], [31, 32, 33, 34, 35, EOS], [EOS]] + COMPLETIONS[::-1], pad_id, "right"
+    )
     full = prompt.repeat(3, 1)
-    shared, shared_entropy = common.completion_logprobs(lm, prompt, completion, pad_id, temperature=0.7, with_entropy=True)
+    shared, shared_entropy = common.completion_logprobs(
+        lm, prompt, completion, pad_id, temperature=0.7, with_entropy=True
+    )
     alone, alone_entropy = common.completion_logprobs(lm, full, completion, pad_id, temperature=0.7, with_entropy=True)
     torch.testing.assert_close(shared, alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(shared_entropy, alone_entropy, atol=1e-5, rtol=0)
@@ -282,9 +304,19 @@ def test_shared_prompt_equals_the_prompt_repeated(arch, pad_id):
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
-        torch.testing.assert_close(common.reward_scores(rm, prompt, completion, pad_id), common.reward_scores(rm, full, completion, pad_id), atol=1e-5, rtol=0)  # fmt: skip
+        torch.testing.assert_close(
+            common.reward_scores(rm, prompt, completion, pad_id),
+            common.reward_scores(rm, full, completion, pad_id),
+            atol=1e-5,
+            rtol=0,
+        )
         real = torch.cat([full, completion], 1) != pad_id  # head outputs at padding are arbitrary
-        torch.testing.assert_close(common.token_scores(rm, prompt, completion, pad_id)[real], common.token_scores(rm, full, completion, pad_id)[real], atol=1e-5, rtol=0)  # fmt: skip
+        torch.testing.assert_close(
+            common.token_scores(rm, prompt, completion, pad_id)[real],
+            common.token_scores(rm, full, completion, pad_id)[real],
+            atol=1e-5,
+            rtol=0,
+        )
 
 
 def test_shared_prompt_forward_computes_the_prompt_once_or_declines():
@@ -295,8 +327,17 @@ def test_shared_prompt_forward_computes_the_prompt_once_or_declines():
     prompt, completion = common.pad(PROMPTS, PAD_OUT, "left"), common.pad(COMPLETIONS * 2, PAD_OUT, "right")
     shapes = []
     hook = lm.model.embed_tokens.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
-    first, second, order = common.shared_prompt_forward(lm, prompt, completion, PAD_OUT, logits_to_keep=completion.shape[1])  # the last C
-    assert shapes == [tuple(prompt.shape), tuple(completion.shape)] and order.tolist() == [0, 3, 1, 4, 2, 5]  # grouped by prompt
+    first, second, order = common.shared_prompt_forward(
+        lm, prompt, completion, PAD_OUT, logits_to_keep=completion.shape[1]
+    )  # the last C
+    assert shapes == [tuple(prompt.shape), tuple(completion.shape)] and order.tolist() == [
+        0,
+        3,
+        1,
+        4,
+        2,
+        5,
+    ]  # grouped by prompt
     assert first.logits.shape[1] == 1 and second.logits.shape[:2] == completion.shape
     assert common.shared_prompt_forward(lm, prompt[:, :0], completion, PAD_OUT) is None
     expected = common.completion_logprobs(lm, prompt, completion, PAD_OUT).detach()
@@ -308,9 +349,16 @@ def test_shared_prompt_forward_computes_the_prompt_once_or_declines():
     hook.remove()
     with pytest.raises(ValueError, match="not a multiple"):
         common.completion_logprobs(lm, prompt, completion[:5], PAD_OUT)
-    lm.activation_checkpointing_disable() if hasattr(lm, "activation_checkpointing_disable") else lm.gradient_checkpointing_disable()
+    lm.activation_checkpointing_disable() if hasattr(
+        lm, "activation_checkpointing_disable"
+    ) else lm.gradient_checkpointing_disable()
     one = torch.tensor([[EOS]] * 6)  # one-token completions: only the prompt's last logits are read
-    torch.testing.assert_close(common.completion_logprobs(lm, prompt, one, PAD_OUT), common.completion_logprobs(lm, prompt.repeat(2, 1), one, PAD_OUT), atol=1e-5, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        common.completion_logprobs(lm, prompt, one, PAD_OUT),
+        common.completion_logprobs(lm, prompt.repeat(2, 1), one, PAD_OUT),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_gpt2_without_position_ids_would_differ():
@@ -386,10 +434,20 @@ def test_forward_never_embeds_a_pad_outside_the_embedding(tmp_path):
     completion = common.pad(completions, new_pad, "right")
     with torch.no_grad():
         logps = common.completion_logprobs(model, ids, completion, new_pad)
-        same = common.completion_logprobs(model, ids.masked_fill(ids == new_pad, toy_pad), completion.masked_fill(completion == new_pad, toy_pad), toy_pad)  # fmt: skip
-        alone = [common.completion_logprobs(model, torch.tensor([p]), torch.tensor([c]), new_pad)[0] for p, c in zip(prompts, completions)]  # fmt: skip
+        same = common.completion_logprobs(
+            model,
+            ids.masked_fill(ids == new_pad, toy_pad),
+            completion.masked_fill(completion == new_pad, toy_pad),
+            toy_pad,
+        )
+        alone = [
+            common.completion_logprobs(model, torch.tensor([p]), torch.tensor([c]), new_pad)[0]
+            for p, c in zip(prompts, completions)
+        ]
         generated, _ = common.generate(model, ids, tok, max_new_tokens=4, temperature=0.0)
-        generated_toy, _ = common.generate(model, ids.masked_fill(ids == new_pad, toy_pad), toy_tok, max_new_tokens=4, temperature=0.0)  # fmt: skip
+        generated_toy, _ = common.generate(
+            model, ids.masked_fill(ids == new_pad, toy_pad), toy_tok, max_new_tokens=4, temperature=0.0
+        )
     torch.testing.assert_close(logps, same, atol=1e-6, rtol=0)
     for i, c in enumerate(completions):
         torch.testing.assert_close(logps[i, : len(c)], alone[i], atol=1e-5, rtol=0)
@@ -408,7 +466,7 @@ def test_forward_never_embeds_a_pad_outside_the_embedding(tmp_path):
 def test_tokenize_pair_appends_eos_once():
     tok = toy.make_tokenizer()
     assert common.tokenize_pair(tok, "POST: rain cat TL;DR:", " rain cat", 32, 16) == ([0, 3, 5, 6, 4], [5, 6, 1])
-    assert common.tokenize_pair(tok, "POST: rain cat TL;DR:", " rain cat <eos>", 32, 16) == ([0, 3, 5, 6, 4], [5, 6, 1])  # fmt: skip
+    assert common.tokenize_pair(tok, "POST: rain cat TL;DR:", " rain cat <eos>", 32, 16) == ([0, 3, 5, 6, 4], [5, 6, 1])
     assert common.tokenize_pair(tok, "POST: rain cat TL;DR:", "", 32, 16) == ([0, 3, 5, 6, 4], [1])
 
 
@@ -497,7 +555,9 @@ def test_sampler_logprobs_equal_completion_logprobs():
     model, tok, recorder = tiny_lm("gpt2"), stub_tokenizer(), RecordScores()
     prompts = random_prompts(32, seed=2)
     prompt = common.pad(prompts, PAD_OUT, "left")
-    completion, has_eos = common.generate(model, prompt, tok, 8, temperature=T, logits_processor=LogitsProcessorList([recorder]))  # fmt: skip
+    completion, has_eos = common.generate(
+        model, prompt, tok, 8, temperature=T, logits_processor=LogitsProcessorList([recorder])
+    )
     valid = completion != PAD_OUT
     with torch.no_grad():
         logps = common.completion_logprobs(model, prompt, completion, PAD_OUT, temperature=T)
@@ -529,7 +589,9 @@ def test_generate_returns_the_sampled_tokens_logprobs(arch, pad_id):
     model, tok = tiny_lm(arch), stub_tokenizer(pad_id)
     prompt = common.pad(random_prompts(16, seed=2), pad_id, "left")
     for processors, width in ((None, 8), ([EosAtStep3(prompt.shape[1])], 3)):
-        completion, has_eos, logps = common.generate(model, prompt, tok, 8, 0.7, logits_processor=processors, return_logprobs=True)  # fmt: skip
+        completion, has_eos, logps = common.generate(
+            model, prompt, tok, 8, 0.7, logits_processor=processors, return_logprobs=True
+        )
         assert completion.shape == logps.shape == (16, width)
         with torch.no_grad():
             expected = common.completion_logprobs(model, prompt, completion, pad_id, temperature=0.7)
@@ -556,7 +618,9 @@ def test_inverse_cdf_sampler_draws_from_softmax_at_temperature_and_top_p():
     assert freq[2] == 0
     top_p = probs[0].item() + 0.01  # the nucleus: tokens 0 and 1
     freq = torch.bincount(common.InverseCdfSampler(T, top_p)(None, scores).argmax(-1), minlength=4).float() / n
-    torch.testing.assert_close(freq, torch.tensor([probs[0], probs[1], 0, 0]) / (probs[0] + probs[1]), atol=5e-3, rtol=0)
+    torch.testing.assert_close(
+        freq, torch.tensor([probs[0], probs[1], 0, 0]) / (probs[0] + probs[1]), atol=5e-3, rtol=0
+    )
     freq = torch.bincount(common.InverseCdfSampler(T, probs[0].item() - 0.01)(None, scores).argmax(-1), minlength=4)
     assert freq[0] == n  # a nucleus of one token
 
@@ -572,7 +636,9 @@ def test_toy_policy_never_emits_the_pad_token():
     torch.manual_seed(0)
     model, tok = common.load_model("toy-tiny").eval(), toy.make_tokenizer()
     assert tok.pad_token_id == model.config.vocab_size == 45  # outside: no logit for it
-    prompt = common.pad(common.tokenize_prompts(tok, toy.sft_dataset("test")["prompt"][:64], 32), tok.pad_token_id, "left")  # fmt: skip
+    prompt = common.pad(
+        common.tokenize_prompts(tok, toy.sft_dataset("test")["prompt"][:64], 32), tok.pad_token_id, "left"
+    )
     completion, has_eos = common.generate(model, prompt, tok, 8, temperature=1.0)
     check_completion_layout(completion, has_eos, tok.pad_token_id, eos_id=tok.eos_token_id)
     assert 0 < has_eos.sum() < 64  # both rows that stop and rows that run the full budget
@@ -580,10 +646,10 @@ def test_toy_policy_never_emits_the_pad_token():
     # a pad inside the vocabulary (id 0 of the tiny GPT-2, a real token): sampled unless suppressed
     model, prompts = tiny_lm("gpt2"), random_prompts(64, seed=3)
     torch.manual_seed(0)
-    other, _ = common.generate(model, common.pad(prompts, PAD_OUT, "left"), stub_tokenizer(PAD_OUT), 8, temperature=1.0)  # fmt: skip
+    other, _ = common.generate(model, common.pad(prompts, PAD_OUT, "left"), stub_tokenizer(PAD_OUT), 8, temperature=1.0)
     assert (other == 0).sum() > 0  # token 0 is an ordinary token here, and the model samples it
     torch.manual_seed(0)
-    completion, has_eos = common.generate(model, common.pad(prompts, 0, "left"), stub_tokenizer(0), 8, temperature=1.0)  # fmt: skip
+    completion, has_eos = common.generate(model, common.pad(prompts, 0, "left"), stub_tokenizer(0), 8, temperature=1.0)
     check_completion_layout(completion, has_eos, 0)
     assert 0 < has_eos.sum() < 64
 
@@ -602,7 +668,9 @@ def test_generation_ignores_sampling_settings_shipped_with_a_checkpoint(tmp_path
     torch.manual_seed(0)
     recorder = RecordScores()
     prompt = common.pad(random_prompts(16, seed=3), PAD_OUT, "left")
-    completion, _ = common.generate(model, prompt, stub_tokenizer(), 8, temperature=T, logits_processor=LogitsProcessorList([recorder]))  # fmt: skip
+    completion, _ = common.generate(
+        model, prompt, stub_tokenizer(), 8, temperature=T, logits_processor=LogitsProcessorList([recorder])
+    )
     valid = completion != PAD_OUT
     with torch.no_grad():
         logps = common.completion_logprobs(model, prompt, completion, PAD_OUT, temperature=T)
@@ -655,9 +723,9 @@ def test_setup_is_distributed_under_torchrun_on_cpu(tmp_path):
     stdout, where their prints interleave ("ranksranks 2 1" then " 2 0")."""
     script = tmp_path / "setup_ranks.py"
     script.write_text(
-        "import os, pathlib, common\nacc = common.setup(type(\"A\", (), {\"seed\": 0})())\n"
+        'import os, pathlib, common\nacc = common.setup(type("A", (), {"seed": 0})())\n'
         f"pathlib.Path({str(tmp_path)!r}, 'rank' + os.environ['RANK']).write_text(f'{{acc.num_processes}} {{acc.process_index}}')\n"
-    )  # fmt: skip
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
@@ -708,7 +776,9 @@ def test_load_data_save_to_disk(tmp_path):
     datasets.Dataset.from_list(ROWS).save_to_disk(tmp_path / "flat")  # a Dataset, no splits: like a file
     assert common.load_data(str(tmp_path / "flat"), "train", SFT_COLUMNS)["prompt"] == [f"p{i}" for i in range(27)]
     assert common.load_data(str(tmp_path / "flat"), "test", SFT_COLUMNS)["prompt"] == ["p27", "p28", "p29"]
-    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:20]), "test": datasets.Dataset.from_list(ROWS[20:])})  # fmt: skip
+    splits = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS[:20]), "test": datasets.Dataset.from_list(ROWS[20:])}
+    )
     splits.save_to_disk(tmp_path / "dict")
     assert common.load_data(str(tmp_path / "dict"), "train", SFT_COLUMNS)["prompt"] == [f"p{i}" for i in range(20)]
     assert common.load_data(str(tmp_path / "dict"), "test", SFT_COLUMNS)["prompt"] == [f"p{i}" for i in range(20, 30)]
@@ -808,10 +878,19 @@ def test_run_writes_its_files(tmp_path):
     run.write_samples([{"prompt": "POST: a TL;DR:", "completion": "a", "gold": 0.55}], step=2)
     run.finish({"eval/win_rate": 0.75})
     d = tmp_path / "r"
-    assert json.loads((d / "args.json").read_text()) == {"exp_name": "unit", "seed": 3, "output_dir": str(tmp_path), "run_name": "r", "track": False, "wandb_project": "rlhf"}  # fmt: skip
+    assert json.loads((d / "args.json").read_text()) == {
+        "exp_name": "unit",
+        "seed": 3,
+        "output_dir": str(tmp_path),
+        "run_name": "r",
+        "track": False,
+        "wandb_project": "rlhf",
+    }
     lines = (d / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == [{"step": 1, "loss": 0.5, "lr": 1e-3}, {"step": 2, "loss": 0.25}]
-    assert [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines()] == [{"step": 2, "prompt": "POST: a TL;DR:", "completion": "a", "gold": 0.55}]  # fmt: skip
+    assert [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines()] == [
+        {"step": 2, "prompt": "POST: a TL;DR:", "completion": "a", "gold": 0.55}
+    ]
     assert json.loads((d / "eval.json").read_text()) == {"eval/win_rate": 0.75}
     assert any(f.name.startswith("events.out.tfevents") for f in d.iterdir())
 
@@ -844,9 +923,17 @@ def test_evaluate_on_the_toy_task():
     data = toy.sft_dataset("test").select(range(20))
     policy.train()
     metrics, samples = common.evaluate(
-        policy, tok, data["prompt"], data["completion"], is_toy=True, max_prompt=32, max_new_tokens=8,
-        batch_size=8, ref_model=policy, reward_model=rm,
-    )  # fmt: skip
+        policy,
+        tok,
+        data["prompt"],
+        data["completion"],
+        is_toy=True,
+        max_prompt=32,
+        max_new_tokens=8,
+        batch_size=8,
+        ref_model=policy,
+        reward_model=rm,
+    )
     assert policy.training  # restored
     assert set(metrics) == {"eval/score", "eval/length", "eval/eos", "eval/kl", "eval/gold", "eval/win_rate"}
     assert metrics["eval/kl"] == 0.0
@@ -863,7 +950,9 @@ def test_evaluate_on_the_toy_task():
         scores = common.reward_scores(rm, prompt, completion, pad_id, has_eos, no_eos_score=-1.0)
     texts = tok.batch_decode(completion, skip_special_tokens=True)
     assert [s["completion"] for s in samples] == texts
-    assert [s["gold"] for s in samples] == [toy.gold_reward(p, t, bool(e)) for p, t, e in zip(data["prompt"], texts, has_eos)]  # fmt: skip
+    assert [s["gold"] for s in samples] == [
+        toy.gold_reward(p, t, bool(e)) for p, t, e in zip(data["prompt"], texts, has_eos)
+    ]
     assert metrics["eval/eos"] == pytest.approx(has_eos.float().mean().item())
     assert metrics["eval/length"] == pytest.approx((completion != pad_id).sum(1).float().mean().item())
     assert [s["score"] for s in samples] == pytest.approx(scores.tolist(), abs=1e-5)
@@ -876,10 +965,18 @@ def test_toy_gold_reward_model_scores_with_the_gold_reward(toy_cache):
     tokenizer = toy.make_tokenizer()
     gold_model = common.load_model("toy-gold", "reward").eval().requires_grad_(False)
     prompts = toy.sft_dataset("test")["prompt"][:3]
-    texts = [" " + " ".join(toy.ideal_summary(toy.post_words(prompts[0]))), " very very", " " + toy.post_words(prompts[2])[0]]  # fmt: skip
+    texts = [
+        " " + " ".join(toy.ideal_summary(toy.post_words(prompts[0]))),
+        " very very",
+        " " + toy.post_words(prompts[2])[0],
+    ]
     prompt = common.pad(common.tokenize_prompts(tokenizer, prompts, 32), tokenizer.pad_token_id, "left")
-    completion = common.pad([tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts[:2]]
-                            + [tokenizer(texts[2], add_special_tokens=False)["input_ids"]], tokenizer.pad_token_id, "right")  # fmt: skip
+    completion = common.pad(
+        [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts[:2]]
+        + [tokenizer(texts[2], add_special_tokens=False)["input_ids"]],
+        tokenizer.pad_token_id,
+        "right",
+    )
     has_eos = (completion == tokenizer.eos_token_id).any(1)
     with torch.no_grad():
         scores = common.reward_scores(gold_model, prompt, completion, tokenizer.pad_token_id)

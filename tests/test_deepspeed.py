@@ -7,10 +7,9 @@ ZeRO-3) ends where the uninterrupted one does. Slow (a few minutes): `pytest -m 
 import importlib.util
 import sys
 
+import ddp_worker
 import pytest
 import torch
-
-import ddp_worker
 from conftest import RESUMED, ROOT, free_port, launch_two_processes
 
 pytestmark = [
@@ -24,8 +23,19 @@ pytestmark = [
 def zero(request, toy_cache, tmp_path_factory):
     """(stage, output directory, stdout) of every script under DeepSpeed ZeRO-<stage>."""
     out = tmp_path_factory.mktemp(f"zero{request.param}")
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / f"zero{request.param}.yaml"),
-                "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port())]  # fmt: skip
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / f"zero{request.param}.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
     result = launch_two_processes(launcher, out)
     return request.param, out, result.stdout
 

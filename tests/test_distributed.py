@@ -3,10 +3,9 @@ updates with identical parameters on both ranks after every optimizer step, writ
 dpo.py's first update with 2 processes x B/2 pairs equals one process with B pairs; and a two-process
 run stopped and resumed from its checkpoint ends exactly where the uninterrupted one does."""
 
+import ddp_worker
 import pytest
 import torch
-
-import ddp_worker
 from conftest import RESUMED
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(torch.cuda.is_available(), reason="the gloo CPU path")]

@@ -74,8 +74,10 @@ def test_logged_rewards_are_detached():
 
 def test_collator_completion_masks_exclude_each_prompt():
     """The preference collator, read in that oracle's right-padded layout."""
-    rows = [{"prompt": [1, 2, 3], "chosen": [4, 5], "rejected": [6]},
-            {"prompt": [7, 8], "chosen": [9, 10], "rejected": [11, 12, 13]}]  # fmt: skip
+    rows = [
+        {"prompt": [1, 2, 3], "chosen": [4, 5], "rejected": [6]},
+        {"prompt": [7, 8], "chosen": [9, 10], "rejected": [11, 12, 13]},
+    ]
     batch = dpo.collate(rows, pad_id=0)
     assert batch["prompt"].tolist() == [[1, 2, 3], [0, 7, 8]]  # left-padded, once for both completions
     prompt = batch["prompt"].repeat(2, 1)  # the [chosen; rejected] sequences the shared forward computes
@@ -83,13 +85,25 @@ def test_collator_completion_masks_exclude_each_prompt():
     completion_mask = torch.cat([torch.zeros_like(prompt), batch["completion"] != 0], 1)
     real = ids != 0
     flush = [(ids[i][real[i]].tolist(), completion_mask[i][real[i]].long().tolist()) for i in range(4)]
-    assert [r + [0] * (5 - len(r)) for r, _ in flush] == [[1, 2, 3, 4, 5], [7, 8, 9, 10, 0], [1, 2, 3, 6, 0], [7, 8, 11, 12, 13]]  # fmt: skip
-    assert [m + [0] * (5 - len(m)) for _, m in flush] == [[0, 0, 0, 1, 1], [0, 0, 1, 1, 0], [0, 0, 0, 1, 0], [0, 0, 1, 1, 1]]  # fmt: skip
+    assert [r + [0] * (5 - len(r)) for r, _ in flush] == [
+        [1, 2, 3, 4, 5],
+        [7, 8, 9, 10, 0],
+        [1, 2, 3, 6, 0],
+        [7, 8, 11, 12, 13],
+    ]
+    assert [m + [0] * (5 - len(m)) for _, m in flush] == [
+        [0, 0, 0, 1, 1],
+        [0, 0, 1, 1, 0],
+        [0, 0, 0, 1, 0],
+        [0, 0, 1, 1, 1],
+    ]
 
 
 def test_collator_carries_precomputed_ref_logps():
-    rows = [{"prompt": [1], "chosen": [2], "rejected": [3], "ref_logps": (-1.0, -2.0)},
-            {"prompt": [1], "chosen": [2], "rejected": [3], "ref_logps": (-3.0, -4.0)}]  # fmt: skip
+    rows = [
+        {"prompt": [1], "chosen": [2], "rejected": [3], "ref_logps": (-1.0, -2.0)},
+        {"prompt": [1], "chosen": [2], "rejected": [3], "ref_logps": (-3.0, -4.0)},
+    ]
     chosen, rejected = dpo.collate(rows, pad_id=0)["ref_logps"].chunk(2)
     assert chosen.tolist() == [-1.0, -3.0] and rejected.tolist() == [-2.0, -4.0]
 
@@ -109,19 +123,36 @@ def test_loss_is_ln2_on_a_real_batch_with_a_frozen_copy(toy_cache):
 
 
 def test_smoke_main(toy_cache, tmp_path):
-    args = dpo.Args(output_dir=str(tmp_path), run_name="smoke", max_steps=3, batch_size=16, eval_every=2,
-                    eval_prompts=16, eval_pairs=32)  # fmt: skip
+    args = dpo.Args(
+        output_dir=str(tmp_path),
+        run_name="smoke",
+        max_steps=3,
+        batch_size=16,
+        eval_every=2,
+        eval_prompts=16,
+        eval_pairs=32,
+    )
     dpo.main(args)
     run = tmp_path / "smoke"
     final = json.loads((run / "eval.json").read_text())
-    for key in ("eval/win_rate", "eval/kl", "eval/score", "eval/rewards/accuracies", "initial/win_rate", "time/update_mean", "memory/peak_mb"):  # fmt: skip
+    for key in (
+        "eval/win_rate",
+        "eval/kl",
+        "eval/score",
+        "eval/rewards/accuracies",
+        "initial/win_rate",
+        "time/update_mean",
+        "memory/peak_mb",
+    ):
         assert math.isfinite(final[key]), key
     assert final["initial/kl"] == pytest.approx(0.0, abs=1e-4)  # pi_theta = pi_ref before the first step
     assert final["initial/loss"] == pytest.approx(math.log(2), abs=1e-5)
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged if "eval/win_rate" in m] == [0, 2, 3]
     train = [m for m in logged if "rewards/chosen" in m]
-    assert train and all(k in train[-1] for k in ("loss", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"))  # fmt: skip
+    assert train and all(
+        k in train[-1] for k in ("loss", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+    )
     assert (run / "model.safetensors").exists() and (run / "tokenizer.json").exists()
 
 
@@ -130,8 +161,23 @@ def test_cli_on_a_preference_file(toy_cache, tmp_path):
     with precomputed reference log-probs and the IPO loss; an input mistake is a one-line error."""
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in toy.preference_dataset("test").select(range(80))))
-    cmd = [sys.executable, str(ROOT / "dpo.py"), "--output-dir", str(tmp_path), "--run-name", "cli", "--dataset", str(data),
-           "--max-steps", "2", "--batch-size", "8", "--precompute-ref-logps", "--loss-type", "ipo"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "dpo.py"),
+        "--output-dir",
+        str(tmp_path),
+        "--run-name",
+        "cli",
+        "--dataset",
+        str(data),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--precompute-ref-logps",
+        "--loss-type",
+        "ipo",
+    ]
     env = {**os.environ, "RLHF_TOY_CACHE": str(toy_cache)}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -144,8 +190,16 @@ def test_cli_on_a_preference_file(toy_cache, tmp_path):
 
 def test_learning_check(toy_cache, tmp_path):
     """A short DPO run on the tiny toy SFT model raises the gold win rate against the reference summaries."""
-    args = dpo.Args(output_dir=str(tmp_path), run_name="learn", max_steps=60, batch_size=32, lr=1e-3,
-                    eval_every=10**9, eval_prompts=200, eval_pairs=64)  # fmt: skip
+    args = dpo.Args(
+        output_dir=str(tmp_path),
+        run_name="learn",
+        max_steps=60,
+        batch_size=32,
+        lr=1e-3,
+        eval_every=10**9,
+        eval_prompts=200,
+        eval_pairs=64,
+    )
     dpo.main(args)
     final = json.loads((tmp_path / "learn" / "eval.json").read_text())
     assert final["eval/win_rate"] > final["initial/win_rate"] + 0.05, final
@@ -158,12 +212,25 @@ def test_micro_batches_accumulate_to_the_full_batch_step(toy_cache, tmp_path):
     from safetensors.torch import load_file
 
     for name, micro in (("whole", None), ("micro", 3)):
-        dpo.main(dpo.Args(output_dir=str(tmp_path), run_name=name, micro_batch_size=micro, max_steps=2, batch_size=8,
-                          eval_prompts=4, eval_pairs=8, eval_every=1, lr=1e-3))  # fmt: skip
+        dpo.main(
+            dpo.Args(
+                output_dir=str(tmp_path),
+                run_name=name,
+                micro_batch_size=micro,
+                max_steps=2,
+                batch_size=8,
+                eval_prompts=4,
+                eval_pairs=8,
+                eval_every=1,
+                lr=1e-3,
+            )
+        )
     a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("whole", "micro"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    rows = [[json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("whole", "micro")]
+    rows = [
+        [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("whole", "micro")
+    ]
     last = [[r for r in run if "loss" in r][-1] for run in rows]
     assert last[0]["loss"] == pytest.approx(last[1]["loss"], abs=1e-5)
     assert last[0]["rewards/margins"] == pytest.approx(last[1]["rewards/margins"], abs=1e-5)
@@ -171,7 +238,8 @@ def test_micro_batches_accumulate_to_the_full_batch_step(toy_cache, tmp_path):
 
 def test_micro_batches_keep_pairs_and_precomputed_ref_logps_aligned():
     batch = dpo.collate(
-        [{"prompt": [3, i], "chosen": [5, 1], "rejected": [6, 7, 1], "ref_logps": (-i, -10.0 - i)} for i in range(5)], 45
+        [{"prompt": [3, i], "chosen": [5, 1], "rejected": [6, 7, 1], "ref_logps": (-i, -10.0 - i)} for i in range(5)],
+        45,
     )
     parts = list(dpo.micro_batches(batch, 2))
     assert [len(p["prompt"]) for p in parts] == [2, 2, 1] and [len(p["completion"]) for p in parts] == [4, 4, 2]

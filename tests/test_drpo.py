@@ -50,8 +50,14 @@ def test_reset_prefix_equals_reference_tokens():
     lengths = (reference != tokenizer.pad_token_id).sum(1)
     h = drpo.sample_resets(lengths, 1.0, torch.Generator().manual_seed(0))
     assert (h >= 1).all() and (h <= lengths - 1).all()
-    completion, _ = common.generate(policy, prompt, tokenizer, 8, temperature=0.7,
-                                    logits_processor=[drpo.ForcePrefix(reference, h, prompt.shape[1])])  # fmt: skip
+    completion, _ = common.generate(
+        policy,
+        prompt,
+        tokenizer,
+        8,
+        temperature=0.7,
+        logits_processor=[drpo.ForcePrefix(reference, h, prompt.shape[1])],
+    )
     for b in range(32):
         assert completion[b, : h[b]].tolist() == reference[b, : h[b]].tolist()
     assert completion.shape[1] > h.max()  # the policy continues after the prefix
@@ -65,8 +71,9 @@ def test_policy_gradient_ignores_forced_tokens_only():
     new_logps = torch.zeros(1, 5, requires_grad=True)
     new_values = torch.zeros(1, 5, requires_grad=True)
     advantages, returns = torch.ones(1, 5), torch.full((1, 5), 0.1)
-    pg, vf, _ = drpo.ppo_losses(new_logps, torch.zeros(1, 5), advantages, new_values, torch.zeros(1, 5), returns,
-                                mask, args, mask & ~forced)  # fmt: skip
+    pg, vf, _ = drpo.ppo_losses(
+        new_logps, torch.zeros(1, 5), advantages, new_values, torch.zeros(1, 5), returns, mask, args, mask & ~forced
+    )
     pg.backward()
     assert new_logps.grad[0].tolist() == [0.0, 0.0, -0.5, -0.5, 0.0]  # -A / n_free on the two free tokens
     vf.backward()
@@ -107,8 +114,17 @@ def test_cli_rejects_reset_prob_out_of_range(toy_cache, tmp_path):
 def test_learning_check(toy_cache, tmp_path):
     """On the tiny toy models, DR-PO raises the reward-model score of its rollouts and the greedy win rate from
     the bare prompt. (The gold reward of reset rollouts starts high, from the reference prefix, and is noisy.)"""
-    drpo.main(drpo.Args(output_dir=str(tmp_path), run_name="learn", total_episodes=64 * 24, batch_size=64,
-                        lr=1e-4, eval_prompts=200, eval_every=10**9))  # fmt: skip
+    drpo.main(
+        drpo.Args(
+            output_dir=str(tmp_path),
+            run_name="learn",
+            total_episodes=64 * 24,
+            batch_size=64,
+            lr=1e-4,
+            eval_prompts=200,
+            eval_every=10**9,
+        )
+    )
     rows = read(tmp_path / "learn")
     scores = [r["objective/scores"] for r in rows if "objective/scores" in r]
     evals = [r for r in rows if "eval/win_rate" in r]

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import datasets
 import pytest
+import tiny_models
 import torch
 
 import common
-import tiny_models
 
 PREF, SFT, PROMPT = ("prompt", "chosen", "rejected"), ("prompt", "completion"), ("prompt",)
 
@@ -137,13 +137,26 @@ def test_hh_transcripts_become_prompt_chosen_rejected(tmp_path):
     name = write_jsonl(tmp_path / "hh.jsonl", HH_ROWS * 4)
     data = common.load_data(name, "train", PREF)
     assert data.column_names == list(PREF) and len(data) == 11  # the 12th row is held out for evaluation
-    assert data[0] == {"prompt": "\n\nHuman: How do I pay rent?\n\nAssistant:",
-                       "chosen": " Ask your landlord how they want it.", "rejected": " I don't know."}  # fmt: skip
-    assert data[1] == {"prompt": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is my dog ok?\n\nAssistant:",
-                       "chosen": " I think so, ask a vet.", "rejected": " I think not."}  # fmt: skip
-    assert data[2] == {"prompt": "\n\nHuman: Thanks\n\nAssistant:", "chosen": " You're welcome.", "rejected": " You're welcome."}  # fmt: skip
+    assert data[0] == {
+        "prompt": "\n\nHuman: How do I pay rent?\n\nAssistant:",
+        "chosen": " Ask your landlord how they want it.",
+        "rejected": " I don't know.",
+    }
+    assert data[1] == {
+        "prompt": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is my dog ok?\n\nAssistant:",
+        "chosen": " I think so, ask a vet.",
+        "rejected": " I think not.",
+    }
+    assert data[2] == {
+        "prompt": "\n\nHuman: Thanks\n\nAssistant:",
+        "chosen": " You're welcome.",
+        "rejected": " You're welcome.",
+    }
     for row, original in zip(data, HH_ROWS):
-        assert row["prompt"] + row["chosen"] == original["chosen"] and row["prompt"] + row["rejected"] == original["rejected"]  # fmt: skip
+        assert (
+            row["prompt"] + row["chosen"] == original["chosen"]
+            and row["prompt"] + row["rejected"] == original["rejected"]
+        )
     # RL scripts ask for prompts only; SFT asks for completions: the chosen replies
     assert common.load_data(name, "test", PROMPT)["prompt"] == [data[2]["prompt"]]  # row 12 is HH_ROWS[2]
     assert common.load_data(name, "train", SFT)["completion"][:3] == data["chosen"][:3]
@@ -166,15 +179,25 @@ def ultrafeedback_row(i: int) -> dict:
     user = {"role": "user", "content": question}
     chosen = [user, {"role": "assistant", "content": "Talk to them calmly."}]
     rejected = [user, {"role": "assistant", "content": "Move out."}]
-    return {"prompt": question, "prompt_id": f"{i:064x}", "chosen": chosen, "rejected": rejected, "messages": chosen,
-            "score_chosen": 8.0, "score_rejected": 3.0}  # fmt: skip
+    return {
+        "prompt": question,
+        "prompt_id": f"{i:064x}",
+        "chosen": chosen,
+        "rejected": rejected,
+        "messages": chosen,
+        "score_chosen": 8.0,
+        "score_rejected": 3.0,
+    }
 
 
 @pytest.fixture
 def ultrafeedback(tmp_path) -> str:
     """ultrafeedback_binarized's six splits, saved with save_to_disk."""
-    splits = {f"{s}_{k}": datasets.Dataset.from_list([ultrafeedback_row(i) for i in range(6 if s == "train" else 2)])
-              for s in ("train", "test") for k in ("prefs", "sft", "gen")}  # fmt: skip
+    splits = {
+        f"{s}_{k}": datasets.Dataset.from_list([ultrafeedback_row(i) for i in range(6 if s == "train" else 2)])
+        for s in ("train", "test")
+        for k in ("prefs", "sft", "gen")
+    }
     datasets.DatasetDict(splits).save_to_disk(tmp_path / "uf")
     return str(tmp_path / "uf")
 
@@ -184,8 +207,11 @@ def test_ultrafeedback_splits_and_columns(ultrafeedback, capsys):
     pref = common.load_data(ultrafeedback, "train", PREF)
     assert "'train_prefs' as the train split" in capsys.readouterr().out
     assert pref.column_names == list(PREF) and len(pref) == 6
-    assert pref[0] == {"prompt": user, "chosen": [{"role": "assistant", "content": "Talk to them calmly."}],
-                       "rejected": [{"role": "assistant", "content": "Move out."}]}  # fmt: skip
+    assert pref[0] == {
+        "prompt": user,
+        "chosen": [{"role": "assistant", "content": "Talk to them calmly."}],
+        "rejected": [{"role": "assistant", "content": "Move out."}],
+    }
     assert len(common.load_data(ultrafeedback, "test", PREF)) == 2
     sft = common.load_data(ultrafeedback, "test", SFT)
     out = capsys.readouterr().out
@@ -200,8 +226,12 @@ def test_ultrafeedback_splits_and_columns(ultrafeedback, capsys):
 
 def test_messages_only_sft_data(tmp_path):
     """UltraChat-style `messages`: the last assistant turn is the completion, earlier turns the prompt."""
-    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]  # fmt: skip
+    msgs = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Bye!"},
+    ]
     name = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "Hi", "messages": msgs}] * 3)
     assert common.load_data(name, "train", SFT)[0] == {"prompt": msgs[:3], "completion": msgs[3:]}
     name = write_jsonl(tmp_path / "open.jsonl", [{"messages": msgs[:3]}] * 3)
@@ -230,7 +260,9 @@ def test_chat_template_rendering_has_one_bos_and_one_eos(tiny_checkpoints, ultra
         assert tok(rendered)["input_ids"][:2] == [tok.bos_token_id] * 2  # what plain tokenization would do
     # trl-lib/ultrafeedback-prompt: a `prompt` column of messages, for the RL scripts
     (prompt_only,) = common.tokenize_prompts(tok, [[{"role": "user", "content": "Hi"}]], 256)
-    assert tok.decode(prompt_only) == tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)  # fmt: skip
+    assert tok.decode(prompt_only) == tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_conversational_data_without_a_chat_template_is_a_user_error(tiny_checkpoints):
@@ -252,7 +284,9 @@ def test_reward_model_with_another_tokenizer_scores_its_own_tokenization(tmp_pat
     policy_path, _ = tiny_models.save_tiny(tmp_path, "gpt2")
     rm_tok = tiny_models.make_tokenizer("llama", vocab_size=300, seed=1)
     torch.manual_seed(1)
-    rm = tiny_models.AutoModelForSequenceClassification.from_config(tiny_models.make_config("llama", rm_tok, num_labels=1))  # fmt: skip
+    rm = tiny_models.AutoModelForSequenceClassification.from_config(
+        tiny_models.make_config("llama", rm_tok, num_labels=1)
+    )
     torch.nn.init.normal_(rm.score.weight, std=1.0)
     rm.save_pretrained(tmp_path / "other-rm")
     rm_tok.save_pretrained(tmp_path / "other-rm")
@@ -261,8 +295,11 @@ def test_reward_model_with_another_tokenizer_scores_its_own_tokenization(tmp_pat
     rm = common.load_model(str(tmp_path / "other-rm"), "reward", tokenizer=tok).eval()
     policy_tok, own = rm.retokenize
     assert policy_tok is tok and own.pad_token == "<|pad|>"
-    texts = [(tldr_prompt(1), " My roommate is late."), ("\n\nHuman: Hi\n\nAssistant:", " Hello, how can I help?"),
-             ("Hello", " there")]  # fmt: skip
+    texts = [
+        (tldr_prompt(1), " My roommate is late."),
+        ("\n\nHuman: Hi\n\nAssistant:", " Hello, how can I help?"),
+        ("Hello", " there"),
+    ]
     pairs = [common.tokenize_pair(tok, p, c, 256, 32) for p, c in texts]
     assert tok.encode(texts[0][1]) != own.encode(texts[0][1])  # the two tokenizations differ
     pairs[2] = (pairs[2][0], pairs[2][1][:-1])  # the last completion has no EOS
@@ -283,7 +320,11 @@ def test_reward_model_with_another_tokenizer_scores_its_own_tokenization(tmp_pat
 
 def test_split_dialogues_of_multi_turn_messages():
     """The prompt is every message the two dialogues share; each keeps its own continuation."""
-    user, hi, bye = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}  # fmt: skip
+    user, hi, bye = (
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+    )
     chosen = [user, hi, bye, {"role": "assistant", "content": "Bye, take care."}]
     rejected = [user, hi, bye, {"role": "assistant", "content": "Whatever."}]
     assert common.split_dialogues(chosen, rejected) == ([user, hi, bye], chosen[3:], rejected[3:])

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from toy_batches import toy_batch
 
 import aihf
 import common
@@ -14,7 +15,6 @@ import ppo
 import rebel
 import sft
 import xpo
-from toy_batches import toy_batch
 
 pytest.importorskip("peft")
 
@@ -46,12 +46,24 @@ def test_adapter_disabled_reference_is_the_base_model_after_training(toy_cache):
     torch.testing.assert_close(common.completion_logprobs(policy, prompt, completion, pad), moved)
     # generation from the reference is the base model's (greedy: deterministic)
     p = prompt[:3]
-    torch.testing.assert_close(common.generate(ref, p, tokenizer, 6, 0.0)[0], common.generate(base, p, tokenizer, 6, 0.0)[0])
+    torch.testing.assert_close(
+        common.generate(ref, p, tokenizer, 6, 0.0)[0], common.generate(base, p, tokenizer, 6, 0.0)[0]
+    )
 
 
 def test_dpo_with_lora_starts_at_ln2_and_saves_a_merged_model(toy_cache, tmp_path):
-    args = dpo.Args(output_dir=str(tmp_path), run_name="lora", lora_r=4, lora_alpha=8, max_steps=2, batch_size=8,
-                    eval_prompts=8, eval_pairs=16, eval_every=1, lr=1e-2)  # fmt: skip
+    args = dpo.Args(
+        output_dir=str(tmp_path),
+        run_name="lora",
+        lora_r=4,
+        lora_alpha=8,
+        max_steps=2,
+        batch_size=8,
+        eval_prompts=8,
+        eval_pairs=16,
+        eval_every=1,
+        lr=1e-2,
+    )
     dpo.main(args)
     run_dir = tmp_path / "lora"
     initial = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
@@ -72,12 +84,24 @@ def test_dpo_with_lora_starts_at_ln2_and_saves_a_merged_model(toy_cache, tmp_pat
         (ppo, dict(total_episodes=16, batch_size=8, eval_prompts=4)),
         (rebel, dict(total_episodes=16, batch_size=8, eval_prompts=4)),
         (xpo, dict(total_episodes=16, batch_size=8, eval_prompts=4, explore_from="reference")),
-        (aihf, dict(total_steps=2, batch_size=4, demo_batch_size=4, num_demonstrations=32, num_preferences=32, eval_prompts=4)),
+        (
+            aihf,
+            dict(
+                total_steps=2,
+                batch_size=4,
+                demo_batch_size=4,
+                num_demonstrations=32,
+                num_preferences=32,
+                eval_prompts=4,
+            ),
+        ),
     ],
     ids=["sft", "ppo", "rebel", "xpo", "aihf"],
 )
 def test_scripts_run_with_lora_and_gradient_checkpointing(module, kw, toy_cache, tmp_path):
-    module.main(module.Args(output_dir=str(tmp_path), run_name="r", lora_r=4, lora_alpha=8, gradient_checkpointing=True, **kw))  # fmt: skip
+    module.main(
+        module.Args(output_dir=str(tmp_path), run_name="r", lora_r=4, lora_alpha=8, gradient_checkpointing=True, **kw)
+    )
     final = json.loads((tmp_path / "r" / "eval.json").read_text())
     assert all(v == v for v in final.values())  # no NaN
     if "initial/kl" in final:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy_batches import toy_batch
 
 import common
-from toy_batches import toy_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 B, P, C, V = 4, 1024, 16, 50_000  # full logits: B x (P + C) x V x 4 bytes = 832 MB; kept ones: 14 MB

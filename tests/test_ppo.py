@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy_batches import toy_batch
 
 import common
 import drpo
 import ppo
 import toy
-from toy_batches import toy_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,8 +130,9 @@ def test_ratio_is_one_at_the_first_minibatch():
     idx = torch.randperm(16, generator=torch.Generator().manual_seed(1))[:8]
     new_logps, new_values = ppo.logprobs_and_values(model, prompt[idx], completion[idx], pad_id, 0.7)
     advantages = torch.randn(8, completion.shape[1]).masked_fill(~mask[idx], 0)
-    pg_loss, vf_loss, stats = ppo.ppo_losses(new_logps, old_logps[idx], advantages, new_values, old_values[idx],
-                                             old_values[idx], mask[idx], args)  # fmt: skip
+    pg_loss, vf_loss, stats = ppo.ppo_losses(
+        new_logps, old_logps[idx], advantages, new_values, old_values[idx], old_values[idx], mask[idx], args
+    )
     ratio = torch.exp(new_logps - old_logps[idx])[mask[idx]]
     torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
     assert stats["policy/clipfrac"].item() == 0.0 and stats["policy/approxkl"].item() < 1e-10
@@ -173,8 +174,18 @@ def test_smoke_run(toy_cache, tmp_path):
     updates = [r for r in rows if "objective/kl" in r]
     assert len(updates) == 2
     assert updates[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # first rollout: policy == reference
-    for key in ("objective/scores", "objective/entropy", "policy/clipfrac", "policy/approxkl", "loss/policy",
-                "loss/value", "val/explained_variance", "time/generation", "time/update", "time/samples_per_second"):  # fmt: skip
+    for key in (
+        "objective/scores",
+        "objective/entropy",
+        "policy/clipfrac",
+        "policy/approxkl",
+        "loss/policy",
+        "loss/value",
+        "val/explained_variance",
+        "time/generation",
+        "time/update",
+        "time/samples_per_second",
+    ):
         assert key in updates[0]
     final = json.load(open(tmp_path / "smoke" / "eval.json"))
     assert {"eval/win_rate", "eval/kl", "eval/score", "time/update_last", "memory/peak_mb"} <= set(final)
@@ -182,7 +193,16 @@ def test_smoke_run(toy_cache, tmp_path):
 
 
 def test_cli_bad_batch_size(toy_cache, tmp_path):
-    cmd = [sys.executable, str(ROOT / "ppo.py"), "--output-dir", str(tmp_path), "--batch-size", "30", "--num-minibatches", "4"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "ppo.py"),
+        "--output-dir",
+        str(tmp_path),
+        "--batch-size",
+        "30",
+        "--num-minibatches",
+        "4",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ}, timeout=120)
     assert out.returncode != 0
     assert out.stderr.strip().startswith("error:") and "--num-minibatches" in out.stderr
@@ -193,8 +213,15 @@ def test_learning_check(toy_cache, tmp_path):
     """On the tiny toy models, PPO raises the reward-model score of its training samples (what it maximizes)
     and the greedy policy's gold reward and win rate. (The tiny reward model is weak: the gold reward of the
     sampled training completions rises within two or three updates, then wanders within about 0.05.)"""
-    args = ppo.Args(output_dir=str(tmp_path), run_name="learn", total_episodes=64 * 24, batch_size=64,
-                    lr=1e-4, eval_prompts=200, eval_every=10**9)  # fmt: skip
+    args = ppo.Args(
+        output_dir=str(tmp_path),
+        run_name="learn",
+        total_episodes=64 * 24,
+        batch_size=64,
+        lr=1e-4,
+        eval_prompts=200,
+        eval_every=10**9,
+    )
     ppo.main(args)
     rows = read_metrics(tmp_path / "learn")
     scores = [r["objective/scores"] for r in rows if "objective/scores" in r]
@@ -208,7 +235,9 @@ def test_one_forward_gives_the_policy_log_probs_and_the_critic_values():
     """PolicyAndCritic runs both in one forward: its log-probs are completion_logprobs', its values the
     critic's head read at the state before each completion token (common.token_scores)."""
     tokenizer, policy, value = tiny_models()
-    prompt = common.pad(common.tokenize_prompts(tokenizer, toy.sft_dataset("test")["prompt"][:6], 32), tokenizer.pad_token_id, "left")  # fmt: skip
+    prompt = common.pad(
+        common.tokenize_prompts(tokenizer, toy.sft_dataset("test")["prompt"][:6], 32), tokenizer.pad_token_id, "left"
+    )
     completion, _ = common.generate(policy, prompt, tokenizer, 6, temperature=1.0)
     pad_id, P = tokenizer.pad_token_id, prompt.shape[1]
     logps, values = ppo.logprobs_and_values(common.PolicyAndCritic(policy, value), prompt, completion, pad_id, 0.7)

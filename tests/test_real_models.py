@@ -25,6 +25,7 @@ import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_formats import HH_ROWS, tldr_prompt, ultrafeedback_row, write_jsonl
 
 import aihf
 import dpo
@@ -34,7 +35,6 @@ import rebel
 import reward
 import sft
 import xpo
-from test_formats import HH_ROWS, tldr_prompt, ultrafeedback_row, write_jsonl
 
 TINY = dict(max_prompt_length=64, eval_prompts=4)  # every script
 
@@ -44,17 +44,25 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     tldr = [{"prompt": tldr_prompt(i), "completion": f" Roommate {i} is late."} for i in range(12)]
     pref = [{"prompt": tldr_prompt(i), "chosen": " Rent is late.", "rejected": " I like dogs."} for i in range(12)]
-    uf = {f"{s}_{k}": datasets.Dataset.from_list([ultrafeedback_row(i) for i in range(12 if s == "train" else 4)])
-          for s in ("train", "test") for k in ("prefs", "sft", "gen")}  # fmt: skip
+    uf = {
+        f"{s}_{k}": datasets.Dataset.from_list([ultrafeedback_row(i) for i in range(12 if s == "train" else 4)])
+        for s in ("train", "test")
+        for k in ("prefs", "sft", "gen")
+    }
     datasets.DatasetDict(uf).save_to_disk(root / "uf")
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(pref[:8]), "validation": datasets.Dataset.from_list(pref[8:])}).save_to_disk(root / "pref")  # fmt: skip
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(pref[:8]), "validation": datasets.Dataset.from_list(pref[8:])}
+    ).save_to_disk(root / "pref")
     datasets.Dataset.from_list(tldr).to_parquet(root / "tldr.parquet")
     uf_prompts = [{"prompt": [{"role": "user", "content": f"How do I talk to my roommate {i}?"}]} for i in range(12)]
     return {
-        "tldr": write_jsonl(root / "tldr.jsonl", tldr), "tldr.parquet": str(root / "tldr.parquet"),
-        "pref": str(root / "pref"), "uf": str(root / "uf"), "hh": write_jsonl(root / "hh.jsonl", HH_ROWS * 4),
+        "tldr": write_jsonl(root / "tldr.jsonl", tldr),
+        "tldr.parquet": str(root / "tldr.parquet"),
+        "pref": str(root / "pref"),
+        "uf": str(root / "uf"),
+        "hh": write_jsonl(root / "hh.jsonl", HH_ROWS * 4),
         "uf-prompt": write_jsonl(root / "uf_prompt.jsonl", uf_prompts),
-    }  # fmt: skip
+    }
 
 
 def runs(tiny_checkpoints, data):
@@ -63,17 +71,42 @@ def runs(tiny_checkpoints, data):
     rl = dict(total_episodes=8, batch_size=4, num_minibatches=2, max_new_tokens=4, eval_every=10**9, **TINY)
     return {
         "sft": sft.Args(model=lm["qwen2"], dataset=data["uf"], max_steps=2, batch_size=4, max_new_tokens=4, **TINY),
-        "reward": reward.Args(model=lm["gpt_neox"], dataset=data["pref"], reference_dataset=data["tldr"], max_steps=2,
-                              batch_size=4, eval_pairs=4, max_prompt_length=64),
-        "dpo": dpo.Args(model=lm["llama"], reward_model=rm["llama"], dataset=data["uf"], max_steps=2, batch_size=4,
-                        eval_pairs=4, max_new_tokens=4, **TINY),
+        "reward": reward.Args(
+            model=lm["gpt_neox"],
+            dataset=data["pref"],
+            reference_dataset=data["tldr"],
+            max_steps=2,
+            batch_size=4,
+            eval_pairs=4,
+            max_prompt_length=64,
+        ),
+        "dpo": dpo.Args(
+            model=lm["llama"],
+            reward_model=rm["llama"],
+            dataset=data["uf"],
+            max_steps=2,
+            batch_size=4,
+            eval_pairs=4,
+            max_new_tokens=4,
+            **TINY,
+        ),
         "ppo": ppo.Args(model=lm["gpt2"], reward_model=rm["gpt2"], dataset=data["tldr"], **rl),
         "drpo": drpo.Args(model=lm["gpt_neox"], reward_model=rm["gpt_neox"], dataset=data["tldr.parquet"], **rl),
         "rebel": rebel.Args(model=lm["llama"], reward_model=rm["gpt2"], dataset=data["hh"], **rl),
         "xpo": xpo.Args(model=lm["qwen2"], reward_model=rm["qwen2"], dataset=data["uf-prompt"], **rl),
-        "aihf": aihf.Args(model=lm["gpt2"], reward_model=rm["gpt2"], dataset=data["hh"], preference_dataset=data["hh"],
-                          total_steps=2, batch_size=4, demo_batch_size=4, max_new_tokens=4, eval_every=10**9, **TINY),
-    }  # fmt: skip
+        "aihf": aihf.Args(
+            model=lm["gpt2"],
+            reward_model=rm["gpt2"],
+            dataset=data["hh"],
+            preference_dataset=data["hh"],
+            total_steps=2,
+            batch_size=4,
+            demo_batch_size=4,
+            max_new_tokens=4,
+            eval_every=10**9,
+            **TINY,
+        ),
+    }
 
 
 SCRIPTS = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "drpo": drpo, "rebel": rebel, "xpo": xpo, "aihf": aihf}
@@ -102,10 +135,21 @@ def test_two_updates_on_a_real_architecture(tiny_checkpoints, data, tmp_path, na
 def test_chat_data_without_a_chat_template_is_one_error_line(tiny_checkpoints, data, tmp_path):
     """UltraFeedback's messages for a GPT-2 tokenizer (no chat template): exit 2 and one line, no traceback."""
     script = Path(__file__).resolve().parents[1] / "sft.py"
-    cmd = [sys.executable, str(script), "--model", tiny_checkpoints["gpt2"][0], "--dataset", data["uf"], "--output-dir", str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(script),
+        "--model",
+        tiny_checkpoints["gpt2"][0],
+        "--dataset",
+        data["uf"],
+        "--output-dir",
+        str(tmp_path),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines() == ["error: conversational data (lists of messages) needs a tokenizer with a chat template; this one has none"]  # fmt: skip
+    assert out.stderr.strip().splitlines() == [
+        "error: conversational data (lists of messages) needs a tokenizer with a chat template; this one has none"
+    ]
 
 
 def plain_text_runs(lm, rm, data):
@@ -113,17 +157,42 @@ def plain_text_runs(lm, rm, data):
     rl = dict(total_episodes=8, batch_size=4, num_minibatches=2, max_new_tokens=4, eval_every=10**9, **TINY)
     return {
         "sft": sft.Args(model=lm, dataset=data["tldr"], max_steps=2, batch_size=4, max_new_tokens=4, **TINY),
-        "reward": reward.Args(model=lm, dataset=data["pref"], reference_dataset=data["tldr"], max_steps=2, batch_size=4,
-                              eval_pairs=4, max_prompt_length=64),
-        "dpo": dpo.Args(model=lm, reward_model=rm, dataset=data["pref"], max_steps=2, batch_size=4, eval_pairs=4,
-                        max_new_tokens=4, **TINY),
+        "reward": reward.Args(
+            model=lm,
+            dataset=data["pref"],
+            reference_dataset=data["tldr"],
+            max_steps=2,
+            batch_size=4,
+            eval_pairs=4,
+            max_prompt_length=64,
+        ),
+        "dpo": dpo.Args(
+            model=lm,
+            reward_model=rm,
+            dataset=data["pref"],
+            max_steps=2,
+            batch_size=4,
+            eval_pairs=4,
+            max_new_tokens=4,
+            **TINY,
+        ),
         "ppo": ppo.Args(model=lm, reward_model=rm, dataset=data["tldr"], **rl),
         "drpo": drpo.Args(model=lm, reward_model=rm, dataset=data["tldr"], **rl),
         "rebel": rebel.Args(model=lm, reward_model=rm, dataset=data["tldr"], **rl),
         "xpo": xpo.Args(model=lm, reward_model=rm, dataset=data["tldr"], **rl),
-        "aihf": aihf.Args(model=lm, reward_model=rm, dataset=data["tldr"], preference_dataset=data["pref"], total_steps=2,
-                          batch_size=4, demo_batch_size=4, max_new_tokens=4, eval_every=10**9, **TINY),
-    }  # fmt: skip
+        "aihf": aihf.Args(
+            model=lm,
+            reward_model=rm,
+            dataset=data["tldr"],
+            preference_dataset=data["pref"],
+            total_steps=2,
+            batch_size=4,
+            demo_batch_size=4,
+            max_new_tokens=4,
+            eval_every=10**9,
+            **TINY,
+        ),
+    }
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen2"])

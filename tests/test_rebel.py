@@ -122,9 +122,21 @@ def test_smoke_run(toy_cache, tmp_path):
     updates = [r for r in rows if "objective/kl" in r]
     assert len(updates) == 2
     assert updates[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # first rollout: policy == reference
-    for key in ("objective/scores", "objective/rlhf_reward", "objective/entropy", "objective/gold", "loss/policy",
-                "rebel/residual", "rebel/delta_logratio", "rebel/eta_delta_reward", "rebel/correlation",
-                "time/generation", "time/scoring", "time/update", "time/samples_per_second"):  # fmt: skip
+    for key in (
+        "objective/scores",
+        "objective/rlhf_reward",
+        "objective/entropy",
+        "objective/gold",
+        "loss/policy",
+        "rebel/residual",
+        "rebel/delta_logratio",
+        "rebel/eta_delta_reward",
+        "rebel/correlation",
+        "time/generation",
+        "time/scoring",
+        "time/update",
+        "time/samples_per_second",
+    ):
         assert key in updates[0] and updates[0][key] == updates[0][key], key  # present and not NaN
     final = json.load(open(tmp_path / "smoke" / "eval.json"))
     assert {"eval/win_rate", "eval/kl", "eval/score", "time/update_last", "memory/peak_mb"} <= set(final)
@@ -132,7 +144,16 @@ def test_smoke_run(toy_cache, tmp_path):
 
 
 def test_cli_bad_batch_size(toy_cache, tmp_path):
-    cmd = [sys.executable, str(ROOT / "rebel.py"), "--output-dir", str(tmp_path), "--batch-size", "30", "--num-minibatches", "4"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "rebel.py"),
+        "--output-dir",
+        str(tmp_path),
+        "--batch-size",
+        "30",
+        "--num-minibatches",
+        "4",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=120)
     assert out.returncode != 0
     assert out.stderr.strip().startswith("error:") and "--num-minibatches" in out.stderr
@@ -141,8 +162,15 @@ def test_cli_bad_batch_size(toy_cache, tmp_path):
 
 def test_learning_check(toy_cache, tmp_path):
     """On the tiny toy models, REBEL raises the gold reward of its training samples and the greedy win rate within a few updates."""
-    args = rebel.Args(output_dir=str(tmp_path), run_name="learn", total_episodes=32 * 24, batch_size=32,
-                      lr=1e-4, eval_prompts=200, eval_every=10**9)  # fmt: skip
+    args = rebel.Args(
+        output_dir=str(tmp_path),
+        run_name="learn",
+        total_episodes=32 * 24,
+        batch_size=32,
+        lr=1e-4,
+        eval_prompts=200,
+        eval_every=10**9,
+    )
     rebel.main(args)
     rows = read_metrics(tmp_path / "learn")
     gold = [r["objective/gold"] for r in rows if "objective/gold" in r]

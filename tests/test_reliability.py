@@ -35,12 +35,54 @@ TINY = {
     "reward": (reward, dict(max_steps=4, batch_size=16, eval_every=2, eval_pairs=32)),
     "dpo": (dpo, dict(max_steps=4, batch_size=8, eval_every=2, eval_prompts=8, eval_pairs=16)),
     "ppo": (ppo, dict(total_episodes=32, batch_size=8, num_minibatches=2, eval_every=2, eval_prompts=8)),
-    "drpo": (drpo, dict(total_episodes=32, batch_size=8, num_minibatches=2, eval_every=2, eval_prompts=8, reset_prob=0.5)),  # fmt: skip
+    "drpo": (
+        drpo,
+        dict(total_episodes=32, batch_size=8, num_minibatches=2, eval_every=2, eval_prompts=8, reset_prob=0.5),
+    ),
     "rebel": (rebel, dict(total_episodes=32, batch_size=8, num_minibatches=2, eval_every=2, eval_prompts=8)),
     "xpo": (xpo, dict(total_episodes=32, batch_size=8, num_minibatches=2, eval_every=2, eval_prompts=8, replay=True)),
-    "aihf": (aihf, dict(total_steps=4, batch_size=4, demo_batch_size=4, num_demonstrations=64, num_preferences=64, eval_every=2, eval_prompts=8)),  # fmt: skip
-    "aihf-self-play": (aihf, dict(self_play=True, rounds=2, total_steps=4, batch_size=4, demo_batch_size=4, num_demonstrations=64, num_preferences=64, eval_every=2, eval_prompts=8)),  # fmt: skip
-    "aihf-explicit": (aihf, dict(variant="explicit", total_steps=4, policy_steps=1, rollout_prompts=4, batch_size=4, demo_batch_size=4, center_demos=8, num_demonstrations=64, num_preferences=64, eval_every=2, eval_prompts=8)),  # fmt: skip
+    "aihf": (
+        aihf,
+        dict(
+            total_steps=4,
+            batch_size=4,
+            demo_batch_size=4,
+            num_demonstrations=64,
+            num_preferences=64,
+            eval_every=2,
+            eval_prompts=8,
+        ),
+    ),
+    "aihf-self-play": (
+        aihf,
+        dict(
+            self_play=True,
+            rounds=2,
+            total_steps=4,
+            batch_size=4,
+            demo_batch_size=4,
+            num_demonstrations=64,
+            num_preferences=64,
+            eval_every=2,
+            eval_prompts=8,
+        ),
+    ),
+    "aihf-explicit": (
+        aihf,
+        dict(
+            variant="explicit",
+            total_steps=4,
+            policy_steps=1,
+            rollout_prompts=4,
+            batch_size=4,
+            demo_batch_size=4,
+            center_demos=8,
+            num_demonstrations=64,
+            num_preferences=64,
+            eval_every=2,
+            eval_prompts=8,
+        ),
+    ),
 }
 
 
@@ -51,7 +93,11 @@ def comparable(path: Path) -> list[dict]:
 
 
 def final_metrics(run_dir: Path) -> dict:
-    return {k: v for k, v in json.loads((run_dir / "eval.json").read_text()).items() if not k.startswith(("time/", "memory/"))}  # fmt: skip
+    return {
+        k: v
+        for k, v in json.loads((run_dir / "eval.json").read_text()).items()
+        if not k.startswith(("time/", "memory/"))
+    }
 
 
 def assert_same_run(a: Path, b: Path):
@@ -92,8 +138,15 @@ def test_interrupt_and_resume_is_exact(name, toy_cache, tmp_path, monkeypatch):
 
 def run_script(script: str, *args: str, **popen) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **popen,
+    )
 
 
 def wait_for_checkpoint(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120):
@@ -109,8 +162,30 @@ def wait_for_checkpoint(run_dir: Path, step: int, proc: subprocess.Popen, timeou
 
 # PPO holds the most state (policy, critic, two generators); DPO reads its data through a DataLoader
 SIGKILL_ARGS = {
-    "ppo.py": ["--total-episodes", "96", "--batch-size", "8", "--num-minibatches", "2", "--eval-every", "4", "--eval-prompts", "8"],  # fmt: skip
-    "dpo.py": ["--max-steps", "12", "--batch-size", "8", "--eval-every", "4", "--eval-prompts", "8", "--eval-pairs", "16"],  # fmt: skip
+    "ppo.py": [
+        "--total-episodes",
+        "96",
+        "--batch-size",
+        "8",
+        "--num-minibatches",
+        "2",
+        "--eval-every",
+        "4",
+        "--eval-prompts",
+        "8",
+    ],
+    "dpo.py": [
+        "--max-steps",
+        "12",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "4",
+        "--eval-prompts",
+        "8",
+        "--eval-pairs",
+        "16",
+    ],
 }
 
 
@@ -133,8 +208,19 @@ def test_sigkill_after_a_checkpoint_then_resume_is_exact(script, toy_cache, tmp_
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(toy_cache, tmp_path):
-    proc = run_script("rebel.py", "--total-episodes", "4096", "--batch-size", "8", "--eval-prompts", "8",
-                      "--output-dir", str(tmp_path), "--run-name", "r")  # fmt: skip
+    proc = run_script(
+        "rebel.py",
+        "--total-episodes",
+        "4096",
+        "--batch-size",
+        "8",
+        "--eval-prompts",
+        "8",
+        "--output-dir",
+        str(tmp_path),
+        "--run-name",
+        "r",
+    )
     metrics = tmp_path / "r" / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.exists() and '"step": 1,' in metrics.read_text()):  # training has started
@@ -366,8 +452,18 @@ def test_prompt_longer_than_the_maximum_keeps_its_end(toy_cache, tmp_path):
     full = tok(long_prompt)["input_ids"]
     assert len(ids) == 12 and ids[0] == tok.bos_token_id and ids[1:] == full[-11:]
     data = write_jsonl(tmp_path / "long.jsonl", [{"prompt": long_prompt, "completion": " cat dog"}] * 40)
-    sft.main(sft.Args(model="toy-tiny", dataset=data, output_dir=str(tmp_path), run_name="long", max_steps=2,
-                      batch_size=8, max_prompt_length=12, eval_prompts=4))  # fmt: skip
+    sft.main(
+        sft.Args(
+            model="toy-tiny",
+            dataset=data,
+            output_dir=str(tmp_path),
+            run_name="long",
+            max_steps=2,
+            batch_size=8,
+            max_prompt_length=12,
+            eval_prompts=4,
+        )
+    )
     assert (tmp_path / "long" / "eval.json").exists()
 
 

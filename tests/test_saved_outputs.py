@@ -14,12 +14,12 @@ data makes every toy run take seconds: the other scripts save through the same c
 
 import pytest
 import torch
+from test_formats import tldr_prompt
+from test_real_models import SCRIPTS, data, plain_text_runs  # noqa: F401 (data: a fixture)
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
 import toy
-from test_formats import tldr_prompt
-from test_real_models import SCRIPTS, data, plain_text_runs  # noqa: F401 (data: a fixture)
 
 FAMILIES = ["toy", "gpt2", "llama"]
 SCRIPT_NAMES = ["sft", "dpo", "ppo", "drpo", "rebel", "xpo", "aihf"]

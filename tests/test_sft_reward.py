@@ -20,7 +20,15 @@ import sft
 import toy
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_FILES = ["args.json", "metrics.jsonl", "eval.json", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]  # fmt: skip
+RUN_FILES = [
+    "args.json",
+    "metrics.jsonl",
+    "eval.json",
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -38,8 +46,12 @@ def test_bradley_terry_loss_hand_values():
     assert bt(torch.tensor([1.0]), torch.tensor([0.0])).item() == pytest.approx(0.313262, abs=1e-6)  # margin 1
     extreme = bt(torch.tensor([-100.0]), torch.tensor([100.0])).item()  # margin -200: logsigmoid, not log(sigmoid)
     assert math.isfinite(extreme) and extreme == pytest.approx(200.0)
-    assert bt(torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0])).item() == pytest.approx((math.log(2) + 0.313262) / 2, abs=1e-6)  # fmt: skip
-    assert bt(torch.tensor([1.0], dtype=torch.bfloat16), torch.tensor([0.0], dtype=torch.bfloat16)).dtype == torch.float32
+    assert bt(torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0])).item() == pytest.approx(
+        (math.log(2) + 0.313262) / 2, abs=1e-6
+    )
+    assert (
+        bt(torch.tensor([1.0], dtype=torch.bfloat16), torch.tensor([0.0], dtype=torch.bfloat16)).dtype == torch.float32
+    )
 
 
 def test_bradley_terry_gradient_at_zero_margin():
@@ -56,9 +68,14 @@ def test_reward_tokenize_and_collate_pairs():
     data = {"prompt": ["POST: rain cat TL;DR:"], "chosen": [" rain cat"], "rejected": [" cat"]}
     args = reward.Args()
     # toy ids: <bos> 0, <eos> 1, POST: 3, TL;DR: 4, rain 5, cat 6; <|pad|> 45
-    assert reward.tokenize_pairs(tok, data, args) == [{"prompt": [0, 3, 5, 6, 4], "chosen": [5, 6, 1], "rejected": [6, 1]}]  # fmt: skip
+    assert reward.tokenize_pairs(tok, data, args) == [
+        {"prompt": [0, 3, 5, 6, 4], "chosen": [5, 6, 1], "rejected": [6, 1]}
+    ]
     P = tok.pad_token_id
-    rows = [{"prompt": [1, 2, 3], "chosen": [4, 5], "rejected": [6]}, {"prompt": [7, 8], "chosen": [9, 10], "rejected": [11, 12, 13]}]  # fmt: skip
+    rows = [
+        {"prompt": [1, 2, 3], "chosen": [4, 5], "rejected": [6]},
+        {"prompt": [7, 8], "chosen": [9, 10], "rejected": [11, 12, 13]},
+    ]
     prompt, completion = reward.collate(rows, pad_id=P)
     assert prompt.tolist() == [[1, 2, 3], [P, 7, 8], [1, 2, 3], [P, 7, 8]]
     assert completion.tolist() == [[4, 5, P], [9, 10, P], [6, P, P], [11, 12, 13]]
@@ -72,21 +89,30 @@ def test_pair_scores_read_each_completion_at_its_own_eos():
     rm = AutoModelForSequenceClassification.from_config(config).eval()
     torch.nn.init.normal_(rm.score.weight, std=1.0)
     # "POST: rain cat TL;DR:" -> " rain cat" / " cat"; "POST: train TL;DR:" -> " train" / " very train then"
-    rows = [{"prompt": [0, 3, 5, 6, 4], "chosen": [5, 6, 1], "rejected": [6, 1]}, {"prompt": [0, 3, 7, 4], "chosen": [7, 1], "rejected": [17, 7, 18, 1]}]  # fmt: skip
+    rows = [
+        {"prompt": [0, 3, 5, 6, 4], "chosen": [5, 6, 1], "rejected": [6, 1]},
+        {"prompt": [0, 3, 7, 4], "chosen": [7, 1], "rejected": [17, 7, 18, 1]},
+    ]
     pad_id = toy.make_tokenizer().pad_token_id  # 45: outside the model's vocabulary, never embedded
     with torch.no_grad():
         chosen, rejected = reward.pair_scores(rm, *reward.collate(rows, pad_id=pad_id), pad_id=pad_id)
         for i, r in enumerate(rows):  # HF's own head on each unpadded sequence ending at its EOS
-            assert chosen[i].item() == pytest.approx(rm(torch.tensor([r["prompt"] + r["chosen"]])).logits.item(), abs=1e-5)  # fmt: skip
-            assert rejected[i].item() == pytest.approx(rm(torch.tensor([r["prompt"] + r["rejected"]])).logits.item(), abs=1e-5)  # fmt: skip
+            assert chosen[i].item() == pytest.approx(
+                rm(torch.tensor([r["prompt"] + r["chosen"]])).logits.item(), abs=1e-5
+            )
+            assert rejected[i].item() == pytest.approx(
+                rm(torch.tensor([r["prompt"] + r["rejected"]])).logits.item(), abs=1e-5
+            )
 
 
 def test_sft_loss_mask_covers_eos_and_excludes_the_prompt():
     """sft.py's loss, -masked_mean(completion_logprobs, completion != pad), is the HF causal-LM loss with
     labels -100 on the prompt and on padding; the EOS of every row is inside the mask."""
     tok = toy.make_tokenizer()
-    pairs = [common.tokenize_pair(tok, "POST: rain very cat then rain so cat maybe TL;DR:", " rain cat", 32, 16),
-             common.tokenize_pair(tok, "POST: dog so dog TL;DR:", " dog", 32, 16)]  # fmt: skip
+    pairs = [
+        common.tokenize_pair(tok, "POST: rain very cat then rain so cat maybe TL;DR:", " rain cat", 32, 16),
+        common.tokenize_pair(tok, "POST: dog so dog TL;DR:", " dog", 32, 16),
+    ]
     prompt, completion = sft.collate([{"prompt_ids": p, "completion_ids": c} for p, c in pairs], tok.pad_token_id)
     P = tok.pad_token_id  # 45
     assert prompt.tolist() == [[0, 3, 5, 17, 6, 18, 5, 19, 6, 20, 4], [P] * 5 + [0, 3, 13, 19, 13, 4]]
@@ -100,7 +126,12 @@ def test_sft_loss_mask_covers_eos_and_excludes_the_prompt():
     attention = ids != tok.pad_token_id
     labels = torch.cat([torch.full_like(prompt, -100), completion.masked_fill(~mask, -100)], 1)
     # the pad has no embedding row: the oracle feeds any real id (0) at the masked positions
-    hf = model(input_ids=ids.masked_fill(~attention, 0), attention_mask=attention.long(), position_ids=(attention.cumsum(1) - 1).clamp(min=0), labels=labels).loss  # fmt: skip
+    hf = model(
+        input_ids=ids.masked_fill(~attention, 0),
+        attention_mask=attention.long(),
+        position_ids=(attention.cumsum(1) - 1).clamp(min=0),
+        labels=labels,
+    ).loss
     assert ours.item() == pytest.approx(hf.item(), abs=1e-5)
 
 
@@ -110,7 +141,11 @@ def test_sft_loss_mask_covers_eos_and_excludes_the_prompt():
 
 
 def test_sft_smoke(tmp_path):
-    sft.main(sft.Args(model="toy-tiny", output_dir=str(tmp_path), run_name="sft", max_steps=1, batch_size=16, eval_prompts=16))  # fmt: skip
+    sft.main(
+        sft.Args(
+            model="toy-tiny", output_dir=str(tmp_path), run_name="sft", max_steps=1, batch_size=16, eval_prompts=16
+        )
+    )
     run = tmp_path / "sft"
     for name in RUN_FILES + ["samples.jsonl"]:
         assert (run / name).exists(), name
@@ -145,7 +180,13 @@ def test_reward_smoke_outputs(reward_run):
         assert (run / name).exists(), name
     assert read_jsonl(run / "metrics.jsonl")[-1]["step"] == 3
     final = json.loads((run / "eval.json").read_text())
-    assert {"eval/accuracy", "eval/gold_agreement_sft_samples", "reward_bias", "eval/reference_score", "eval/gold_accuracy_ceiling"} <= set(final)  # fmt: skip
+    assert {
+        "eval/accuracy",
+        "eval/gold_agreement_sft_samples",
+        "reward_bias",
+        "eval/reference_score",
+        "eval/gold_accuracy_ceiling",
+    } <= set(final)
     rm = AutoModelForSequenceClassification.from_pretrained(run)
     assert rm.config.num_labels == 1 and rm.config.reward_bias == pytest.approx(final["reward_bias"])
     # the saved reward model keeps its pad (45), with an embedding row now, and names it in its config: transformers'
@@ -163,7 +204,10 @@ def test_reward_normalization_centers_the_references(reward_run):
     rm, tok = common.load_model(str(run), kind="reward").eval(), common.load_tokenizer(str(run))
     assert rm.config.reward_bias != 0.0
     refs = toy.sft_dataset("train").shuffle(seed=args.seed).select(range(2000))
-    pairs = [common.tokenize_pair(tok, p, c, args.max_prompt_length, args.max_completion_length) for p, c in zip(refs["prompt"], refs["completion"])]  # fmt: skip
+    pairs = [
+        common.tokenize_pair(tok, p, c, args.max_prompt_length, args.max_completion_length)
+        for p, c in zip(refs["prompt"], refs["completion"])
+    ]
     prompt = common.pad([p for p, _ in pairs], tok.pad_token_id, "left")
     completion = common.pad([c for _, c in pairs], tok.pad_token_id, "right")
     with torch.no_grad():
@@ -193,15 +237,34 @@ def test_sft_micro_batches_accumulate_to_the_full_batch_step(tmp_path):
     step that 8 at once takes: each micro-batch's loss is its token sum over the whole batch's token count
     (the mean of the micro-batch means would weight a token of a short micro-batch more)."""
     for name, micro in (("whole", None), ("micro", 3)):
-        sft.main(sft.Args(model="toy-tiny", output_dir=str(tmp_path), run_name=name, micro_batch_size=micro,
-                          max_steps=2, batch_size=8, eval_prompts=4, lr=1e-3))  # fmt: skip
+        sft.main(
+            sft.Args(
+                model="toy-tiny",
+                output_dir=str(tmp_path),
+                run_name=name,
+                micro_batch_size=micro,
+                max_steps=2,
+                batch_size=8,
+                eval_prompts=4,
+                lr=1e-3,
+            )
+        )
     same_weights_and_last_loss(tmp_path)
 
 
 def test_reward_micro_batches_accumulate_to_the_full_batch_step(toy_cache, tmp_path):
     for name, micro in (("whole", None), ("micro", 3)):
-        reward.main(reward.Args(output_dir=str(tmp_path), run_name=name, micro_batch_size=micro, max_steps=2,
-                                batch_size=8, eval_pairs=8, lr=1e-3))  # fmt: skip
+        reward.main(
+            reward.Args(
+                output_dir=str(tmp_path),
+                run_name=name,
+                micro_batch_size=micro,
+                max_steps=2,
+                batch_size=8,
+                eval_pairs=8,
+                lr=1e-3,
+            )
+        )
     last = same_weights_and_last_loss(tmp_path)
     assert last[0]["scores/margin"] == pytest.approx(last[1]["scores/margin"], abs=1e-5)
 
@@ -225,7 +288,15 @@ def test_reward_micro_batches_keep_chosen_and_rejected_together():
 def test_sft_learns_the_toy_task(toy_cache):
     tok, prompts = toy.make_tokenizer(), toy.sft_dataset("test").select(range(64))
     torch.manual_seed(0)
-    before, _ = common.evaluate(common.load_model("toy-tiny"), tok, prompts["prompt"], prompts["completion"], is_toy=True, max_prompt=32, max_new_tokens=8)  # fmt: skip
+    before, _ = common.evaluate(
+        common.load_model("toy-tiny"),
+        tok,
+        prompts["prompt"],
+        prompts["completion"],
+        is_toy=True,
+        max_prompt=32,
+        max_new_tokens=8,
+    )
     after = json.loads((toy_cache / "toy-sft" / "eval.json").read_text())  # the same 64 test prompts
     assert before["eval/win_rate"] < 0.05
     assert after["eval/win_rate"] > 0.3 and after["eval/eos"] > 0.9 and after["eval/gold"] > 0.5
@@ -256,12 +327,24 @@ def cli(tmp_path_factory, toy_cache):
         "offline_dataset": ["sft.py", "--model", "toy-tiny", "--dataset", "someone/does-not-exist"],
     }
     # one thread each: several processes with 2 busy-waiting OpenMP threads each on 2 cores crawl
-    env = {**os.environ, "RLHF_TOY_CACHE": str(toy_cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "RLHF_TOY_CACHE": str(toy_cache),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     procs = {
-        name: subprocess.Popen([sys.executable, *cmd, "--output-dir", str(out), "--run-name", name], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        name: subprocess.Popen(
+            [sys.executable, *cmd, "--output-dir", str(out), "--run-name", name],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for name, cmd in commands.items()
-    }  # fmt: skip
+    }
     results = {}
     for name, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=300)

@@ -168,7 +168,12 @@ def test_datasets_sizes_and_columns(splits):
     assert splits["sft", "train"].column_names == ["prompt", "completion"]
     assert splits["pref", "train"].column_names == ["prompt", "chosen", "rejected"]
     sizes = {k: len(v) for k, v in splits.items()}
-    assert sizes == {("sft", "train"): 20_000, ("sft", "test"): 1_000, ("pref", "train"): 10_000, ("pref", "test"): 1_000}  # fmt: skip
+    assert sizes == {
+        ("sft", "train"): 20_000,
+        ("sft", "test"): 1_000,
+        ("pref", "train"): 10_000,
+        ("pref", "test"): 1_000,
+    }
     with pytest.raises(ValueError):
         toy.sft_dataset("validation")
 
@@ -257,7 +262,10 @@ def test_model_config_matches_tokenizer():
     assert all(i < config.vocab_size for w, i in tok.get_vocab().items() if w != "<|pad|>")
     assert config.attention_dropout == 0.0
     # prompts (<= 16 tokens) plus MAX_NEW_TOKENS fit the position table
-    assert max(len(tok(p)["input_ids"]) for p in toy.sft_dataset("test")["prompt"]) + toy.MAX_NEW_TOKENS <= config.max_position_embeddings  # fmt: skip
+    assert (
+        max(len(tok(p)["input_ids"]) for p in toy.sft_dataset("test")["prompt"]) + toy.MAX_NEW_TOKENS
+        <= config.max_position_embeddings
+    )
     model = AutoModelForCausalLM.from_config(config)
     logits = model(torch.tensor([[0, 3, 5, 4]])).logits  # "<bos> POST: rain TL;DR:"
     assert logits.shape == (1, 4, 45)  # no logit for <|pad|>

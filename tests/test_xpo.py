@@ -23,7 +23,9 @@ def random_logps(n=8, seed=0):
 
 def test_alpha_zero_is_exactly_the_dpo_loss():
     chosen, rejected, ref_chosen, ref_rejected, tilde = random_logps()
-    losses, dpo_losses, bonus, r_c, r_r = xpo.xpo_loss(chosen, rejected, ref_chosen, ref_rejected, tilde, beta=0.1, alpha=0.0)  # fmt: skip
+    losses, dpo_losses, bonus, r_c, r_r = xpo.xpo_loss(
+        chosen, rejected, ref_chosen, ref_rejected, tilde, beta=0.1, alpha=0.0
+    )
     ref_losses, ref_r_c, ref_r_r = dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.1)
     assert torch.equal(losses, ref_losses) and torch.equal(dpo_losses, ref_losses)
     assert torch.equal(r_c, ref_r_c) and torch.equal(r_r, ref_r_r) and bonus.abs().max() == 0
@@ -36,7 +38,9 @@ def test_alpha_zero_is_exactly_the_dpo_loss():
 def test_bonus_hand_value():
     """By hand: alpha 1e-5, sum log pi_theta(y~) = -100 -> -0.001 added to the loss."""
     zero = torch.zeros(1, dtype=torch.float64)
-    losses, dpo_losses, bonus, *_ = xpo.xpo_loss(zero, zero, zero, zero, torch.tensor([-100.0], dtype=torch.float64), beta=0.1, alpha=1e-5)  # fmt: skip
+    losses, dpo_losses, bonus, *_ = xpo.xpo_loss(
+        zero, zero, zero, zero, torch.tensor([-100.0], dtype=torch.float64), beta=0.1, alpha=1e-5
+    )
     assert bonus.item() == pytest.approx(-0.001, abs=1e-15)
     assert dpo_losses.item() == pytest.approx(math.log(2), abs=1e-15)
     assert losses.item() == pytest.approx(math.log(2) - 0.001, abs=1e-15)
@@ -44,7 +48,9 @@ def test_bonus_hand_value():
 
 def test_logged_rewards_are_detached():
     policy = torch.tensor([-3.0, -4.0], requires_grad=True)
-    losses, _, bonus, r_c, r_r = xpo.xpo_loss(policy[:1], policy[1:], torch.tensor([-3.5]), torch.tensor([-3.0]), policy[1:], beta=0.1, alpha=0.1)  # fmt: skip
+    losses, _, bonus, r_c, r_r = xpo.xpo_loss(
+        policy[:1], policy[1:], torch.tensor([-3.5]), torch.tensor([-3.0]), policy[1:], beta=0.1, alpha=0.1
+    )
     assert losses.requires_grad and bonus.requires_grad and not r_c.requires_grad and not r_r.requires_grad
 
 
@@ -125,7 +131,9 @@ def test_reference_samples_come_from_the_frozen_reference(toy_cache, tmp_path, m
         return out
 
     monkeypatch.setattr(common, "generate", recording_generate)
-    args = xpo.Args(output_dir=str(tmp_path), run_name="ref", total_episodes=96, batch_size=32, eval_prompts=16, lr=1e-3)  # fmt: skip
+    args = xpo.Args(
+        output_dir=str(tmp_path), run_name="ref", total_episodes=96, batch_size=32, eval_prompts=16, lr=1e-3
+    )
     xpo.main(args)
     assert len(calls) == 3 and len({id(c[0]) for c in calls}) == 1  # one y~ batch per update, one frozen model
     ref_model = calls[0][0]
@@ -142,8 +150,16 @@ def test_reference_samples_come_from_the_frozen_reference(toy_cache, tmp_path, m
 
 
 def test_smoke_run_replay_gold_judge_and_schedule(toy_cache, tmp_path):
-    args = xpo.Args(output_dir=str(tmp_path), run_name="smoke", total_episodes=64, batch_size=32, eval_prompts=16,
-                    replay=True, judge="gold", alpha=(0.1, 0.0))  # fmt: skip
+    args = xpo.Args(
+        output_dir=str(tmp_path),
+        run_name="smoke",
+        total_episodes=64,
+        batch_size=32,
+        eval_prompts=16,
+        replay=True,
+        judge="gold",
+        alpha=(0.1, 0.0),
+    )
     xpo.main(args)
     rows = read_metrics(tmp_path / "smoke")
     updates = [r for r in rows if "loss/dpo" in r]
@@ -151,15 +167,32 @@ def test_smoke_run_replay_gold_judge_and_schedule(toy_cache, tmp_path):
     assert [u["buffer_size"] for u in updates] == [32, 64] and [u["alpha"] for u in updates] == [0.1, 0.0]
     assert updates[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # first batch: policy == reference
     assert updates[0]["loss/xpo"] < 0 and updates[1]["loss/xpo"] == 0.0
-    for key in ("loss/dpo", "loss/xpo", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                "logps/chosen", "logps/rejected", "objective/scores", "objective/ref_scores", "objective/kl",
-                "objective/policy_win_rate", "objective/gold", "time/generation", "time/scoring", "time/update",
-                "time/samples_per_second"):  # fmt: skip
+    for key in (
+        "loss/dpo",
+        "loss/xpo",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "objective/scores",
+        "objective/ref_scores",
+        "objective/kl",
+        "objective/policy_win_rate",
+        "objective/gold",
+        "time/generation",
+        "time/scoring",
+        "time/update",
+        "time/samples_per_second",
+    ):
         assert math.isfinite(updates[0][key]), key
     # the gold judge: policy sample scores are the gold rewards of the policy samples
     assert updates[0]["objective/scores"] == pytest.approx(updates[0]["objective/gold"], abs=1e-6)
     final = json.load(open(tmp_path / "smoke" / "eval.json"))
-    assert {"eval/win_rate", "eval/kl", "eval/score", "initial/win_rate", "time/update_last", "memory/peak_mb"} <= set(final)
+    assert {"eval/win_rate", "eval/kl", "eval/score", "initial/win_rate", "time/update_last", "memory/peak_mb"} <= set(
+        final
+    )
     assert final["initial/kl"] == pytest.approx(0.0, abs=1e-4)
     assert (tmp_path / "smoke" / "model.safetensors").exists() and (tmp_path / "smoke" / "tokenizer.json").exists()
 
@@ -174,8 +207,15 @@ def test_input_mistakes_are_user_errors(toy_cache, tmp_path):
 def test_learning_check(toy_cache, tmp_path):
     """On the tiny toy models, XPO (default alpha, learned reward model as the judge) raises the gold win
     rate against the reference summaries and the reward-model score over the SFT policy (step 0)."""
-    args = xpo.Args(output_dir=str(tmp_path), run_name="learn", total_episodes=64 * 16, batch_size=64, lr=3e-4,
-                    eval_prompts=200, eval_every=10**9)  # fmt: skip
+    args = xpo.Args(
+        output_dir=str(tmp_path),
+        run_name="learn",
+        total_episodes=64 * 16,
+        batch_size=64,
+        lr=3e-4,
+        eval_prompts=200,
+        eval_every=10**9,
+    )
     xpo.main(args)
     final = json.load(open(tmp_path / "learn" / "eval.json"))
     assert final["eval/win_rate"] > final["initial/win_rate"] + 0.05, final

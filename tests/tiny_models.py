@@ -64,7 +64,9 @@ def corpus(seed: int = 0, n: int = 400) -> list[str]:
     rng = random.Random(seed)
     lines = []
     for _ in range(n):
-        lines.append(f"SUBREDDIT: r/{rng.choice(WORDS)}\n\nTITLE: {sentence(rng)}\n\nPOST: {sentence(rng)} {sentence(rng)}\n\nTL;DR: {sentence(rng)}")  # fmt: skip
+        lines.append(
+            f"SUBREDDIT: r/{rng.choice(WORDS)}\n\nTITLE: {sentence(rng)}\n\nPOST: {sentence(rng)} {sentence(rng)}\n\nTL;DR: {sentence(rng)}"
+        )
         lines.append(f"\n\nHuman: {sentence(rng)}\n\nAssistant: {sentence(rng)}")
     return lines
 
@@ -75,10 +77,17 @@ def train_bpe(special: list[str], vocab_size: int = 400, seed: int = 0, add_bos:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus(seed), trainer)
     if add_bos:
-        tok.post_processor = processors.TemplateProcessing(single=f"{add_bos} $A", pair=f"{add_bos} $A $B", special_tokens=[(add_bos, tok.token_to_id(add_bos))])  # fmt: skip
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{add_bos} $A", pair=f"{add_bos} $A $B", special_tokens=[(add_bos, tok.token_to_id(add_bos))]
+        )
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return tok
@@ -95,13 +104,23 @@ def make_tokenizer(arch: str, vocab_size: int = 400, seed: int = 0) -> PreTraine
     if arch == "llama":
         specials = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
         backend = train_bpe(specials, vocab_size, seed, add_bos="<|begin_of_text|>")
-        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                       additional_special_tokens=specials[2:], chat_template=LLAMA_TEMPLATE)  # fmt: skip
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            bos_token="<|begin_of_text|>",
+            eos_token="<|eot_id|>",
+            additional_special_tokens=specials[2:],
+            chat_template=LLAMA_TEMPLATE,
+        )
     if arch == "qwen2":
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         backend = train_bpe(specials, vocab_size, seed)
-        return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                       additional_special_tokens=specials[1:], chat_template=CHATML_TEMPLATE)  # fmt: skip
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+            additional_special_tokens=specials[1:],
+            chat_template=CHATML_TEMPLATE,
+        )
     raise ValueError(arch)
 
 
@@ -109,18 +128,41 @@ def make_config(arch: str, tokenizer, num_labels: int | None = None):
     """Hidden 32, 1 layer, 4 heads (Llama/Qwen2: 2 KV heads), dropout 0, the tokenizer's special ids."""
     # Pythia's embedding has spare rows (50304 for 50277 tokens), so the pad load_tokenizer adds lies inside it
     vocab_size = -(-len(tokenizer) // 64) * 64 if arch == "gpt_neox" else len(tokenizer)
-    ids = dict(vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    ids = dict(
+        vocab_size=vocab_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     if num_labels:
         ids["num_labels"] = num_labels
     if arch == "gpt2":
-        return GPT2Config(n_embd=32, n_layer=1, n_head=4, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)  # fmt: skip
+        return GPT2Config(
+            n_embd=32, n_layer=1, n_head=4, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids
+        )
     if arch == "gpt_neox":
-        return GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                             max_position_embeddings=256, attention_dropout=0.0, hidden_dropout=0.0, **ids)  # fmt: skip
+        return GPTNeoXConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=256,
+            attention_dropout=0.0,
+            hidden_dropout=0.0,
+            **ids,
+        )
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
-    return cls(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-               max_position_embeddings=256, attention_dropout=0.0, tie_word_embeddings=True, **ids)  # fmt: skip
+    return cls(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        attention_dropout=0.0,
+        tie_word_embeddings=True,
+        **ids,
+    )
 
 
 def save_tiny(root: Path, arch: str, seed: int = 0) -> tuple[str, str]:
