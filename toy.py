@@ -44,8 +44,15 @@ Everything is generated from a seed; nothing is downloaded.
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import math
+import os
 import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -290,3 +297,54 @@ def _distinct_posts(rng, n, exclude):
         seen.add(tuple(post))
         posts.append(post)
     return posts
+
+
+# ---- the cached toy models: `--model toy-sft`, `--reward-model toy-rm` ----
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def toy_cache() -> Path:
+    """Where the toy SFT and reward models are built on first use: $RLHF_TOY_CACHE or ./toy_cache."""
+    return Path(os.environ.get("RLHF_TOY_CACHE", HERE / "toy_cache"))
+
+
+def resolve_model(name: str) -> str:
+    """`toy-sft` / `toy-rm` -> the cached toy models, built on first use by sft.py / reward.py; else `name`."""
+    if name not in ("toy-sft", "toy-rm"):
+        return name
+    cache, path = toy_cache(), toy_cache() / name
+    if (path / "model.safetensors").exists():
+        return str(path)
+    if name == "toy-rm":
+        resolve_model("toy-sft")  # the reward model starts from the SFT model (built first, outside our lock)
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:  # several processes may ask at once (tests, benchmark)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "model.safetensors").exists():
+            script = {"toy-sft": "sft.py", "toy-rm": "reward.py"}[name]
+            print(f"[toy] {name} not found in {cache}: building it with `python {script}` (once)", flush=True)
+            tmp = cache / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            cmd = [sys.executable, str(HERE / script), "--output-dir", str(cache), "--run-name", tmp.name]
+            subprocess.run(cmd, check=True)
+            tmp.rename(path)
+    return str(path)
+
+
+def gold_scores(prompt, completion):
+    """gold_reward of each (prompt, completion) of token ids (toy tokenizer): `--reward-model toy-gold`, the oracle
+    that separates an optimizer's quality from reward-model error."""
+    import torch
+
+    tokenizer = _tokenizer()
+    prompts = tokenizer.batch_decode(prompt, skip_special_tokens=True)
+    texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
+    has_eos = (completion == tokenizer.eos_token_id).any(1).tolist()
+    return torch.tensor([gold_reward(p, t, e) for p, t, e in zip(prompts, texts, has_eos)])
+
+
+@functools.cache
+def _tokenizer():
+    return make_tokenizer()
