@@ -149,7 +149,7 @@ def plan(a: Args, out: Path) -> list[Job]:
                 steps = ["--max-steps", "32"] if a.quick else ["--eval-every", "32"]
                 jobs.append(make_job(out, "main", "dpo", seed, "dpo.py", [*ev, *steps]))
             if wanted("aihf"):  # AIHF-DPO, 100 steps of 64 pairs + 32 demonstrations
-                steps = ["--total-steps", "32"] if a.quick else ["--eval-every", "20"]
+                steps = ["--max-steps", "32"] if a.quick else ["--eval-every", "20"]
                 jobs.append(make_job(out, "main", "aihf", seed, "aihf.py", [*ev, *steps]))
         if "gold" in a.modes:
             for m in ONLINE:
@@ -174,7 +174,7 @@ def plan_aihf(a: Args, out: Path) -> list[Job]:
         epochs = str(math.ceil(steps / (n // 64)))  # the loaders drop a last partial batch: n // 64 steps per epoch
         for seed in a.seeds[:2]:
             limit = ["--eval-prompts", str(a.eval_prompts), "--num-preferences", str(n)]
-            jobs.append(make_job(out, "aihf", f"aihf N={n}", seed, "aihf.py", [*limit, "--total-steps", str(steps)]))
+            jobs.append(make_job(out, "aihf", f"aihf N={n}", seed, "aihf.py", [*limit, "--max-steps", str(steps)]))
             jobs.append(
                 make_job(
                     out,
@@ -802,7 +802,7 @@ def our_speed_runs(
             "dpo.py",
             [*shape[:-1], pairs, "--max-steps", str(repeats), "--batch-size", "64", "--eval-pairs", "64"],
         ),
-        "aihf": ("aihf.py", [*shape, "--preference-dataset", pairs, "--total-steps", str(repeats)]),
+        "aihf": ("aihf.py", [*shape, "--preference-dataset", pairs, "--max-steps", str(repeats)]),
     }
 
 

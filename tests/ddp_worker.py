@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 torch.set_num_threads(1)
 
 import aihf  # noqa: E402
-import common  # noqa: E402
+import aihf_explicit  # noqa: E402
 import dpo  # noqa: E402
 import drpo  # noqa: E402
 import ppo  # noqa: E402
@@ -40,13 +40,10 @@ RUNS = {
     "xpo": (xpo, dict(total_episodes=16, batch_size=8, num_minibatches=2, micro_batch_size=1, eval_prompts=4)),
     "aihf": (
         aihf,
-        dict(total_steps=2, batch_size=4, demo_batch_size=4, num_demonstrations=32, num_preferences=32, eval_prompts=4),
+        dict(max_steps=2, batch_size=4, demo_batch_size=4, num_demonstrations=32, num_preferences=32, eval_prompts=4),
     ),
-    "aihf-explicit": (
-        aihf,
-        dict(
-            variant="explicit",
-            total_steps=2,
+    "aihf-explicit": (aihf_explicit,
+        dict(max_steps=2,
             policy_steps=1,
             rollout_prompts=4,
             batch_size=4,
@@ -64,27 +61,27 @@ def interrupt_and_resume(name: str, run_dir: Path):
     """A script's two updates again, stopped after the first as Ctrl-C would stop it (every rank saves its
     own random and data state) and resumed from the checkpoint."""
     script, kw = RUNS[name]
-    real_step_done = common.Run.step_done
+    real_step_done = training.Run.step_done
 
     def step_done(self, step, state):
         if step == 1:
             self.stop_signal = "SIGINT"
         return real_step_done(self, step, state)
 
-    common.Run.step_done = step_done
+    training.Run.step_done = step_done
     try:
         script.main(script.Args(output_dir=str(run_dir.parent), run_name=run_dir.name, **kw))
-    except common.Interrupted:
+    except training.Interrupted:
         pass
     finally:
-        common.Run.step_done = real_step_done
-    script.main(common.resume_args(script.Args, script.Args(resume=str(run_dir))))
+        training.Run.step_done = real_step_done
+    script.main(training.resume_args(script.Args, script.Args(resume=str(run_dir))))
 
 
 def main(out: Path, names: list[str]):
     rank = int(os.environ.get("RANK", 0))
     record = {"hashes": [], "first_step": None, "updates": [], "steps": []}
-    real_step, real_step_done = torch.optim.AdamW.step, common.Run.step_done
+    real_step, real_step_done = torch.optim.AdamW.step, training.Run.step_done
 
     def step(self, *args, **kwargs):
         result = real_step(self, *args, **kwargs)
@@ -103,7 +100,7 @@ def main(out: Path, names: list[str]):
         return real_step_done(self, step, state)
 
     torch.optim.AdamW.step = step
-    common.Run.step_done = step_done
+    training.Run.step_done = step_done
     # end_training() destroys the process group, which a second init in the same process cannot rebuild
     # under torchrun's store: the scripts here run one after the other in the same two processes
     Accelerator.end_training = lambda self: None
@@ -119,7 +116,7 @@ def main(out: Path, names: list[str]):
                 )
             torch.save(record, out / f"{name}.rank{rank}.pt")
     finally:
-        torch.optim.AdamW.step, common.Run.step_done = real_step, real_step_done
+        torch.optim.AdamW.step, training.Run.step_done = real_step, real_step_done
     (out / f"done.rank{rank}").write_text(json.dumps(names))
 
 

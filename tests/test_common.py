@@ -31,7 +31,9 @@ from transformers import (
 )
 
 import common
+import data
 import toy
+import training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,9 +133,9 @@ def test_masked_mean_of_a_fully_masked_row_is_zero_not_nan():
 
 
 def test_pad_left_and_right():
-    assert common.pad([[1, 2, 3], [4, 5]], 0, "left").tolist() == [[1, 2, 3], [0, 4, 5]]
-    assert common.pad([[1, 2, 3], [4, 5]], 0, "right").tolist() == [[1, 2, 3], [4, 5, 0]]
-    assert common.pad([[1], [2, 3]], 9, "left").dtype == torch.long
+    assert data.pad([[1, 2, 3], [4, 5]], 0, "left").tolist() == [[1, 2, 3], [0, 4, 5]]
+    assert data.pad([[1, 2, 3], [4, 5]], 0, "right").tolist() == [[1, 2, 3], [4, 5, 0]]
+    assert data.pad([[1], [2, 3]], 9, "left").dtype == torch.long
 
 
 def test_truncate_after_eos():
@@ -152,15 +154,9 @@ def test_eos_at_the_window_edge_counts_as_eos():
     assert not (window == P).any()  # what the old code tested
 
 
-def test_last_token_index_is_the_eos_or_the_last_token():
-    prompt = torch.tensor([[0, 1, 7], [1, 8, 9]])  # width 3
-    completion = torch.tensor([[20, 21, EOS, 0], [20, 21, 22, 23]])
-    assert common.last_token_index(prompt, completion, pad_id=0).tolist() == [3 + 2, 3 + 3]
-
-
 def test_reward_scores_missing_eos_rule_and_bias():
     rm = tiny_rm()
-    prompt, completion = common.pad(PROMPTS[:2], 0, "left"), common.pad(COMPLETIONS[:2], 0, "right")
+    prompt, completion = data.pad(PROMPTS[:2], 0, "left"), data.pad(COMPLETIONS[:2], 0, "right")
     with torch.no_grad():
         raw = common.reward_scores(rm, prompt, completion, 0)
         rm.config.reward_bias = raw[0].item() - 0.7  # normalized score of row 0 becomes 0.7
@@ -181,7 +177,7 @@ def test_reward_score_is_read_at_the_eos(arch):
     """Oracle: HF's own sequence-classification head on the unpadded sequence, which pools its last token
     (the EOS, or the last completion token when there is none)."""
     rm = tiny_rm(arch)
-    prompt, completion = common.pad(PROMPTS, 0, "left"), common.pad(COMPLETIONS, 0, "right")
+    prompt, completion = data.pad(PROMPTS, 0, "left"), data.pad(COMPLETIONS, 0, "right")
     with torch.no_grad():
         scores = common.reward_scores(rm, prompt, completion, 0)
         for i, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS)):
@@ -222,14 +218,13 @@ def test_in_vocabulary_pad_is_excluded_from_the_scored_distribution():
     assert with_pad.sum().item() == pytest.approx(-loss.item() * c.shape[1] + shift, abs=1e-5) and shift > 1e-3
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 16])
-def test_completion_logprobs_equal_full_log_softmax_at_temperature(chunk_rows):
+def test_completion_logprobs_equal_full_log_softmax_at_temperature():
     T = 0.7
     model = tiny_lm("llama")
-    prompt, completion = common.pad(PROMPTS, PAD_OUT, "left"), common.pad(COMPLETIONS, PAD_OUT, "right")
+    prompt, completion = data.pad(PROMPTS, PAD_OUT, "left"), data.pad(COMPLETIONS, PAD_OUT, "right")
     with torch.no_grad():
         logps, entropy = common.completion_logprobs(
-            model, prompt, completion, PAD_OUT, temperature=T, chunk_rows=chunk_rows, with_entropy=True
+            model, prompt, completion, PAD_OUT, temperature=T, with_entropy=True
         )
         full = common.forward(
             model, torch.cat([prompt, completion], 1), PAD_OUT
@@ -244,21 +239,29 @@ def test_completion_logprobs_equal_full_log_softmax_at_temperature(chunk_rows):
 
 
 @pytest.mark.parametrize("pad_id", [2, 99])
-def test_token_logprobs_backward_is_the_exact_gradient(pad_id):
-    """TokenLogprobs (chunked log-softmax with a hand-written backward): float64 gradcheck of both outputs,
-    the target log-prob and the entropy, at a temperature and with an in-vocabulary pad masked (2) or none (99);
-    and the values of plain autograd through log_softmax."""
+def test_token_logprobs_equal_plain_log_softmax(pad_id):
+    """token_logprobs (the log-softmax a few rows at a time under activation checkpointing) against the plain
+    computation, log_softmax of (logits / T) with an in-vocabulary pad masked (2) or none (99): the same log-probs
+    and entropies and the same gradients of any combination of them; 0 on padding; and a float64 gradcheck."""
     torch.manual_seed(0)
     logits = torch.randn(5, 3, 7, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 7, (5, 3))
     targets[targets == pad_id] = 0
-    fn = lambda x: common.TokenLogprobs.apply(x, targets, 0.7, pad_id, 2, True)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (logits,))
-    assert torch.autograd.gradcheck(lambda x: common.TokenLogprobs.apply(x, targets, 0.7, pad_id, 2, False), (logits,))
+    targets[0, 2] = pad_id  # a padded position
+    logps, entropy = common.token_logprobs(logits, targets, pad_id, 0.7, with_entropy=True, chunk_rows=2)
     z = (logits / 0.7).masked_fill(torch.arange(7) == pad_id, torch.finfo(torch.float64).min)
     logp = F.log_softmax(z, -1)
-    expected = torch.stack([logp.gather(-1, targets[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)], -1)
-    torch.testing.assert_close(fn(logits), expected)
+    valid = targets != pad_id
+    plain = logp.gather(-1, targets.clamp(max=6)[..., None]).squeeze(-1) * valid
+    plain_entropy = -(logp.exp() * logp).sum(-1) * valid
+    torch.testing.assert_close(logps, plain)
+    torch.testing.assert_close(entropy, plain_entropy)
+    w = torch.randn(5, 3, dtype=torch.float64)
+    ours = torch.autograd.grad((w * logps).sum() + (w * entropy).sum(), logits)[0]
+    expected = torch.autograd.grad((w * plain).sum() + (w * plain_entropy).sum(), logits)[0]
+    torch.testing.assert_close(ours, expected)
+    fn = lambda x: common.token_logprobs(x, targets, pad_id, 0.7, with_entropy=True, chunk_rows=2)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (logits,))
 
 
 @pytest.mark.parametrize("pad_id", [0, PAD_OUT])
@@ -267,7 +270,7 @@ def test_left_padded_batch_equals_one_at_a_time(arch, pad_id):
     """§4.3: log-probs and reward scores of a left-padded batch equal those of each sequence unpadded (1e-5),
     with a pad inside the vocabulary (toy) or outside the embedding (a pad added to the tokenizer)."""
     lm, rm = tiny_lm(arch), tiny_rm(arch)
-    prompt, completion = common.pad(PROMPTS, pad_id, "left"), common.pad(COMPLETIONS, pad_id, "right")
+    prompt, completion = data.pad(PROMPTS, pad_id, "left"), data.pad(COMPLETIONS, pad_id, "right")
     with torch.no_grad():
         batch_logps = common.completion_logprobs(lm, prompt, completion, pad_id, temperature=0.7)
         batch_scores = common.reward_scores(rm, prompt, completion, pad_id)
@@ -285,8 +288,8 @@ def test_shared_prompt_equals_the_prompt_repeated(arch, pad_id):
     reward scores and per-token head outputs of cat([prompt, completion]) computed k times (1e-5), and the
     same gradients."""
     lm, rm = tiny_lm(arch).train(), tiny_rm(arch)
-    prompt = common.pad(PROMPTS, pad_id, "left")
-    completion = common.pad(
+    prompt = data.pad(PROMPTS, pad_id, "left")
+    completion = data.pad(
         COMPLETIONS + [[30, EOS], [31, 32, 33, 34, 35, EOS], [EOS]] + COMPLETIONS[::-1], pad_id, "right"
     )
     full = prompt.repeat(3, 1)
@@ -324,7 +327,7 @@ def test_shared_prompt_forward_computes_the_prompt_once_or_declines():
     gradient checkpointing in training mode (no KV cache) or an empty prompt it declines (None), and
     completion_logprobs then repeats the prompt: same values."""
     lm = tiny_lm("llama").train()
-    prompt, completion = common.pad(PROMPTS, PAD_OUT, "left"), common.pad(COMPLETIONS * 2, PAD_OUT, "right")
+    prompt, completion = data.pad(PROMPTS, PAD_OUT, "left"), data.pad(COMPLETIONS * 2, PAD_OUT, "right")
     shapes = []
     hook = lm.model.embed_tokens.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
     first, second, order = common.shared_prompt_forward(
@@ -365,7 +368,7 @@ def test_gpt2_without_position_ids_would_differ():
     """The parity test above is sensitive: with learned absolute positions (GPT-2), left padding without
     position ids shifts every position of the shorter rows."""
     model = tiny_lm("gpt2")
-    prompt, completion = common.pad(PROMPTS, 0, "left"), common.pad(COMPLETIONS, 0, "right")
+    prompt, completion = data.pad(PROMPTS, 0, "left"), data.pad(COMPLETIONS, 0, "right")
     ids = torch.cat([prompt, completion], 1)
     with torch.no_grad():
         mask = (ids != 0).long()
@@ -393,7 +396,7 @@ def save_toy_tokenizer(path: Path, **special) -> str:
 @pytest.mark.parametrize("pad", [None, "<eos>"])
 def test_load_tokenizer_adds_a_dedicated_pad(tmp_path, pad):
     special = dict(bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
-    tok = common.load_tokenizer(save_toy_tokenizer(tmp_path, **special, **({"pad_token": pad} if pad else {})))
+    tok = data.load_tokenizer(save_toy_tokenizer(tmp_path, **special, **({"pad_token": pad} if pad else {})))
     assert tok.eos_token_id == 1
     # <|pad|>, which the toy vocabulary already holds (a real tokenizer gets it as a new id): outside the embedding
     assert (tok.pad_token, tok.pad_token_id, len(tok)) == ("<|pad|>", 45, len(toy.VOCAB))
@@ -403,14 +406,14 @@ def test_load_tokenizer_adds_a_dedicated_pad(tmp_path, pad):
 
 
 def test_load_tokenizer_keeps_an_existing_distinct_pad(tmp_path):
-    tok = common.load_tokenizer(save_toy_tokenizer(tmp_path, bos_token="<bos>", eos_token="<eos>", pad_token="<unk>"))
+    tok = data.load_tokenizer(save_toy_tokenizer(tmp_path, bos_token="<bos>", eos_token="<eos>", pad_token="<unk>"))
     assert (tok.pad_token_id, tok.eos_token_id, len(tok)) == (2, 1, 46)
-    assert common.load_tokenizer("toy").pad_token_id == 45
+    assert data.load_tokenizer("toy").pad_token_id == 45
 
 
 def test_load_tokenizer_without_eos_is_a_user_error(tmp_path):
-    with pytest.raises(common.UserError, match="no EOS"):
-        common.load_tokenizer(save_toy_tokenizer(tmp_path, bos_token="<bos>", pad_token="<|pad|>"))
+    with pytest.raises(training.UserError, match="no EOS"):
+        data.load_tokenizer(save_toy_tokenizer(tmp_path, bos_token="<bos>", pad_token="<|pad|>"))
 
 
 def test_forward_never_embeds_a_pad_outside_the_embedding(tmp_path):
@@ -418,7 +421,7 @@ def test_forward_never_embeds_a_pad_outside_the_embedding(tmp_path):
     model's 45-row embedding: forward / log-probs / generation work with either, give the same numbers
     with both, and equal each sequence scored alone without any padding."""
     special = dict(bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>")  # <pad>: a new id
-    tok = common.load_tokenizer(save_toy_tokenizer(tmp_path, **special))
+    tok = data.load_tokenizer(save_toy_tokenizer(tmp_path, **special))
     toy_tok = toy.make_tokenizer()
     new_pad, toy_pad = tok.pad_token_id, toy_tok.pad_token_id
     assert (new_pad, toy_pad) == (46, 45)
@@ -427,11 +430,11 @@ def test_forward_never_embeds_a_pad_outside_the_embedding(tmp_path):
     assert model.config.vocab_size == 45
     # "POST: rain cat TL;DR:" -> " rain cat", "POST: rain TL;DR:" -> " rain"
     prompts, completions = [[0, 3, 5, 6, 4], [0, 3, 5, 4]], [[5, 6, 1], [5, 1]]
-    ids = common.pad(prompts, new_pad, "left")
+    ids = data.pad(prompts, new_pad, "left")
     for pad_id in (new_pad, toy_pad):  # what forward() protects against
         with pytest.raises(IndexError):
             model(input_ids=ids.masked_fill(ids == new_pad, pad_id))
-    completion = common.pad(completions, new_pad, "right")
+    completion = data.pad(completions, new_pad, "right")
     with torch.no_grad():
         logps = common.completion_logprobs(model, ids, completion, new_pad)
         same = common.completion_logprobs(
@@ -465,9 +468,9 @@ def test_forward_never_embeds_a_pad_outside_the_embedding(tmp_path):
 
 def test_tokenize_pair_appends_eos_once():
     tok = toy.make_tokenizer()
-    assert common.tokenize_pair(tok, "POST: rain cat TL;DR:", " rain cat", 32, 16) == ([0, 3, 5, 6, 4], [5, 6, 1])
-    assert common.tokenize_pair(tok, "POST: rain cat TL;DR:", " rain cat <eos>", 32, 16) == ([0, 3, 5, 6, 4], [5, 6, 1])
-    assert common.tokenize_pair(tok, "POST: rain cat TL;DR:", "", 32, 16) == ([0, 3, 5, 6, 4], [1])
+    assert data.tokenize_pair(tok, "POST: rain cat TL;DR:", " rain cat", 32, 16) == ([0, 3, 5, 6, 4], [5, 6, 1])
+    assert data.tokenize_pair(tok, "POST: rain cat TL;DR:", " rain cat <eos>", 32, 16) == ([0, 3, 5, 6, 4], [5, 6, 1])
+    assert data.tokenize_pair(tok, "POST: rain cat TL;DR:", "", 32, 16) == ([0, 3, 5, 6, 4], [1])
 
 
 def test_tokenize_pair_splits_at_the_common_prefix():
@@ -475,7 +478,7 @@ def test_tokenize_pair_splits_at_the_common_prefix():
     # completion, so the split is at the common prefix [<bos>, POST:] and BOS is counted once
     tok = toy.make_tokenizer()
     assert tok("POST: ra")["input_ids"] == [0, 3, 2]
-    assert common.tokenize_pair(tok, "POST: ra", "in cat", 32, 16) == ([0, 3], [5, 6, 1])
+    assert data.tokenize_pair(tok, "POST: ra", "in cat", 32, 16) == ([0, 3], [5, 6, 1])
 
 
 def test_tokenize_pair_truncates_prompt_start_and_completion_end():
@@ -483,11 +486,11 @@ def test_tokenize_pair_truncates_prompt_start_and_completion_end():
     prompt = "POST: rain very cat then rain so cat maybe TL;DR:"
     assert tok(prompt)["input_ids"] == [0, 3, 5, 17, 6, 18, 5, 19, 6, 20, 4]
     # the prompt keeps BOS + its last 4 tokens ("so cat maybe TL;DR:"); the completion loses its EOS
-    assert common.tokenize_pair(tok, prompt, " rain cat", 5, 2) == ([0, 19, 6, 20, 4], [5, 6])
-    assert common.truncate_prompt([7, 8, 9, 10], 2, bos_id=1) == [9, 10]  # no BOS to keep
-    assert common.truncate_prompt([7, 8, 9, 10], 2, bos_id=None) == [9, 10]
-    assert common.truncate_prompt([1, 8, 9], 3, bos_id=1) == [1, 8, 9]
-    assert common.truncate_prompt([0, 8, 9, 10], 3, bos_id=0) == [0, 9, 10]  # the toy's BOS is id 0
+    assert data.tokenize_pair(tok, prompt, " rain cat", 5, 2) == ([0, 19, 6, 20, 4], [5, 6])
+    assert data.truncate_prompt([7, 8, 9, 10], 2, bos_id=1) == [9, 10]  # no BOS to keep
+    assert data.truncate_prompt([7, 8, 9, 10], 2, bos_id=None) == [9, 10]
+    assert data.truncate_prompt([1, 8, 9], 3, bos_id=1) == [1, 8, 9]
+    assert data.truncate_prompt([0, 8, 9, 10], 3, bos_id=0) == [0, 9, 10]  # the toy's BOS is id 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,7 +528,7 @@ def check_completion_layout(completion: torch.Tensor, has_eos: torch.Tensor, pad
 def test_generate_pads_after_the_first_eos():
     torch.manual_seed(0)
     model, tok = tiny_lm("gpt2"), stub_tokenizer()
-    prompt = common.pad(random_prompts(64), PAD_OUT, "left")
+    prompt = data.pad(random_prompts(64), PAD_OUT, "left")
     completion, has_eos = common.generate(model, prompt, tok, max_new_tokens=12, temperature=1.0)
     check_completion_layout(completion, has_eos, PAD_OUT)
     assert completion.shape == (64, 12)  # some rows never stop, so generation runs the full budget
@@ -534,7 +537,7 @@ def test_generate_pads_after_the_first_eos():
 
 def test_greedy_generation_is_the_argmax_of_the_scoring_pass():
     model, tok = tiny_lm("gpt2"), stub_tokenizer()
-    prompt = common.pad(random_prompts(16, seed=1), PAD_OUT, "left")
+    prompt = data.pad(random_prompts(16, seed=1), PAD_OUT, "left")
     completion, _ = common.generate(model, prompt, tok, max_new_tokens=6, temperature=0.0)
     again, _ = common.generate(model, prompt, tok, max_new_tokens=6, temperature=0.0)
     assert torch.equal(completion, again)
@@ -554,7 +557,7 @@ def test_sampler_logprobs_equal_completion_logprobs():
     torch.manual_seed(0)
     model, tok, recorder = tiny_lm("gpt2"), stub_tokenizer(), RecordScores()
     prompts = random_prompts(32, seed=2)
-    prompt = common.pad(prompts, PAD_OUT, "left")
+    prompt = data.pad(prompts, PAD_OUT, "left")
     completion, has_eos = common.generate(
         model, prompt, tok, 8, temperature=T, logits_processor=LogitsProcessorList([recorder])
     )
@@ -568,61 +571,22 @@ def test_sampler_logprobs_equal_completion_logprobs():
             torch.testing.assert_close(logps[i][valid[i]], one[0], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("pad_id", [0, PAD_OUT])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_generate_returns_the_sampled_tokens_logprobs(arch, pad_id):
-    """return_logprobs: the log-probs of the sampled tokens under softmax(logits / T), read during sampling,
-    equal completion_logprobs of the returned completions (1e-5), 0 on padding; also when every row stops
-    early (a processor forces EOS at step 3: the recorded distribution is still the model's)."""
-
-    class EosAtStep3(LogitsProcessor):
-        def __init__(self, prompt_len):
-            self.prompt_len = prompt_len
-
-        def __call__(self, input_ids, scores):
-            if input_ids.shape[1] - self.prompt_len == 2:
-                scores = torch.full_like(scores, -float("inf"))
-                scores[:, EOS] = 0.0
-            return scores
-
+def test_generate_samples_from_softmax_at_temperature():
+    """transformers' sampler, as generate() configures it, draws from softmax(logits / T) and nothing else (no
+    top-k 50 by default, no settings from the checkpoint): 20,000 first tokens of one prompt have the frequencies
+    of that distribution within 0.01 (about 7 standard errors), and never the pad."""
+    T, n = 0.7, 20_000
     torch.manual_seed(0)
-    model, tok = tiny_lm(arch), stub_tokenizer(pad_id)
-    prompt = common.pad(random_prompts(16, seed=2), pad_id, "left")
-    for processors, width in ((None, 8), ([EosAtStep3(prompt.shape[1])], 3)):
-        completion, has_eos, logps = common.generate(
-            model, prompt, tok, 8, 0.7, logits_processor=processors, return_logprobs=True
-        )
-        assert completion.shape == logps.shape == (16, width)
-        with torch.no_grad():
-            expected = common.completion_logprobs(model, prompt, completion, pad_id, temperature=0.7)
-        torch.testing.assert_close(logps, expected, atol=1e-5, rtol=0)
-        assert (logps[completion == pad_id] == 0).all()
-    assert has_eos.all()
-    with pytest.raises(ValueError, match="temperature > 0"):
-        common.generate(model, prompt, tok, 8, 0.0, return_logprobs=True)
-
-
-def test_inverse_cdf_sampler_draws_from_softmax_at_temperature_and_top_p():
-    """200,000 draws of one distribution (four tokens, one suppressed to -inf): the frequencies match
-    softmax(scores / T) within 0.005 (about 5 standard errors), the suppressed token never comes, and with
-    top_p only the nucleus (the most likely tokens whose mass first reaches top_p) is drawn, renormalized.
-    The output is 0 at the draw and -inf elsewhere, so generate()'s greedy step picks the draw."""
-    torch.manual_seed(0)
-    n, T = 200_000, 0.7
-    scores = torch.tensor([[1.0, 0.2, -float("inf"), -0.5]]).repeat(n, 1)
-    probs = torch.softmax(scores / T, -1)[0]
-    out = common.InverseCdfSampler(T)(None, scores)
-    assert ((out == 0).sum(1) == 1).all() and ((out == 0) | (out == -float("inf"))).all()
-    freq = torch.bincount(out.argmax(-1), minlength=4).float() / n
-    torch.testing.assert_close(freq, probs, atol=5e-3, rtol=0)
+    model, tok = tiny_lm("llama"), stub_tokenizer(2)
+    model.generation_config.top_k = 1  # a checkpoint's setting that would make sampling greedy
+    prompt = data.pad(random_prompts(1, seed=5), 2, "left")
+    with torch.no_grad():
+        logits = common.forward(model, prompt, 2).logits[0, -1]
+    probs = torch.softmax(logits.masked_fill(torch.arange(len(logits)) == 2, -float("inf")) / T, -1)
+    completion, _ = common.generate(model, prompt.repeat(n, 1), tok, 1, temperature=T)
+    freq = torch.bincount(completion[:, 0], minlength=len(probs)).float() / n
+    torch.testing.assert_close(freq, probs, atol=1e-2, rtol=0)
     assert freq[2] == 0
-    top_p = probs[0].item() + 0.01  # the nucleus: tokens 0 and 1
-    freq = torch.bincount(common.InverseCdfSampler(T, top_p)(None, scores).argmax(-1), minlength=4).float() / n
-    torch.testing.assert_close(
-        freq, torch.tensor([probs[0], probs[1], 0, 0]) / (probs[0] + probs[1]), atol=5e-3, rtol=0
-    )
-    freq = torch.bincount(common.InverseCdfSampler(T, probs[0].item() - 0.01)(None, scores).argmax(-1), minlength=4)
-    assert freq[0] == n  # a nucleus of one token
 
 
 def test_toy_policy_never_emits_the_pad_token():
@@ -636,9 +600,7 @@ def test_toy_policy_never_emits_the_pad_token():
     torch.manual_seed(0)
     model, tok = common.load_model("toy-tiny").eval(), toy.make_tokenizer()
     assert tok.pad_token_id == model.config.vocab_size == 45  # outside: no logit for it
-    prompt = common.pad(
-        common.tokenize_prompts(tok, toy.sft_dataset("test")["prompt"][:64], 32), tok.pad_token_id, "left"
-    )
+    prompt = data.pad(data.tokenize_prompts(tok, toy.sft_dataset("test")["prompt"][:64], 32), tok.pad_token_id, "left")
     completion, has_eos = common.generate(model, prompt, tok, 8, temperature=1.0)
     check_completion_layout(completion, has_eos, tok.pad_token_id, eos_id=tok.eos_token_id)
     assert 0 < has_eos.sum() < 64  # both rows that stop and rows that run the full budget
@@ -646,10 +608,10 @@ def test_toy_policy_never_emits_the_pad_token():
     # a pad inside the vocabulary (id 0 of the tiny GPT-2, a real token): sampled unless suppressed
     model, prompts = tiny_lm("gpt2"), random_prompts(64, seed=3)
     torch.manual_seed(0)
-    other, _ = common.generate(model, common.pad(prompts, PAD_OUT, "left"), stub_tokenizer(PAD_OUT), 8, temperature=1.0)
+    other, _ = common.generate(model, data.pad(prompts, PAD_OUT, "left"), stub_tokenizer(PAD_OUT), 8, temperature=1.0)
     assert (other == 0).sum() > 0  # token 0 is an ordinary token here, and the model samples it
     torch.manual_seed(0)
-    completion, has_eos = common.generate(model, common.pad(prompts, 0, "left"), stub_tokenizer(0), 8, temperature=1.0)
+    completion, has_eos = common.generate(model, data.pad(prompts, 0, "left"), stub_tokenizer(0), 8, temperature=1.0)
     check_completion_layout(completion, has_eos, 0)
     assert 0 < has_eos.sum() < 64
 
@@ -667,7 +629,7 @@ def test_generation_ignores_sampling_settings_shipped_with_a_checkpoint(tmp_path
     assert model.generation_config.repetition_penalty == 1.5  # as loaded from generation_config.json
     torch.manual_seed(0)
     recorder = RecordScores()
-    prompt = common.pad(random_prompts(16, seed=3), PAD_OUT, "left")
+    prompt = data.pad(random_prompts(16, seed=3), PAD_OUT, "left")
     completion, _ = common.generate(
         model, prompt, stub_tokenizer(), 8, temperature=T, logits_processor=LogitsProcessorList([recorder])
     )
@@ -709,10 +671,10 @@ def test_load_model_builds_a_fresh_toy_reward_model():
 
 
 def test_load_model_unknown_hub_id_offline_is_a_user_error():
-    with pytest.raises(common.UserError, match="someone/does-not-exist"):
+    with pytest.raises(training.UserError, match="someone/does-not-exist"):
         common.load_model("someone/does-not-exist")
-    with pytest.raises(common.UserError, match="someone/does-not-exist"):
-        common.load_tokenizer("someone/does-not-exist")
+    with pytest.raises(training.UserError, match="someone/does-not-exist"):
+        data.load_tokenizer("someone/does-not-exist")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
@@ -724,7 +686,8 @@ def test_setup_is_distributed_under_torchrun_on_cpu(tmp_path):
     script = tmp_path / "setup_ranks.py"
     script.write_text(
         'import os, pathlib, common\nacc = common.setup(type("A", (), {"seed": 0})())\n'
-        f"pathlib.Path({str(tmp_path)!r}, 'rank' + os.environ['RANK']).write_text(f'{{acc.num_processes}} {{acc.process_index}}')\n"
+        f"pathlib.Path({str(tmp_path)!r}, 'rank' + os.environ['RANK'])"
+        ".write_text(f'{acc.num_processes} {acc.process_index}')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
@@ -743,47 +706,47 @@ SFT_COLUMNS = ("prompt", "completion")
 
 
 def test_load_data_toy_both_kinds():
-    sft = common.load_data("toy", "test", SFT_COLUMNS)
-    pref = common.load_data("toy", "test", ("prompt", "chosen", "rejected"))
+    sft = data.load_data("toy", "test", SFT_COLUMNS)
+    pref = data.load_data("toy", "test", ("prompt", "chosen", "rejected"))
     assert (sft.column_names, len(sft)) == (["prompt", "completion"], 1000)
     assert (pref.column_names, len(pref)) == (["prompt", "chosen", "rejected"], 1000)
-    assert len(common.load_data("toy", "train", SFT_COLUMNS)) == 20_000
+    assert len(data.load_data("toy", "train", SFT_COLUMNS)) == 20_000
 
 
 def write_rows(path: Path, rows: list[dict]) -> str:
-    data = datasets.Dataset.from_list(rows)
+    ds = datasets.Dataset.from_list(rows)
     if path.suffix == ".jsonl":
-        data.to_json(path)  # JSON lines
+        ds.to_json(path)  # JSON lines
     elif path.suffix == ".json":
         path.write_text(json.dumps(rows))  # one JSON array
     elif path.suffix == ".csv":
-        data.to_csv(path, index=False)
+        ds.to_csv(path, index=False)
     else:
-        data.to_parquet(path)
+        ds.to_parquet(path)
     return str(path)
 
 
 @pytest.mark.parametrize("ext", ["jsonl", "json", "csv", "parquet"])
 def test_load_data_files(tmp_path, ext):
     name = write_rows(tmp_path / f"data.{ext}", ROWS)
-    train = common.load_data(name, "train", SFT_COLUMNS)
+    train = data.load_data(name, "train", SFT_COLUMNS)
     # only a train split: the test split is its last 10% (3 rows), held out of the training rows
     assert train["prompt"] == [f"p{i}" for i in range(27)] and train["completion"] == [f" c{i}" for i in range(27)]
-    assert common.load_data(name, "test", SFT_COLUMNS)["prompt"] == ["p27", "p28", "p29"]
+    assert data.load_data(name, "test", SFT_COLUMNS)["prompt"] == ["p27", "p28", "p29"]
 
 
 def test_load_data_save_to_disk(tmp_path):
     datasets.Dataset.from_list(ROWS).save_to_disk(tmp_path / "flat")  # a Dataset, no splits: like a file
-    assert common.load_data(str(tmp_path / "flat"), "train", SFT_COLUMNS)["prompt"] == [f"p{i}" for i in range(27)]
-    assert common.load_data(str(tmp_path / "flat"), "test", SFT_COLUMNS)["prompt"] == ["p27", "p28", "p29"]
+    assert data.load_data(str(tmp_path / "flat"), "train", SFT_COLUMNS)["prompt"] == [f"p{i}" for i in range(27)]
+    assert data.load_data(str(tmp_path / "flat"), "test", SFT_COLUMNS)["prompt"] == ["p27", "p28", "p29"]
     splits = datasets.DatasetDict(
         {"train": datasets.Dataset.from_list(ROWS[:20]), "test": datasets.Dataset.from_list(ROWS[20:])}
     )
     splits.save_to_disk(tmp_path / "dict")
-    assert common.load_data(str(tmp_path / "dict"), "train", SFT_COLUMNS)["prompt"] == [f"p{i}" for i in range(20)]
-    assert common.load_data(str(tmp_path / "dict"), "test", SFT_COLUMNS)["prompt"] == [f"p{i}" for i in range(20, 30)]
-    with pytest.raises(common.UserError, match="validation"):
-        common.load_data(str(tmp_path / "dict"), "validation", SFT_COLUMNS)
+    assert data.load_data(str(tmp_path / "dict"), "train", SFT_COLUMNS)["prompt"] == [f"p{i}" for i in range(20)]
+    assert data.load_data(str(tmp_path / "dict"), "test", SFT_COLUMNS)["prompt"] == [f"p{i}" for i in range(20, 30)]
+    with pytest.raises(training.UserError, match="validation"):
+        data.load_data(str(tmp_path / "dict"), "validation", SFT_COLUMNS)
 
 
 @pytest.mark.parametrize("n, n_test", [(2, 1), (19, 1), (20, 2), (6000, 500)])
@@ -791,9 +754,9 @@ def test_held_out_rows_are_not_training_rows(tmp_path, capsys, n, n_test):
     """A file without a test split: its last 10% (at least 1, at most 500 rows) are the test split and
     the rows before them the train split, whatever columns a script asks for; the counts are printed once."""
     name = write_rows(tmp_path / "data.jsonl", [{"prompt": f"p{i}", "completion": f" c{i}"} for i in range(n)])
-    train, test = (common.load_data(name, split, SFT_COLUMNS)["prompt"] for split in ("train", "test"))
+    train, test = (data.load_data(name, split, SFT_COLUMNS)["prompt"] for split in ("train", "test"))
     assert train == [f"p{i}" for i in range(n - n_test)] and test == [f"p{i}" for i in range(n - n_test, n)]
-    assert common.load_data(name, "train", ("prompt",))["prompt"] == train  # RL scripts: the same rows
+    assert data.load_data(name, "train", ("prompt",))["prompt"] == train  # RL scripts: the same rows
     assert capsys.readouterr().out.splitlines() == [
         f"[data] {name!r} has no test split: {n - n_test} rows for training, {n_test} held out for evaluation"
     ]
@@ -802,8 +765,8 @@ def test_held_out_rows_are_not_training_rows(tmp_path, capsys, n, n_test):
 def test_a_one_row_file_cannot_hold_out_a_test_row(tmp_path):
     name = write_rows(tmp_path / "one.jsonl", ROWS[:1])
     for split in ("train", "test"):
-        with pytest.raises(common.UserError, match=r"1 row and no test split: it needs 2 or more"):
-            common.load_data(name, split, SFT_COLUMNS)
+        with pytest.raises(training.UserError, match=r"1 row and no test split: it needs 2 or more"):
+            data.load_data(name, split, SFT_COLUMNS)
 
 
 def test_held_out_split_of_hub_layouts():
@@ -811,19 +774,19 @@ def test_held_out_split_of_hub_layouts():
     with a test split, or a validation split standing for it, passes through unchanged."""
     rows = datasets.Dataset.from_list(ROWS)
     for train_name, columns in (("train", SFT_COLUMNS), ("train_sft", SFT_COLUMNS), ("train_gen", ("prompt",))):
-        data = datasets.DatasetDict({train_name: rows})
-        assert len(common._pick_split(data, "train", "org/data", columns)) == 27
-        assert common._pick_split(data, "test", "org/data", columns)["prompt"] == ["p27", "p28", "p29"]
+        dd = datasets.DatasetDict({train_name: rows})
+        assert len(data._pick_split(dd, "train", "org/data", columns)) == 27
+        assert data._pick_split(dd, "test", "org/data", columns)["prompt"] == ["p27", "p28", "p29"]
     for test_name in ("test", "validation", "test_sft"):
-        data = datasets.DatasetDict({"train": rows, test_name: rows.select(range(2))})
-        assert len(common._pick_split(data, "train", "org/data", SFT_COLUMNS)) == 30
-        assert len(common._pick_split(data, "test", "org/data", SFT_COLUMNS)) == 2
+        dd = datasets.DatasetDict({"train": rows, test_name: rows.select(range(2))})
+        assert len(data._pick_split(dd, "train", "org/data", SFT_COLUMNS)) == 30
+        assert len(data._pick_split(dd, "test", "org/data", SFT_COLUMNS)) == 2
 
 
 def test_load_data_missing_column_names_it(tmp_path):
     name = write_rows(tmp_path / "data.jsonl", [{"prompt": "p", "answer": " a"}] * 2)
-    with pytest.raises(common.UserError, match=r"lacks column\(s\) \['completion'\]"):
-        common.load_data(name, "train", SFT_COLUMNS)
+    with pytest.raises(training.UserError, match=r"lacks column\(s\) \['completion'\]"):
+        data.load_data(name, "train", SFT_COLUMNS)
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet", "save_to_disk"])
@@ -841,18 +804,18 @@ def test_load_data_empty_dataset(tmp_path, kind):
         empty.to_parquet(path)
     else:
         empty.save_to_disk(path)
-    with pytest.raises(common.UserError, match="empty"):
-        common.load_data(str(path), "train", SFT_COLUMNS)
+    with pytest.raises(training.UserError, match="empty"):
+        data.load_data(str(path), "train", SFT_COLUMNS)
 
 
 def test_load_data_bad_names(tmp_path):
-    with pytest.raises(common.UserError, match="does not exist"):
-        common.load_data(str(tmp_path / "nope.jsonl"), "train", SFT_COLUMNS)
+    with pytest.raises(training.UserError, match="does not exist"):
+        data.load_data(str(tmp_path / "nope.jsonl"), "train", SFT_COLUMNS)
     (tmp_path / "data.txt").write_text("p\tc\n")
-    with pytest.raises(common.UserError, match="data.txt"):
-        common.load_data(str(tmp_path / "data.txt"), "train", SFT_COLUMNS)
-    with pytest.raises(common.UserError, match="someone/does-not-exist"):  # offline (conftest)
-        common.load_data("someone/does-not-exist", "train", SFT_COLUMNS)
+    with pytest.raises(training.UserError, match="data.txt"):
+        data.load_data(str(tmp_path / "data.txt"), "train", SFT_COLUMNS)
+    with pytest.raises(training.UserError, match="someone/does-not-exist"):  # offline (conftest)
+        data.load_data("someone/does-not-exist", "train", SFT_COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -872,11 +835,10 @@ class RunArgs:
 
 def test_run_writes_its_files(tmp_path):
     args = RunArgs(output_dir=str(tmp_path))
-    run = common.Run(args, common.setup(args), total=2)
-    run.log({"loss": torch.tensor(0.5), "lr": 1e-3}, step=1)
-    run.log({"loss": 0.25}, step=2, show=("loss",))
-    run.write_samples([{"prompt": "POST: a TL;DR:", "completion": "a", "gold": 0.55}], step=2)
-    run.finish({"eval/win_rate": 0.75})
+    run = training.Run(args, common.setup(args), total=2)
+    run.log({"loss": torch.tensor(0.5), "lr": 1e-3}, update=1)
+    run.log_eval(2, {"loss": 0.25}, [{"prompt": "POST: a TL;DR:", "completion": "a", "gold": 0.55}])
+    run.finish({"eval/win_rate": 0.75}, initial={"eval/win_rate": 0.5}, times={"time/update": 0.125})
     d = tmp_path / "r"
     assert json.loads((d / "args.json").read_text()) == {
         "exp_name": "unit",
@@ -891,7 +853,9 @@ def test_run_writes_its_files(tmp_path):
     assert [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines()] == [
         {"step": 2, "prompt": "POST: a TL;DR:", "completion": "a", "gold": 0.55}
     ]
-    assert json.loads((d / "eval.json").read_text()) == {"eval/win_rate": 0.75}
+    summary = json.loads((d / "eval.json").read_text())
+    assert summary["initial/win_rate"] == 0.5 and summary["eval/win_rate"] == 0.75
+    assert summary["time/update_last"] == 0.125 and summary["time/total"] > 0 and summary["memory/peak_mb"] > 0
     assert any(f.name.startswith("events.out.tfevents") for f in d.iterdir())
 
 
@@ -904,11 +868,13 @@ def test_a_wandb_that_does_not_start_leaves_no_run(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=init))
     args = RunArgs(output_dir=str(tmp_path), track=True)
-    with pytest.raises(common.UserError, match=r"^--track: wandb did not start \(api_key not configured \(no-tty\)\)"):
-        common.Run(args, common.setup(args), total=2)
+    with pytest.raises(
+        training.UserError, match=r"^--track: wandb did not start \(api_key not configured \(no-tty\)\)"
+    ):
+        training.Run(args, common.setup(args), total=2)
     assert not (tmp_path / "r").exists()
     args = RunArgs(output_dir=str(tmp_path))
-    common.Run(args, common.setup(args), total=2).finish({})
+    training.Run(args, common.setup(args), total=2).finish({})
     assert (tmp_path / "r" / "eval.json").exists()
 
 
@@ -920,38 +886,28 @@ def test_evaluate_on_the_toy_task():
     config = toy.model_config("tiny")
     config.num_labels = 1
     rm = AutoModelForSequenceClassification.from_config(config).eval()
-    data = toy.sft_dataset("test").select(range(20))
+    ds = toy.sft_dataset("test").select(range(20))
     policy.train()
-    metrics, samples = common.evaluate(
-        policy,
-        tok,
-        data["prompt"],
-        data["completion"],
-        is_toy=True,
-        max_prompt=32,
-        max_new_tokens=8,
-        batch_size=8,
-        ref_model=policy,
-        reward_model=rm,
-    )
+    args = SimpleNamespace(dataset="toy", max_prompt_length=32, max_new_tokens=8, no_eos_score=-1.0)
+    metrics, samples = common.evaluate(policy, tok, ds, args, ref_policy=policy, reward_model=rm, batch_size=8)
     assert policy.training  # restored
     assert set(metrics) == {"eval/score", "eval/length", "eval/eos", "eval/kl", "eval/gold", "eval/win_rate"}
     assert metrics["eval/kl"] == 0.0
-    assert len(samples) == 20 and [s["prompt"] for s in samples] == list(data["prompt"])
+    assert len(samples) == 20 and [s["prompt"] for s in samples] == list(ds["prompt"])
     golds = [s["gold"] for s in samples]
     assert metrics["eval/gold"] == pytest.approx(sum(golds) / 20)
-    ref_golds = [toy.gold_reward(p, c) for p, c in zip(data["prompt"], data["completion"])]
+    ref_golds = [toy.gold_reward(p, c) for p, c in zip(ds["prompt"], ds["completion"])]
     assert metrics["eval/win_rate"] == pytest.approx(toy.win_rate(golds, ref_golds))
     # the greedy completions, EOS rate, length and reward-model scores, recomputed in one batch
     pad_id = tok.pad_token_id
-    prompt = common.pad(common.tokenize_prompts(tok, list(data["prompt"]), 32), pad_id, "left")
+    prompt = data.pad(data.tokenize_prompts(tok, list(ds["prompt"]), 32), pad_id, "left")
     completion, has_eos = common.generate(policy.eval(), prompt, tok, 8, temperature=0.0)
     with torch.no_grad():
         scores = common.reward_scores(rm, prompt, completion, pad_id, has_eos, no_eos_score=-1.0)
     texts = tok.batch_decode(completion, skip_special_tokens=True)
     assert [s["completion"] for s in samples] == texts
     assert [s["gold"] for s in samples] == [
-        toy.gold_reward(p, t, bool(e)) for p, t, e in zip(data["prompt"], texts, has_eos)
+        toy.gold_reward(p, t, bool(e)) for p, t, e in zip(ds["prompt"], texts, has_eos)
     ]
     assert metrics["eval/eos"] == pytest.approx(has_eos.float().mean().item())
     assert metrics["eval/length"] == pytest.approx((completion != pad_id).sum(1).float().mean().item())
@@ -970,8 +926,8 @@ def test_toy_gold_reward_model_scores_with_the_gold_reward(toy_cache):
         " very very",
         " " + toy.post_words(prompts[2])[0],
     ]
-    prompt = common.pad(common.tokenize_prompts(tokenizer, prompts, 32), tokenizer.pad_token_id, "left")
-    completion = common.pad(
+    prompt = data.pad(data.tokenize_prompts(tokenizer, prompts, 32), tokenizer.pad_token_id, "left")
+    completion = data.pad(
         [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts[:2]]
         + [tokenizer(texts[2], add_special_tokens=False)["input_ids"]],
         tokenizer.pad_token_id,
@@ -986,5 +942,5 @@ def test_toy_gold_reward_model_scores_with_the_gold_reward(toy_cache):
     assert scores[0] == 1.0 and penalized[2] == -1.0 and penalized[1] == scores[1]
     rm = common.load_model("toy-rm", "reward")
     assert all(torch.equal(a, b) for a, b in zip(gold_model.state_dict().values(), rm.state_dict().values()))
-    with pytest.raises(common.UserError, match="toy-gold"):
+    with pytest.raises(training.UserError, match="toy-gold"):
         common.reward_scores(gold_model, prompt, completion, tokenizer.pad_token_id)  # gradients on: a training step

@@ -44,9 +44,8 @@ def expected_steps(name: str) -> int:
     """Optimizer steps per update, from the script's flags."""
     script, kw = ddp_worker.RUNS[name]
     args = script.Args(**kw)
-    epochs = getattr(args, "ppo_epochs", None) or getattr(args, "rebel_epochs", None) or getattr(args, "epochs", 1)
     if name in ("ppo", "drpo", "rebel", "xpo"):
-        return epochs * args.num_minibatches
+        return args.update_epochs * args.num_minibatches
     if name == "aihf-explicit":  # one policy step, then reward_steps steps of r_phi (policy_steps = 1)
         return 1 + args.reward_steps
     return 1

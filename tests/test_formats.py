@@ -13,6 +13,8 @@ import tiny_models
 import torch
 
 import common
+import data
+import training
 
 PREF, SFT, PROMPT = ("prompt", "chosen", "rejected"), ("prompt", "completion"), ("prompt",)
 
@@ -37,7 +39,7 @@ def test_load_tokenizer_on_real_families(tiny_checkpoints, arch):
     """No pad (GPT-2, Llama) or pad == EOS (Pythia setups): a dedicated <|pad|>, one past the embedding, or
     on one of its spare rows (Pythia). Qwen2's own <|endoftext|> pad is distinct from its EOS: kept."""
     path, _ = tiny_checkpoints[arch]
-    tok, model = common.load_tokenizer(path), common.load_model(path)
+    tok, model = data.load_tokenizer(path), common.load_model(path)
     assert tok.pad_token_id != tok.eos_token_id and tok.padding_side == "left"
     if arch == "qwen2":
         assert (tok.pad_token, tok.pad_token_id, len(tok)) == ("<|endoftext|>", 0, model.config.vocab_size)
@@ -52,13 +54,13 @@ def test_left_padded_batch_equals_one_at_a_time_on_real_tokenizers(tiny_checkpoi
     """Prompts of different lengths, left-padded with the tokenizer's pad (outside the embedding for three of
     the four): log-probs, greedy generations and reward scores equal each row run alone."""
     path, rm_path = tiny_checkpoints[arch]
-    tok, model = common.load_tokenizer(path), common.load_model(path).eval()
+    tok, model = data.load_tokenizer(path), common.load_model(path).eval()
     rm = common.load_model(rm_path, "reward", tokenizer=tok).eval()
     assert getattr(rm, "retokenize", None) is None  # same tokenizer: ids go straight in
     texts = [tldr_prompt(1), "Hello there?", "SUBREDDIT: r/dog\n\nPOST: my dog ate my phone\n\nTL;DR:"]
-    pairs = [common.tokenize_pair(tok, t, " Thanks for the advice.", 64, 16) for t in texts]
-    prompt = common.pad([p for p, _ in pairs], tok.pad_token_id, "left")
-    completion = common.pad([c for _, c in pairs], tok.pad_token_id, "right")
+    pairs = [data.tokenize_pair(tok, t, " Thanks for the advice.", 64, 16) for t in texts]
+    prompt = data.pad([p for p, _ in pairs], tok.pad_token_id, "left")
+    completion = data.pad([c for _, c in pairs], tok.pad_token_id, "right")
     with torch.no_grad():
         logps = common.completion_logprobs(model, prompt, completion, tok.pad_token_id)
         scores = common.reward_scores(rm, prompt, completion, tok.pad_token_id)
@@ -79,10 +81,10 @@ def test_left_padded_batch_equals_one_at_a_time_on_real_tokenizers(tiny_checkpoi
 
 def test_tldr_prompt_completion_file(tiny_checkpoints, tmp_path):
     rows = [{"prompt": tldr_prompt(i), "completion": f" Roommate {i} is late with rent."} for i in range(20)]
-    data = common.load_data(write_jsonl(tmp_path / "tldr.jsonl", rows), "train", SFT)
-    assert data.column_names == ["prompt", "completion"] and data[3] == rows[3]
-    tok = common.load_tokenizer(tiny_checkpoints["gpt_neox"][0])
-    prompt, completion = common.tokenize_pair(tok, data[0]["prompt"], data[0]["completion"], 512, 53)
+    ds = data.load_data(write_jsonl(tmp_path / "tldr.jsonl", rows), "train", SFT)
+    assert ds.column_names == ["prompt", "completion"] and ds[3] == rows[3]
+    tok = data.load_tokenizer(tiny_checkpoints["gpt_neox"][0])
+    prompt, completion = data.tokenize_pair(tok, ds[0]["prompt"], ds[0]["completion"], 512, 53)
     assert tok.decode(prompt) == rows[0]["prompt"]  # " Roommate" stays one word of the completion
     assert tok.decode(completion) == rows[0]["completion"] + "<|endoftext|>" and completion.count(tok.eos_token_id) == 1
 
@@ -92,25 +94,25 @@ def test_tldr_preference_splits_train_and_validation(tmp_path):
     rows = [{"prompt": tldr_prompt(i), "chosen": " Rent is late.", "rejected": " I like dogs."} for i in range(8)]
     splits = {"train": datasets.Dataset.from_list(rows[:6]), "validation": datasets.Dataset.from_list(rows[6:])}
     datasets.DatasetDict(splits).save_to_disk(tmp_path / "pref")
-    assert common.load_data(str(tmp_path / "pref"), "train", PREF)[0] == rows[0]
-    assert common.load_data(str(tmp_path / "pref"), "test", PREF)["prompt"] == [rows[6]["prompt"], rows[7]["prompt"]]
+    assert data.load_data(str(tmp_path / "pref"), "train", PREF)[0] == rows[0]
+    assert data.load_data(str(tmp_path / "pref"), "test", PREF)["prompt"] == [rows[6]["prompt"], rows[7]["prompt"]]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_long_post_keeps_its_end_and_bos(tiny_checkpoints, arch):
     """A post longer than --max-prompt-length keeps its last tokens (the end of the post and `TL;DR:`, what
     the summary continues), the BOS first where the tokenizer adds one (Llama)."""
-    tok = common.load_tokenizer(tiny_checkpoints[arch][0])
+    tok = data.load_tokenizer(tiny_checkpoints[arch][0])
     long_post = tldr_prompt(0, post=" ".join(["My boss asked me to work again this week and I said no."] * 20))
-    full, _ = common.tokenize_pair(tok, long_post, " Boss.", 10_000, 16)
-    prompt, completion = common.tokenize_pair(tok, long_post, " Boss.", 24, 16)
+    full, _ = data.tokenize_pair(tok, long_post, " Boss.", 10_000, 16)
+    prompt, completion = data.tokenize_pair(tok, long_post, " Boss.", 24, 16)
     assert len(full) > 100 and len(prompt) == 24
     if arch == "llama":
         assert full[0] == prompt[0] == tok.bos_token_id and prompt[1:] == full[-23:]
     else:
         assert tok.bos_token_id not in full and prompt == full[-24:]
     assert tok.decode(prompt).endswith("I said no.\n\nTL;DR:")
-    assert common.tokenize_prompts(tok, [long_post], 24) == [prompt]
+    assert data.tokenize_prompts(tok, [long_post], 24) == [prompt]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,37 +137,37 @@ HH_ROWS = [
 
 def test_hh_transcripts_become_prompt_chosen_rejected(tmp_path):
     name = write_jsonl(tmp_path / "hh.jsonl", HH_ROWS * 4)
-    data = common.load_data(name, "train", PREF)
-    assert data.column_names == list(PREF) and len(data) == 11  # the 12th row is held out for evaluation
-    assert data[0] == {
+    ds = data.load_data(name, "train", PREF)
+    assert ds.column_names == list(PREF) and len(ds) == 11  # the 12th row is held out for evaluation
+    assert ds[0] == {
         "prompt": "\n\nHuman: How do I pay rent?\n\nAssistant:",
         "chosen": " Ask your landlord how they want it.",
         "rejected": " I don't know.",
     }
-    assert data[1] == {
+    assert ds[1] == {
         "prompt": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is my dog ok?\n\nAssistant:",
         "chosen": " I think so, ask a vet.",
         "rejected": " I think not.",
     }
-    assert data[2] == {
+    assert ds[2] == {
         "prompt": "\n\nHuman: Thanks\n\nAssistant:",
         "chosen": " You're welcome.",
         "rejected": " You're welcome.",
     }
-    for row, original in zip(data, HH_ROWS):
+    for row, original in zip(ds, HH_ROWS):
         assert (
             row["prompt"] + row["chosen"] == original["chosen"]
             and row["prompt"] + row["rejected"] == original["rejected"]
         )
     # RL scripts ask for prompts only; SFT asks for completions: the chosen replies
-    assert common.load_data(name, "test", PROMPT)["prompt"] == [data[2]["prompt"]]  # row 12 is HH_ROWS[2]
-    assert common.load_data(name, "train", SFT)["completion"][:3] == data["chosen"][:3]
+    assert data.load_data(name, "test", PROMPT)["prompt"] == [ds[2]["prompt"]]  # row 12 is HH_ROWS[2]
+    assert data.load_data(name, "train", SFT)["completion"][:3] == ds["chosen"][:3]
 
 
 def test_hh_without_a_shared_assistant_turn_is_a_user_error(tmp_path):
     rows = HH_ROWS + [{"chosen": "\n\nHuman: Hi", "rejected": "\n\nHuman: Hello"}] + HH_ROWS  # row 6 is held out
-    with pytest.raises(common.UserError, match=r"row 3: .*Assistant"):
-        common.load_data(write_jsonl(tmp_path / "hh.jsonl", rows), "train", PREF)
+    with pytest.raises(training.UserError, match=r"row 3: .*Assistant"):
+        data.load_data(write_jsonl(tmp_path / "hh.jsonl", rows), "train", PREF)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +206,7 @@ def ultrafeedback(tmp_path) -> str:
 
 def test_ultrafeedback_splits_and_columns(ultrafeedback, capsys):
     user = [{"role": "user", "content": "What should I do about my roommate 0?"}]
-    pref = common.load_data(ultrafeedback, "train", PREF)
+    pref = data.load_data(ultrafeedback, "train", PREF)
     assert "'train_prefs' as the train split" in capsys.readouterr().out
     assert pref.column_names == list(PREF) and len(pref) == 6
     assert pref[0] == {
@@ -212,16 +214,16 @@ def test_ultrafeedback_splits_and_columns(ultrafeedback, capsys):
         "chosen": [{"role": "assistant", "content": "Talk to them calmly."}],
         "rejected": [{"role": "assistant", "content": "Move out."}],
     }
-    assert len(common.load_data(ultrafeedback, "test", PREF)) == 2
-    sft = common.load_data(ultrafeedback, "test", SFT)
+    assert len(data.load_data(ultrafeedback, "test", PREF)) == 2
+    sft = data.load_data(ultrafeedback, "test", SFT)
     out = capsys.readouterr().out
     assert "'test_sft' as the test split" in out and "chosen" not in out  # from `messages`
     assert sft[0]["completion"] == [{"role": "assistant", "content": "Talk to them calmly."}]
-    prompts = common.load_data(ultrafeedback, "train", PROMPT)
+    prompts = data.load_data(ultrafeedback, "train", PROMPT)
     assert "'train_gen' as the train split" in capsys.readouterr().out
     assert prompts[0]["prompt"] == user  # messages, to be rendered by the chat template (not the plain string)
-    with pytest.raises(common.UserError, match=r"no split 'validation'.*train_prefs"):
-        common.load_data(ultrafeedback, "validation", PREF)
+    with pytest.raises(training.UserError, match=r"no split 'validation'.*train_prefs"):
+        data.load_data(ultrafeedback, "validation", PREF)
 
 
 def test_messages_only_sft_data(tmp_path):
@@ -233,11 +235,11 @@ def test_messages_only_sft_data(tmp_path):
         {"role": "assistant", "content": "Bye!"},
     ]
     name = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "Hi", "messages": msgs}] * 3)
-    assert common.load_data(name, "train", SFT)[0] == {"prompt": msgs[:3], "completion": msgs[3:]}
+    assert data.load_data(name, "train", SFT)[0] == {"prompt": msgs[:3], "completion": msgs[3:]}
     name = write_jsonl(tmp_path / "open.jsonl", [{"messages": msgs[:3]}] * 3)
-    assert common.load_data(name, "train", PROMPT)[0]["prompt"] == msgs[:3]
-    with pytest.raises(common.UserError, match="does not end with an assistant turn"):
-        common.load_data(name, "train", SFT)
+    assert data.load_data(name, "train", PROMPT)[0]["prompt"] == msgs[:3]
+    with pytest.raises(training.UserError, match="does not end with an assistant turn"):
+        data.load_data(name, "train", SFT)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -245,13 +247,13 @@ def test_chat_template_rendering_has_one_bos_and_one_eos(tiny_checkpoints, ultra
     """Prompt = apply_chat_template(..., add_generation_prompt=True), exactly, with no system prompt added;
     the Llama template writes BOS itself, so the tokenizer adds none. Completion = the reply as the template
     writes it, up to and including the end-of-turn EOS: one EOS, nothing after it."""
-    tok = common.load_tokenizer(tiny_checkpoints[arch][0])
-    row = common.load_data(ultrafeedback, "train", PREF)[0]
+    tok = data.load_tokenizer(tiny_checkpoints[arch][0])
+    row = data.load_data(ultrafeedback, "train", PREF)[0]
     rendered = tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
     assert "system" not in rendered
-    prompt, chosen = common.tokenize_pair(tok, row["prompt"], row["chosen"], 256, 64)
+    prompt, chosen = data.tokenize_pair(tok, row["prompt"], row["chosen"], 256, 64)
     assert tok.decode(prompt) == rendered
-    assert common.tokenize_prompts(tok, [row["prompt"]], 256) == [prompt]
+    assert data.tokenize_prompts(tok, [row["prompt"]], 256) == [prompt]
     end = {"llama": "<|eot_id|>", "qwen2": "<|im_end|>"}[arch]
     assert tok.decode(chosen) == "Talk to them calmly." + end
     assert chosen.count(tok.eos_token_id) == 1 and chosen[-1] == tok.eos_token_id
@@ -259,16 +261,16 @@ def test_chat_template_rendering_has_one_bos_and_one_eos(tiny_checkpoints, ultra
         assert prompt[0] == tok.bos_token_id and prompt.count(tok.bos_token_id) == 1
         assert tok(rendered)["input_ids"][:2] == [tok.bos_token_id] * 2  # what plain tokenization would do
     # trl-lib/ultrafeedback-prompt: a `prompt` column of messages, for the RL scripts
-    (prompt_only,) = common.tokenize_prompts(tok, [[{"role": "user", "content": "Hi"}]], 256)
+    (prompt_only,) = data.tokenize_prompts(tok, [[{"role": "user", "content": "Hi"}]], 256)
     assert tok.decode(prompt_only) == tok.apply_chat_template(
         [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
     )
 
 
 def test_conversational_data_without_a_chat_template_is_a_user_error(tiny_checkpoints):
-    tok = common.load_tokenizer(tiny_checkpoints["gpt2"][0])
-    with pytest.raises(common.UserError, match="chat template"):
-        common.tokenize_prompts(tok, [[{"role": "user", "content": "Hi"}]], 64)
+    tok = data.load_tokenizer(tiny_checkpoints["gpt2"][0])
+    with pytest.raises(training.UserError, match="chat template"):
+        data.tokenize_prompts(tok, [[{"role": "user", "content": "Hi"}]], 64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +293,7 @@ def test_reward_model_with_another_tokenizer_scores_its_own_tokenization(tmp_pat
     rm.save_pretrained(tmp_path / "other-rm")
     rm_tok.save_pretrained(tmp_path / "other-rm")
 
-    tok = common.load_tokenizer(policy_path)
+    tok = data.load_tokenizer(policy_path)
     rm = common.load_model(str(tmp_path / "other-rm"), "reward", tokenizer=tok).eval()
     policy_tok, own = rm.retokenize
     assert policy_tok is tok and own.pad_token == "<|pad|>"
@@ -300,11 +302,11 @@ def test_reward_model_with_another_tokenizer_scores_its_own_tokenization(tmp_pat
         ("\n\nHuman: Hi\n\nAssistant:", " Hello, how can I help?"),
         ("Hello", " there"),
     ]
-    pairs = [common.tokenize_pair(tok, p, c, 256, 32) for p, c in texts]
+    pairs = [data.tokenize_pair(tok, p, c, 256, 32) for p, c in texts]
     assert tok.encode(texts[0][1]) != own.encode(texts[0][1])  # the two tokenizations differ
     pairs[2] = (pairs[2][0], pairs[2][1][:-1])  # the last completion has no EOS
-    prompt = common.pad([p for p, _ in pairs], tok.pad_token_id, "left")
-    completion = common.pad([c for _, c in pairs], tok.pad_token_id, "right")
+    prompt = data.pad([p for p, _ in pairs], tok.pad_token_id, "left")
+    completion = data.pad([c for _, c in pairs], tok.pad_token_id, "right")
     has_eos = torch.tensor([True, True, False])
     with torch.no_grad():
         scores = common.reward_scores(rm, prompt, completion, tok.pad_token_id)
@@ -327,10 +329,10 @@ def test_split_dialogues_of_multi_turn_messages():
     )
     chosen = [user, hi, bye, {"role": "assistant", "content": "Bye, take care."}]
     rejected = [user, hi, bye, {"role": "assistant", "content": "Whatever."}]
-    assert common.split_dialogues(chosen, rejected) == ([user, hi, bye], chosen[3:], rejected[3:])
-    assert common.split_dialogues(chosen, chosen) == ([user, hi, bye], chosen[3:], chosen[3:])  # a tie
-    with pytest.raises(common.UserError, match="both be strings or both lists"):
-        common.split_dialogues(chosen, "Whatever.")
+    assert data.split_dialogues(chosen, rejected) == ([user, hi, bye], chosen[3:], rejected[3:])
+    assert data.split_dialogues(chosen, chosen) == ([user, hi, bye], chosen[3:], chosen[3:])  # a tie
+    with pytest.raises(training.UserError, match="both be strings or both lists"):
+        data.split_dialogues(chosen, "Whatever.")
 
 
 def test_chat_template_whose_end_of_turn_is_not_the_eos(tmp_path):
@@ -340,8 +342,8 @@ def test_chat_template_whose_end_of_turn_is_not_the_eos(tmp_path):
     tok = tiny_models.make_tokenizer("qwen2")
     tok.eos_token, tok.pad_token = "<|endoftext|>", None
     tok.save_pretrained(tmp_path)
-    tok = common.load_tokenizer(str(tmp_path))
+    tok = data.load_tokenizer(str(tmp_path))
     user = [{"role": "user", "content": "Hi"}]
-    prompt, completion = common.tokenize_pair(tok, user, [{"role": "assistant", "content": "Hello!"}], 64, 16)
+    prompt, completion = data.tokenize_pair(tok, user, [{"role": "assistant", "content": "Hello!"}], 64, 16)
     assert tok.decode(completion) == "Hello!<|im_end|>\n<|endoftext|>" and completion.count(tok.eos_token_id) == 1
-    assert common.tokenize_pair(tok, user, "Hello!", 64, 16) == (prompt, completion[:-3] + [tok.eos_token_id])
+    assert data.tokenize_pair(tok, user, "Hello!", 64, 16) == (prompt, completion[:-3] + [tok.eos_token_id])

@@ -9,6 +9,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 import aihf
+import aihf_explicit
 import common
 import dpo
 import drpo
@@ -19,17 +20,17 @@ import sft
 import xpo
 
 RL = dict(total_episodes=8, batch_size=8, num_minibatches=1, eval_prompts=4)
-AIHF = dict(total_steps=1, batch_size=4, demo_batch_size=4, num_demonstrations=8, num_preferences=8, eval_prompts=4)
+AIHF = dict(max_steps=1, batch_size=4, demo_batch_size=4, num_demonstrations=8, num_preferences=8, eval_prompts=4)
 SCRIPTS = {
     "sft": (sft, dict(model="toy-sft", max_steps=1, batch_size=8, eval_prompts=4)),
     "reward": (reward, dict(max_steps=1, batch_size=8, eval_pairs=8)),
     "dpo": (dpo, dict(max_steps=1, batch_size=8, eval_prompts=4, eval_pairs=8)),
-    "ppo": (ppo, dict(RL, ppo_epochs=1)),
-    "drpo": (drpo, dict(RL, ppo_epochs=1)),
-    "rebel": (rebel, dict(RL, rebel_epochs=1)),
-    "xpo": (xpo, dict(RL, epochs=1)),
+    "ppo": (ppo, dict(RL, update_epochs=1)),
+    "drpo": (drpo, dict(RL, update_epochs=1)),
+    "rebel": (rebel, dict(RL, update_epochs=1)),
+    "xpo": (xpo, dict(RL, update_epochs=1)),
     "aihf-dpo": (aihf, AIHF),
-    "aihf-explicit": (aihf, dict(AIHF, variant="explicit", policy_steps=1, rollout_prompts=4, center_demos=4)),
+    "aihf-explicit": (aihf_explicit, dict(AIHF, policy_steps=1, rollout_prompts=4, center_demos=4)),
 }
 TWO_TRAINED = ("ppo", "drpo", "aihf-explicit")  # policy and critic, or policy and reward model
 

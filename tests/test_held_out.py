@@ -1,6 +1,6 @@
 """A dataset without a test split (here a .jsonl file): every script trains on the rows that are not held
 out and evaluates on the held-out ones only. Each script runs two updates on the file while the data it
-asks common.load_data for is recorded."""
+asks data.load_data for is recorded."""
 
 import json
 
@@ -8,6 +8,7 @@ import pytest
 
 import aihf
 import common
+import data
 import dpo
 import drpo
 import ppo
@@ -28,7 +29,7 @@ ARGS = {
     "drpo": (drpo, RL),
     "rebel": (rebel, RL),
     "xpo": (xpo, RL),
-    "aihf": (aihf, dict(total_steps=2, batch_size=4, demo_batch_size=4, eval_prompts=8, eval_every=10**9)),
+    "aihf": (aihf, dict(max_steps=2, batch_size=4, demo_batch_size=4, eval_prompts=8, eval_every=10**9)),
 }
 
 
@@ -57,7 +58,7 @@ def test_no_evaluation_prompt_is_trained_on(toy_cache, data_file, tmp_path, monk
         loaded.append((dataset, split, data["prompt"]))
         return data
 
-    load_data = common.load_data
+    load_data = data.load_data
     monkeypatch.setattr(common, "load_data", recording_load_data)
     module, kwargs = ARGS[name]
     dataset_args = {"preference_dataset": path} if name == "aihf" else {}

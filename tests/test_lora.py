@@ -10,6 +10,7 @@ from toy_batches import toy_batch
 
 import aihf
 import common
+import data
 import dpo
 import ppo
 import rebel
@@ -20,7 +21,7 @@ pytest.importorskip("peft")
 
 
 def test_adapter_disabled_reference_is_the_base_model_after_training(toy_cache):
-    tokenizer = common.load_tokenizer("toy-sft")
+    tokenizer = data.load_tokenizer("toy-sft")
     prompt, completion = toy_batch(tokenizer)
     base = common.load_model("toy-sft").eval()
     policy = common.apply_lora(common.load_model("toy-sft"), r=4, alpha=8)
@@ -87,7 +88,7 @@ def test_dpo_with_lora_starts_at_ln2_and_saves_a_merged_model(toy_cache, tmp_pat
         (
             aihf,
             dict(
-                total_steps=2,
+                max_steps=2,
                 batch_size=4,
                 demo_batch_size=4,
                 num_demonstrations=32,

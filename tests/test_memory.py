@@ -16,6 +16,7 @@ import torch
 from toy_batches import toy_batch
 
 import common
+import data
 
 ROOT = Path(__file__).resolve().parents[1]
 B, P, C, V = 4, 1024, 16, 50_000  # full logits: B x (P + C) x V x 4 bytes = 832 MB; kept ones: 14 MB
@@ -68,7 +69,7 @@ def test_logprob_peak_memory_does_not_scale_with_vocab_times_sequence():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(toy_cache):
-    tokenizer = common.load_tokenizer("toy-sft")
+    tokenizer = data.load_tokenizer("toy-sft")
     prompt, completion = toy_batch(tokenizer)
     grads = []
     for on in (False, True):
@@ -105,7 +106,7 @@ def test_generation_under_zero3_gathers_the_weights_once(toy_cache, monkeypatch)
     fake.zero = types.SimpleNamespace(GatheredParameters=GatheredParameters)
     monkeypatch.setitem(sys.modules, "deepspeed", fake)
     monkeypatch.setattr(common, "zero_stage", lambda: 3)
-    tokenizer = common.load_tokenizer("toy-sft")
+    tokenizer = data.load_tokenizer("toy-sft")
     model = common.load_model("toy-sft")
     prompt, _ = toy_batch(tokenizer)
     common.generate(model, prompt, tokenizer, max_new_tokens=6, temperature=1.0)

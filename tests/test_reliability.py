@@ -18,13 +18,16 @@ import torch
 from safetensors.torch import load_file
 
 import aihf
+import aihf_explicit
 import common
+import data
 import dpo
 import drpo
 import ppo
 import rebel
 import reward
 import sft
+import training
 import xpo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +47,7 @@ TINY = {
     "aihf": (
         aihf,
         dict(
-            total_steps=4,
+            max_steps=4,
             batch_size=4,
             demo_batch_size=4,
             num_demonstrations=64,
@@ -58,7 +61,7 @@ TINY = {
         dict(
             self_play=True,
             rounds=2,
-            total_steps=4,
+            max_steps=4,
             batch_size=4,
             demo_batch_size=4,
             num_demonstrations=64,
@@ -67,11 +70,8 @@ TINY = {
             eval_prompts=8,
         ),
     ),
-    "aihf-explicit": (
-        aihf,
-        dict(
-            variant="explicit",
-            total_steps=4,
+    "aihf-explicit": (aihf_explicit,
+        dict(max_steps=4,
             policy_steps=1,
             rollout_prompts=4,
             batch_size=4,
@@ -109,14 +109,14 @@ def assert_same_run(a: Path, b: Path):
 
 def stop_at(monkeypatch, step: int):
     """Simulate Ctrl-C during step `step`: the signal handler's flag is up when the step ends."""
-    original = common.Run.step_done
+    original = training.Run.step_done
 
     def step_done(self, s, state):
         if s == step:
             self.stop_signal = "SIGINT"
         return original(self, s, state)
 
-    monkeypatch.setattr(common.Run, "step_done", step_done)
+    monkeypatch.setattr(training.Run, "step_done", step_done)
 
 
 @pytest.mark.parametrize("name", list(TINY))
@@ -127,12 +127,12 @@ def test_interrupt_and_resume_is_exact(name, toy_cache, tmp_path, monkeypatch):
     module.main(module.Args(output_dir=str(tmp_path), run_name="full", save_every=2, **kw))
     with monkeypatch.context() as m:
         stop_at(m, 3)
-        with pytest.raises(common.Interrupted, match="at step 3"):
+        with pytest.raises(training.Interrupted, match="at step 3"):
             module.main(module.Args(output_dir=str(tmp_path), run_name="cut", save_every=2, **kw))
     cut = tmp_path / "cut"
     assert json.loads((cut / "checkpoint" / "meta.json").read_text())["step"] == 3
     assert not (cut / "eval.json").exists() and not (cut / "model.safetensors").exists()
-    module.main(common.resume_args(module.Args, module.Args(resume=str(cut))))
+    module.main(training.resume_args(module.Args, module.Args(resume=str(cut))))
     assert_same_run(tmp_path / "full", cut)
 
 
@@ -238,7 +238,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(toy_cache, tmp_path):
 
 def test_second_signal_stops_at_once(toy_cache, tmp_path):
     args = rebel.Args(output_dir=str(tmp_path), run_name="r")
-    run = common.Run(args, common.setup(args), total=1)
+    run = training.Run(args, common.setup(args), total=1)
     os.kill(os.getpid(), signal.SIGINT)
     assert run.stop_signal == "SIGINT"
     with pytest.raises(KeyboardInterrupt):
@@ -262,13 +262,13 @@ def test_checkpoint_swap_survives_a_crash_between_renames(toy_cache, tmp_path):
     _, kw = TINY["rebel"]
     with pytest.MonkeyPatch.context() as m:
         stop_at(m, 2)
-        with pytest.raises(common.Interrupted):
+        with pytest.raises(training.Interrupted):
             rebel.main(rebel.Args(output_dir=str(tmp_path), run_name="r", **kw))
     run_dir = tmp_path / "r"
     (run_dir / "checkpoint").rename(run_dir / "checkpoint.old")
     (run_dir / "checkpoint.tmp").mkdir()  # an incomplete new one
-    assert common.find_checkpoint(run_dir) == (2, run_dir / "checkpoint.old")
-    rebel.main(common.resume_args(rebel.Args, rebel.Args(resume=str(run_dir), save_every=1)))
+    assert training.find_checkpoint(run_dir) == (2, run_dir / "checkpoint.old")
+    rebel.main(training.resume_args(rebel.Args, rebel.Args(resume=str(run_dir), save_every=1)))
     assert sorted(p.name for p in run_dir.glob("checkpoint*")) == ["checkpoint"]
     assert json.loads((run_dir / "checkpoint" / "meta.json").read_text())["step"] == 4
 
@@ -294,7 +294,7 @@ def test_non_finite_loss_or_reward_stops_the_run(name, toy_cache, tmp_path, monk
     module, kw = TINY[name]
     owner, fn_name = NAN_AT[name]
     original, steps_done = getattr(owner, fn_name), []
-    real_step_done = common.Run.step_done
+    real_step_done = training.Run.step_done
 
     def step_done(self, step, state):
         steps_done.append(step)
@@ -307,9 +307,9 @@ def test_non_finite_loss_or_reward_stops_the_run(name, toy_cache, tmp_path, monk
         first, *rest = out if isinstance(out, tuple) else (out,)
         return (first * float("nan"), *rest) if rest else first * float("nan")
 
-    monkeypatch.setattr(common.Run, "step_done", step_done)
+    monkeypatch.setattr(training.Run, "step_done", step_done)
     monkeypatch.setattr(owner, fn_name, poisoned)
-    with pytest.raises(common.TrainingError) as e:
+    with pytest.raises(training.TrainingError) as e:
         module.main(module.Args(output_dir=str(tmp_path), run_name="nan", save_every=1, **kw))
     run_dir = tmp_path / "nan"
     assert "non-finite" in str(e.value) and "at step 2" in str(e.value)
@@ -331,7 +331,7 @@ def test_non_finite_weights_are_never_checkpointed(toy_cache, tmp_path, monkeypa
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    with pytest.raises(common.TrainingError, match="non-finite weights at step 1: checkpoint not written"):
+    with pytest.raises(training.TrainingError, match="non-finite weights at step 1: checkpoint not written"):
         sft.main(sft.Args(output_dir=str(tmp_path), run_name="w", save_every=1, **TINY["sft"][1]))
     assert not (tmp_path / "w" / "checkpoint").exists()
 
@@ -342,7 +342,7 @@ def test_non_finite_weights_are_never_checkpointed(toy_cache, tmp_path, monkeypa
 def cli(module, argv, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *argv])
     with pytest.raises(SystemExit) as e:
-        common.run_cli(module.Args, module.main)
+        training.run_cli(module.Args, module.main)
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.strip() and not x.rstrip().endswith("/s]")]  # datasets progress bars
     return e.value.code, lines
@@ -395,7 +395,7 @@ def mistakes(toy_cache, tmp_path_factory):
     paths["empty"] = str(tmp / "empty.jsonl")
     paths["one_row"] = write_jsonl(tmp / "one_row.jsonl", [{"prompt": "POST: a TL;DR:", "completion": " a"}])
     Path(paths["empty"]).write_text("")
-    tok = common.load_tokenizer(str(toy_cache / "toy-sft"))
+    tok = data.load_tokenizer(str(toy_cache / "toy-sft"))
     tok.eos_token = None
     tok.save_pretrained(tmp / "no_eos")
     common.load_model(str(toy_cache / "toy-sft")).save_pretrained(tmp / "no_eos")
@@ -405,7 +405,7 @@ def mistakes(toy_cache, tmp_path_factory):
     paths["finished"] = str(tmp / "finished")
     with pytest.MonkeyPatch.context() as m:
         stop_at(m, 1)
-        with pytest.raises(common.Interrupted):
+        with pytest.raises(training.Interrupted):
             rebel.main(rebel.Args(output_dir=str(tmp), run_name="corrupt", **kw))
     policy = tmp / "corrupt" / "checkpoint" / "accelerator_0" / "model.safetensors"
     policy.write_bytes(policy.read_bytes()[:1000])  # a truncated file
@@ -436,9 +436,9 @@ def test_resume_keeps_the_saved_arguments(toy_cache, tmp_path):
     _, kw = TINY["rebel"]
     with pytest.MonkeyPatch.context() as m:
         stop_at(m, 1)
-        with pytest.raises(common.Interrupted):
+        with pytest.raises(training.Interrupted):
             rebel.main(rebel.Args(output_dir=str(tmp_path), run_name="r", lr=1e-3, **kw))
-    args = common.resume_args(rebel.Args, rebel.Args(resume=str(tmp_path / "r"), save_every=3, lr=1e-3))
+    args = training.resume_args(rebel.Args, rebel.Args(resume=str(tmp_path / "r"), save_every=3, lr=1e-3))
     assert (args.lr, args.save_every, args.total_episodes, args.run_name) == (1e-3, 3, kw["total_episodes"], "r")
     assert args.output_dir == str(tmp_path)
 
@@ -446,16 +446,16 @@ def test_resume_keeps_the_saved_arguments(toy_cache, tmp_path):
 def test_prompt_longer_than_the_maximum_keeps_its_end(toy_cache, tmp_path):
     """Truncation policy, stated in the README: a prompt longer than --max-prompt-length keeps BOS and its
     last tokens (the "TL;DR:" cue stays next to the completion); the run goes on."""
-    tok = common.load_tokenizer("toy")
+    tok = data.load_tokenizer("toy")
     long_prompt = "POST: " + " ".join(["cat dog"] * 40) + " TL;DR:"
-    ids = common.tokenize_prompts(tok, [long_prompt], max_prompt=12)[0]
+    ids = data.tokenize_prompts(tok, [long_prompt], max_prompt=12)[0]
     full = tok(long_prompt)["input_ids"]
     assert len(ids) == 12 and ids[0] == tok.bos_token_id and ids[1:] == full[-11:]
-    data = write_jsonl(tmp_path / "long.jsonl", [{"prompt": long_prompt, "completion": " cat dog"}] * 40)
+    ds = write_jsonl(tmp_path / "long.jsonl", [{"prompt": long_prompt, "completion": " cat dog"}] * 40)
     sft.main(
         sft.Args(
             model="toy-tiny",
-            dataset=data,
+            dataset=ds,
             output_dir=str(tmp_path),
             run_name="long",
             max_steps=2,
@@ -472,7 +472,7 @@ def test_checkpoint_loads_with_weights_only(toy_cache, tmp_path):
     loads with weights_only=True."""
     with pytest.MonkeyPatch.context() as m:
         stop_at(m, 1)
-        with pytest.raises(common.Interrupted):
+        with pytest.raises(training.Interrupted):
             ppo.main(ppo.Args(output_dir=str(tmp_path), run_name="r", **TINY["ppo"][1]))
     ckpt = tmp_path / "r" / "checkpoint"
     assert sorted(p.name for p in ckpt.iterdir()) == ["accelerator_0", "meta.json", "state_0.pt"]

@@ -19,6 +19,7 @@ from test_real_models import SCRIPTS, data, plain_text_runs  # noqa: F401 (data:
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
+import data
 import toy
 
 FAMILIES = ["toy", "gpt2", "llama"]
@@ -101,10 +102,10 @@ def test_a_saved_reward_model_scores_a_padded_batch_like_one_text_at_a_time_and_
         scores = rm(**batch).logits[:, 0]
         alone = torch.cat([rm(**tok([t], return_tensors="pt")).logits[:, 0] for t in texts])
         # the scripts' score: read at the EOS of the same ids, less the stored bias
-        ours, own = common.load_model(str(path), "reward"), common.load_tokenizer(str(path))
-        pairs = [common.tokenize_pair(own, p, c, 256, 64) for p, c in zip(prompts(family), completions)]
-        prompt = common.pad([p for p, _ in pairs], own.pad_token_id, "left")
-        completion = common.pad([c for _, c in pairs], own.pad_token_id, "right")
+        ours, own = common.load_model(str(path), "reward"), data.load_tokenizer(str(path))
+        pairs = [data.tokenize_pair(own, p, c, 256, 64) for p, c in zip(prompts(family), completions)]
+        prompt = data.pad([p for p, _ in pairs], own.pad_token_id, "left")
+        completion = data.pad([c for _, c in pairs], own.pad_token_id, "right")
         expected = common.reward_scores(ours, prompt, completion, own.pad_token_id)
     torch.testing.assert_close(scores, alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(scores - rm.config.reward_bias, expected, atol=1e-5, rtol=0)
@@ -115,11 +116,11 @@ def test_the_next_stage_pads_like_the_first(saved, tiny_checkpoints, family):
     """The SFT model's saved tokenizer pads with EOS; loaded for the next stage it gets the first stage's pad
     id again, which the reward model trained from it shares: the scripts read both with one tokenizer."""
     sft_dir, rm_dir = str(saved(family, "sft")), str(saved(family, "reward"))
-    base = common.load_tokenizer(base_model(family, tiny_checkpoints))
-    policy = common.load_tokenizer(sft_dir)
+    base = data.load_tokenizer(base_model(family, tiny_checkpoints))
+    policy = data.load_tokenizer(sft_dir)
     assert AutoTokenizer.from_pretrained(sft_dir).pad_token_id == policy.eos_token_id
     assert policy.pad_token_id == base.pad_token_id != policy.eos_token_id
-    assert policy.get_vocab() == base.get_vocab() == common.load_tokenizer(rm_dir).get_vocab()
+    assert policy.get_vocab() == base.get_vocab() == data.load_tokenizer(rm_dir).get_vocab()
     assert getattr(common.load_model(rm_dir, "reward", tokenizer=policy), "retokenize", None) is None
     # the added pad is not in the saved tokenizer: every id has an embedding row
     vocab_size = AutoModelForCausalLM.from_pretrained(sft_dir).config.vocab_size

@@ -94,7 +94,7 @@ def train_bpe(special: list[str], vocab_size: int = 400, seed: int = 0, add_bos:
 
 
 def make_tokenizer(arch: str, vocab_size: int = 400, seed: int = 0) -> PreTrainedTokenizerFast:
-    """The tokenizer of `arch` as in the table above (before common.load_tokenizer adds any pad)."""
+    """The tokenizer of `arch` as in the table above (before data.load_tokenizer adds any pad)."""
     if arch in ("gpt2", "gpt_neox"):
         backend = train_bpe(["<|endoftext|>"], vocab_size, seed)
         special = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")

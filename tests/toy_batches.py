@@ -1,13 +1,12 @@
 """A small batch of the toy task's test split, tokenized and padded as the scripts do it."""
 
-import common
 import toy
 
 
 def toy_batch(tokenizer, n: int = 6):
     """(prompt [n, P] left-padded, completion [n, C] right-padded, EOS included) of the first n test rows."""
     data = toy.sft_dataset("test").select(range(n))
-    pairs = [common.tokenize_pair(tokenizer, p, c, 32, 16) for p, c in zip(data["prompt"], data["completion"])]
-    prompt = common.pad([p for p, _ in pairs], tokenizer.pad_token_id, "left")
-    completion = common.pad([c for _, c in pairs], tokenizer.pad_token_id, "right")
+    pairs = [data.tokenize_pair(tokenizer, p, c, 32, 16) for p, c in zip(data["prompt"], data["completion"])]
+    prompt = data.pad([p for p, _ in pairs], tokenizer.pad_token_id, "left")
+    completion = data.pad([c for _, c in pairs], tokenizer.pad_token_id, "right")
     return prompt, completion
