@@ -89,21 +89,20 @@ def accumulate(accelerator: Accelerator, model, last: bool):
 
 def load_model(name: str, kind: str = "causal", dtype=torch.float32, tokenizer=None, frozen=False):
     """A causal LM or a 1-label sequence classifier ("reward"; a new head gets std 1/sqrt(H+1), N+), dropout off;
-    `toy` / `toy-tiny`: a fresh ~1M / ~0.1M-parameter Llama. `frozen` (reference, reward model): bf16 on GPU, eval,
-    no gradients, never sharded. A reward model whose tokenizer differs from `tokenizer` scores re-tokenized text."""
+    `toy` / `toy-long` / `toy-tiny`: a fresh ~1M / ~1M / ~0.1M-parameter Llama. `frozen` (reference, reward model):
+    bf16 on GPU, eval, no gradients, never sharded. A reward model with its own tokenizer scores re-tokenized text."""
     if frozen:
         with whole_weights():
             model = load_model(name, kind, torch.bfloat16 if torch.cuda.is_available() else torch.float32, tokenizer)
         return model.eval().requires_grad_(False)
-    cls, extra = (
-        (AutoModelForCausalLM, {}) if kind == "causal" else (AutoModelForSequenceClassification, {"num_labels": 1})
-    )
-    if name == "toy-gold" and kind == "reward":  # the gold oracle: toy-rm's network (a PPO critic may start from
-        model = load_model("toy-rm", kind, dtype)  # it), whose scores reward_scores() replaces by the gold reward
-        model.config.toy_gold = True
+    cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+    extra = {} if kind == "causal" else {"num_labels": 1}
+    if name in ("toy-gold", "toy-long-gold") and kind == "reward":  # the gold oracle: the RM's network (a critic
+        model = load_model(name.replace("gold", "rm"), kind, dtype)  # starts from it), scores replaced by the gold
+        model.config.toy_gold = name.removesuffix("-gold")  # reward in reward_scores()
         return model
-    if name in ("toy", "toy-tiny"):
-        config = toy.model_config({"toy": "small", "toy-tiny": "tiny"}[name])
+    if name in ("toy", "toy-tiny", "toy-long"):
+        config = toy.model_config("tiny" if name == "toy-tiny" else "small", "toy-long" if "long" in name else "toy")
         with whole_weights():  # built whole as without DeepSpeed (ZeRO-3 then shards rank 0's weights)
             model, missing = cls.from_config(config.__class__(**{**config.to_dict(), **extra})), ["score.weight"]
     else:
@@ -141,8 +140,7 @@ def whole_weights():
 
 
 def gathered_weights(model, modifier_rank: int | None = None):
-    """ZeRO-3's shards of `model` gathered for the block: once per generate() (not at every token), or to write
-    them (`modifier_rank`'s values are kept)."""
+    """ZeRO-3's shards of `model` gathered for the block: once per generate(), or to write (`modifier_rank`'s)."""
     if zero_stage() != 3:
         return contextlib.nullcontext()
     import deepspeed
@@ -426,7 +424,7 @@ def reward_scores(reward_model, prompt, completion, pad_id, has_eos=None, no_eos
     if getattr(config, "toy_gold", False):
         if torch.is_grad_enabled():
             raise UserError("--reward-model toy-gold is a fixed oracle (the toy gold reward): it cannot be trained")
-        scores = toy.gold_scores(prompt.repeat(k, 1), completion).to(completion.device)
+        scores = toy.gold_scores(prompt.repeat(k, 1), completion, config.toy_gold).to(completion.device)
     else:
         if getattr(reward_model, "retokenize", None) is not None:
             prompt, completion, pad_id = retokenize(prompt.repeat(k, 1), completion, *reward_model.retokenize)
@@ -470,7 +468,7 @@ def evaluate(policy, tokenizer, test, args, ref_policy=None, reward_model=None, 
     was_training = policy.training
     policy.eval()
     pad_id, device = tokenizer.pad_token_id, next(policy.parameters()).device
-    prompts, is_toy = test["prompt"], args.dataset == "toy"
+    prompts, is_toy = test["prompt"], args.dataset in toy.TIERS
     references = test["completion"] if is_toy else None
     out, samples = {"score": [], "length": [], "eos": [], "kl": [], "gold": [], "ref_gold": []}, []
     for i in range(0, len(prompts), batch_size):

@@ -23,9 +23,10 @@ def load_tokenizer(name: str):
     """The tokenizer with a pad token of its own (never EOS: a model must see EOS in its loss to learn to stop),
     padding on the left. The pad may lie outside the embedding: forward() never embeds it. The tokenizer as it
     came (EOS as pad) is kept as `.without_added_pad`, for `save_model`."""
-    if name in ("toy", "toy-tiny"):
-        tokenizer = toy.make_tokenizer()
-        tokenizer.without_added_pad = toy.make_tokenizer(pad=False)
+    if name in ("toy", "toy-tiny", "toy-long"):
+        tier = "toy-long" if name == "toy-long" else "toy"
+        tokenizer = toy.make_tokenizer(tier=tier)
+        tokenizer.without_added_pad = toy.make_tokenizer(pad=False, tier=tier)
         return tokenizer
     tokenizer = from_pretrained(AutoTokenizer, toy.resolve_model(name))
     if tokenizer.eos_token_id is None:
@@ -51,8 +52,8 @@ def from_pretrained(cls, name, **kwargs):
 def load_data(name: str, split: str, columns: tuple[str, ...]) -> datasets.Dataset:
     """`toy`, a `save_to_disk` directory, a .json/.jsonl/.parquet/.csv file or a Hub id, with `columns` (the
     known layouts are converted by `standardize`); the split must not be empty."""
-    if name == "toy":
-        data = (toy.preference_dataset if "chosen" in columns else toy.sft_dataset)(split)
+    if name in toy.TIERS:
+        data = (toy.preference_dataset if "chosen" in columns else toy.sft_dataset)(split, tier=name)
     elif os.path.isdir(name):
         data = _read(name, datasets.load_from_disk, name)
         if isinstance(data, datasets.Dataset):  # a saved Dataset is a train split without a test split

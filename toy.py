@@ -44,6 +44,7 @@ Everything is generated from a seed; nothing is downloaded.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import functools
 import math
@@ -59,36 +60,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 TOPIC_WORDS = ["rain", "cat", "train", "bank", "party", "exam", "boss", "rent", "dog", "car", "phone", "trip"]
-FILLER_WORDS = [
-    "very",
-    "then",
-    "so",
-    "maybe",
-    "really",
-    "just",
-    "also",
-    "today",
-    "again",
-    "still",
-    "quite",
-    "often",
-    "soon",
-    "later",
-    "never",
-    "always",
-    "here",
-    "there",
-    "now",
-    "well",
-    "okay",
-    "anyway",
-    "though",
-    "like",
-    "yet",
-    "even",
-    "almost",
-    "perhaps",
-]
+FILLER_WORDS = (
+    "very then so maybe really just also today again still quite often soon later never always here there now well "
+    "okay anyway though like yet even almost perhaps"
+).split()
 PROMPT_HEAD, PROMPT_TAIL = "POST:", "TL;DR:"
 # <|pad|> comes last and lies outside the model's vocabulary (as the pad token common.load_tokenizer adds to a real
 # tokenizer without resizing the embeddings): the model can never emit it, and common.forward() never embeds it.
@@ -101,11 +76,12 @@ BT_TEMPERATURE = 0.3  # Bradley-Terry temperature of the simulated labellers
 MAX_NEW_TOKENS = 8  # enough for the ideal summary (<= 3 words + EOS) plus room to ramble
 
 
-def make_tokenizer(extra_words: int = 0, pad: bool = True) -> PreTrainedTokenizerFast:
+def make_tokenizer(extra_words: int = 0, pad: bool = True, tier: str = "toy") -> PreTrainedTokenizerFast:
     """Word-level tokenizer over VOCAB; prepends <bos> like Llama; pad, bos, eos and unk are distinct.
     `extra_words` unused words w0, w1, ... follow <|pad|> (a real-sized vocabulary for speed measurements).
     `pad=False`: without <|pad|>, EOS as pad (a saved toy model's tokenizer: every id has an embedding row)."""
-    words = (VOCAB if pad else VOCAB[:-1]) + [f"w{i}" for i in range(extra_words)]
+    vocab = LONG_VOCAB if tier == "toy-long" else VOCAB
+    words = (vocab if pad else vocab[:-1]) + [f"w{i}" for i in range(extra_words)]
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
@@ -117,21 +93,21 @@ def make_tokenizer(extra_words: int = 0, pad: bool = True) -> PreTrainedTokenize
         eos_token="<eos>",
         unk_token="<unk>",
         padding_side="left",
-        model_max_length=64,
+        model_max_length=128 if tier == "toy-long" else 64,
     )
 
 
-def model_config(size: str = "small") -> LlamaConfig:
+def model_config(size: str = "small", tier: str = "toy") -> LlamaConfig:
     """Llama-style causal-LM config: "small" ~1.05M parameters (the default), "tiny" ~0.1M (tests)."""
     hidden, layers, inter = {"small": (128, 4, 512), "tiny": (64, 2, 128)}[size]
     return LlamaConfig(
-        vocab_size=len(VOCAB) - 1,
+        vocab_size=len(LONG_VOCAB if tier == "toy-long" else VOCAB) - 1,
         hidden_size=hidden,
         intermediate_size=inter,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=64,
+        max_position_embeddings=128 if tier == "toy-long" else 64,
         tie_word_embeddings=True,
         pad_token_id=None,
         bos_token_id=0,
@@ -193,6 +169,8 @@ def reference_summary(post: list[str], rng: random.Random) -> list[str]:
 def gold_reward(prompt: str, completion: str, has_eos: bool = True) -> float:
     """The programmatic judge (see the module docstring). `completion` is decoded text without EOS."""
     post = post_words(prompt)
+    if post and post[0] == TITLE:
+        return long_gold_reward(post, completion, has_eos)
     important = topic_words(post)
     words = completion.split()
     present = [w for w in dict.fromkeys(words) if w in important]
@@ -244,9 +222,10 @@ def make_preference_pair(post: list[str], rng: random.Random) -> dict:
     """Two different candidates labelled by a Bradley-Terry draw on the gold reward (EOS is appended at
     tokenization, as for every dataset in the standard format)."""
     prompt = prompt_text(post)
-    a, b = candidate_summary(post, rng), candidate_summary(post, rng)
+    candidate = long_candidate_summary if post[0] == TITLE else candidate_summary
+    a, b = candidate(post, rng), candidate(post, rng)
     while b == a:  # identical strings carry no preference
-        b = candidate_summary(post, rng)
+        b = candidate(post, rng)
     ga, gb = gold_reward(prompt, " ".join(a)), gold_reward(prompt, " ".join(b))
     if rng.random() < 1 / (1 + math.exp(-(ga - gb) / BT_TEMPERATURE)):
         return {"prompt": prompt, "chosen": _completion(a), "rejected": _completion(b)}
@@ -258,45 +237,175 @@ def make_preference_pair(post: list[str], rng: random.Random) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def sft_dataset(split: str = "train", seed: int = 0) -> datasets.Dataset:
+def sft_dataset(split: str = "train", seed: int = 0, tier: str = "toy") -> datasets.Dataset:
     """prompt / completion: reference summaries of distinct posts. Test posts never occur in train."""
-    return _split(
-        split,
-        seed,
-        lambda post, rng: {"prompt": prompt_text(post), "completion": _completion(reference_summary(post, rng))},
-        SFT_TRAIN,
-        SFT_TEST,
-        salt=1,
-    )
+    reference = long_reference_summary if tier == "toy-long" else reference_summary
+    row = lambda post, rng: {"prompt": prompt_text(post), "completion": _completion(reference(post, rng))}  # noqa: E731
+    return _split(split, seed, row, SFT_TRAIN, SFT_TEST, salt=1, tier=tier)
 
 
-def preference_dataset(split: str = "train", seed: int = 0) -> datasets.Dataset:
+def preference_dataset(split: str = "train", seed: int = 0, tier: str = "toy") -> datasets.Dataset:
     """prompt / chosen / rejected with noisy Bradley-Terry labels on the gold reward."""
-    return _split(split, seed, make_preference_pair, PREF_TRAIN, PREF_TEST, salt=2)
+    return _split(split, seed, make_preference_pair, PREF_TRAIN, PREF_TEST, salt=2, tier=tier)
 
 
-def _split(split, seed, make_row, n_train, n_test, salt):
+def _split(split, seed, make_row, n_train, n_test, salt, tier="toy"):
     if split not in ("train", "test"):
         raise ValueError(f"toy splits are 'train' and 'test', not {split!r}")
     rng = random.Random(seed * 1000 + salt)
-    test_posts = _distinct_posts(random.Random(seed * 1000), max(SFT_TEST, PREF_TEST), exclude=set())
+    new_post = make_long_post if tier == "toy-long" else make_post
+    test_posts = _distinct_posts(random.Random(seed * 1000), max(SFT_TEST, PREF_TEST), set(), new_post)
     if split == "test":
         posts = test_posts[:n_test]
     else:
-        posts = _distinct_posts(rng, n_train, exclude={tuple(p) for p in test_posts})
+        posts = _distinct_posts(rng, n_train, {tuple(p) for p in test_posts}, new_post)
     row_rng = random.Random(seed * 1000 + salt + 100 * (split == "test"))
     return datasets.Dataset.from_list([make_row(post, row_rng) for post in posts])
 
 
-def _distinct_posts(rng, n, exclude):
+def _distinct_posts(rng, n, exclude, new_post):
     posts, seen = [], set(exclude)
     while len(posts) < n:
-        post = make_post(rng)
+        post = new_post(rng)
         if tuple(post) in seen:
             continue
         seen.add(tuple(post))
         posts.append(post)
     return posts
+
+
+# ---------------------------------------------------------------------------------------------
+# The long tier, `--dataset toy-long`: a long horizon, a skill SFT rarely completes, a part no data shows
+# ---------------------------------------------------------------------------------------------
+# A post opens with a title of TITLE_LEN name words and has 3-4 topic words, one mood word and fillers. The ideal
+# summary (17-18 tokens, then EOS) is the topics in order, "re:", the title copied word for word, and the mood:
+#     " rain cat bank re: maple cedar ... (12 names) tired"
+# gold = 0.45 * (0.9 coverage + 0.1 order)      topics, as in the short tier
+#      + 0.40 * [the title copied exactly]        the hard skill: one wrong, missing or extra word loses it all
+#      + 0.15 * [the post's mood word]            the part to explore: no demonstration ever writes it
+#      - 0.1 fillers - 0.2 hallucinated - 0.1 repeats - 0.5 [no EOS], clipped to [-1, 1]
+# References (SFT data, DR-PO's reset source, AIHF's demonstrations) keep the short tier's topic habits, copy the
+# title in TITLE_RATE of posts and never name the mood. Preference candidates name it in a quarter of the broad
+# corruptions (so a reward model can learn it) and copy the title with one slip in half of theirs.
+
+TITLE, RE = "TITLE:", "re:"
+NAME_WORDS = (
+    "maple cedar birch aspen willow alder hazel rowan spruce larch elm oak pine fir yew ash lime poplar holly "
+    "laurel myrtle juniper cypress sequoia acacia baobab banyan mango olive lemon cherry plum peach apricot quince "
+    "fig date walnut almond pecan cashew acorn chestnut hickory sumac tupelo sassafras"
+).split()
+MOOD_WORDS = "happy sad angry calm tired proud bored scared".split()
+LONG_VOCAB = VOCAB[:-1] + [TITLE, RE] + NAME_WORDS + MOOD_WORDS + ["<|pad|>"]
+TITLE_LEN, TITLE_RATE = 12, 0.4
+LONG_MAX_NEW_TOKENS = 48
+
+
+def make_long_post(rng: random.Random) -> list[str]:
+    """TITLE: 12 distinct names, then 3-4 topic words occurring 2-3 times, one mood word and distinct fillers."""
+    topics = rng.sample(TOPIC_WORDS, rng.choice([3, 4]))
+    body = [w for w in topics for _ in range(rng.choice([2, 3]))] + [rng.choice(MOOD_WORDS)]
+    body += rng.sample(FILLER_WORDS, rng.randint(max(0, 16 - len(body)), 26 - len(body)))
+    rng.shuffle(body)
+    return [TITLE, *rng.sample(NAME_WORDS, TITLE_LEN), *body]
+
+
+def long_parts(post: list[str]) -> tuple[list[str], list[str], str]:
+    """(title, topic words in order of first appearance, mood word) of a long-tier post."""
+    title = post[1 : 1 + TITLE_LEN]
+    return title, topic_words(post), next(w for w in post if w in MOOD_WORDS)
+
+
+def long_ideal_summary(post: list[str]) -> list[str]:
+    title, topics, mood = long_parts(post)
+    return [*topics, RE, *title, mood]
+
+
+def long_reference_summary(post: list[str], rng: random.Random) -> list[str]:
+    """The short tier's topic habits, then "re:" and the exact title in TITLE_RATE of posts; never the mood."""
+    words = reference_summary([w for w in post if w in TOPIC_WORDS or w in FILLER_WORDS], rng)
+    return words + [RE, *long_parts(post)[0]] if rng.random() < TITLE_RATE else words
+
+
+def long_gold_reward(post: list[str], completion: str, has_eos: bool = True) -> float:
+    title, topics, mood = long_parts(post)
+    words = completion.split()
+    present = [w for w in dict.fromkeys(words) if w in topics]
+    coverage = len(present) / len(topics)
+    order = float(bool(present) and present == [w for w in topics if w in present])
+    n = len(title)
+    copied = any(words[i : i + n] == title for i in range(len(words) - n + 1))
+    fillers = len({w for w in words if w in post and w not in topics and w not in title and w != mood})
+    hallucinated = len({w for w in words if w not in post and w != RE})
+    repeats = len(words) - len(set(words))
+    score = 0.45 * (0.9 * coverage + 0.1 * order) + 0.4 * copied + 0.15 * (mood in words)
+    score -= 0.1 * fillers + 0.2 * hallucinated + 0.1 * repeats + 0.5 * (not has_eos)
+    return max(-1.0, min(1.0, score))
+
+
+def title_slip(title: list[str], rng: random.Random) -> list[str]:
+    """The title with one slip: a word replaced by another name, two neighbours swapped, or a word dropped."""
+    title, i, kind = list(title), rng.randrange(len(title)), rng.choice(["replace", "swap", "drop"])
+    if kind == "replace":
+        title[i] = rng.choice([w for w in NAME_WORDS if w not in title])
+    elif kind == "swap" and i + 1 < len(title):
+        title[i], title[i + 1] = title[i + 1], title[i]
+    else:
+        del title[i]
+    return title
+
+
+def long_candidate_summary(post: list[str], rng: random.Random) -> list[str]:
+    """Reference-like half the time; else broad: corrupted topics, the title (with one slip half the time) in half,
+    the mood in a quarter."""
+    if rng.random() < 0.5:
+        return long_reference_summary(post, rng)
+    title, _, mood = long_parts(post)
+    words = candidate_summary([w for w in post if w in TOPIC_WORDS or w in FILLER_WORDS], rng)
+    if rng.random() < 0.5:
+        words += [RE, *(title_slip(title, rng) if rng.random() < 0.5 else title)]
+    if rng.random() < 0.25:  # among the topic words or at the end, never inside the title
+        words.insert(rng.choice([rng.randint(0, words.index(RE) if RE in words else len(words)), len(words)]), mood)
+    return words[: LONG_MAX_NEW_TOKENS - 1]
+
+
+def skill_pairs(split: str = "test", seed: int = 0) -> list[dict]:
+    """Pairs of long-tier summaries that differ only in the hard skill: the same reference topics and "re:" with the
+    exact title (chosen) or with one slip (rejected). A reward model must order them like the gold reward."""
+    rng = random.Random(seed * 1000 + 7)
+    pairs = []
+    for prompt in sft_dataset(split, seed, tier="toy-long")["prompt"]:
+        post = post_words(prompt)
+        title, topics = long_parts(post)[:2]
+        head = reference_summary(topics, rng) + [RE]
+        pairs.append(
+            {
+                "prompt": prompt,
+                "chosen": _completion(head + title),
+                "rejected": _completion(head + title_slip(title, rng)),
+            }
+        )
+    return pairs
+
+
+# The tier's own models and lengths wherever a flag kept the short tier's default
+LONG_DEFAULTS = {
+    "max_prompt_length": (32, 64),
+    "max_new_tokens": (8, LONG_MAX_NEW_TOKENS),
+    "max_completion_length": (16, 32),
+}
+LONG_NAMES = {"toy": "toy-long", "toy-sft": "toy-long-sft", "toy-rm": "toy-long-rm", "toy-gold": "toy-long-gold"}
+TIERS = ("toy", "toy-long")
+
+
+def tier_args(args):
+    """`--dataset toy-long`: the tier's models (toy-sft -> toy-long-sft, ...), datasets and lengths for every
+    argument still at the short tier's default. Other datasets: `args` unchanged."""
+    if getattr(args, "dataset", None) != "toy-long":
+        return args
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
+    changes = {k: new for k, (old, new) in LONG_DEFAULTS.items() if fields.get(k) == old}
+    changes |= {k: LONG_NAMES[v] for k, v in fields.items() if isinstance(v, str) and v in LONG_NAMES}
+    return dataclasses.replace(args, **changes)
 
 
 # ---- the cached toy models: `--model toy-sft`, `--reward-model toy-rm` ----
@@ -311,34 +420,37 @@ def toy_cache() -> Path:
 
 
 def resolve_model(name: str) -> str:
-    """`toy-sft` / `toy-rm` -> the cached toy models, built on first use by sft.py / reward.py; else `name`."""
-    if name not in ("toy-sft", "toy-rm"):
+    """`toy-sft` / `toy-rm` (`toy-long-sft` / `toy-long-rm`) -> the cached toy models, built on first use by sft.py /
+    reward.py (with `--dataset toy-long`); else `name`."""
+    if name not in ("toy-sft", "toy-rm", "toy-long-sft", "toy-long-rm"):
         return name
     cache, path = toy_cache(), toy_cache() / name
     if (path / "model.safetensors").exists():
         return str(path)
-    if name == "toy-rm":
-        resolve_model("toy-sft")  # the reward model starts from the SFT model (built first, outside our lock)
+    long = name.startswith("toy-long")
+    if name.endswith("-rm"):  # the reward model starts from the SFT model (built first, outside our lock)
+        resolve_model("toy-long-sft" if long else "toy-sft")
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".lock", "w") as lock:  # several processes may ask at once (tests, benchmark)
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (path / "model.safetensors").exists():
-            script = {"toy-sft": "sft.py", "toy-rm": "reward.py"}[name]
+            script = "reward.py" if name.endswith("-rm") else "sft.py"
             print(f"[toy] {name} not found in {cache}: building it with `python {script}` (once)", flush=True)
             tmp = cache / f".{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             cmd = [sys.executable, str(HERE / script), "--output-dir", str(cache), "--run-name", tmp.name]
+            cmd += ["--dataset", "toy-long"] if long else []
             subprocess.run(cmd, check=True)
             tmp.rename(path)
     return str(path)
 
 
-def gold_scores(prompt, completion):
+def gold_scores(prompt, completion, tier: str = "toy"):
     """gold_reward of each (prompt, completion) of token ids (toy tokenizer): `--reward-model toy-gold`, the oracle
     that separates an optimizer's quality from reward-model error."""
     import torch
 
-    tokenizer = _tokenizer()
+    tokenizer = _tokenizer(tier)
     prompts = tokenizer.batch_decode(prompt, skip_special_tokens=True)
     texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
     has_eos = (completion == tokenizer.eos_token_id).any(1).tolist()
@@ -346,5 +458,5 @@ def gold_scores(prompt, completion):
 
 
 @functools.cache
-def _tokenizer():
-    return make_tokenizer()
+def _tokenizer(tier: str):
+    return make_tokenizer(tier=tier)
