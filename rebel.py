@@ -18,13 +18,14 @@ clipping and no GAE, at the cost of one extra completion per prompt.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 import common
+import data
 import toy
+import training
 
 
 @dataclass
@@ -51,11 +52,13 @@ class Args:
 
     # model
     model: str = "toy-sft"
-    """SFT policy to start from; also the frozen reference (Hub id or local dir; `toy-sft` = the cached toy SFT model)"""
+    """SFT policy to start from; also the frozen reference (Hub id or local dir; `toy-sft` = the cached toy SFT
+    model)"""
     reward_model: str = "toy-rm"
-    """reward model (`toy-rm` = the cached toy reward model)"""
+    """reward model (`toy-rm` = the cached toy reward model; `toy-gold` = the toy task's gold reward, an oracle)"""
     lora_r: int = 0
-    """LoRA rank of the policy's adapters (peft; 0 = full fine-tuning); the reference is then the adapter-disabled policy, not a second copy"""
+    """LoRA rank of the policy's adapters (peft; 0 = full fine-tuning); the reference is then the adapter-disabled
+    policy, not a second copy"""
     lora_alpha: float = 16.0
     """LoRA alpha: the adapters' scale is alpha / r (DR-PO and REBEL TL;DR: r 1024, alpha 2048)"""
     gradient_checkpointing: bool = False
@@ -63,7 +66,8 @@ class Args:
 
     # data
     dataset: str = "toy"
-    """prompts (a `prompt` column): `toy`, a Hub id (trl-lib/tldr), a save_to_disk dir or a json/jsonl/parquet/csv file"""
+    """prompts (a `prompt` column): `toy`, a Hub id (trl-lib/tldr), a save_to_disk dir or a json/jsonl/parquet/csv
+    file"""
     max_prompt_length: int = 32
     """prompts longer than this keep their last tokens (TL;DR: 512)"""
     max_new_tokens: int = 8
@@ -95,8 +99,8 @@ class Args:
     """prompts per rollout (two completions each: 2x this many sequences), over all processes (REBEL TL;DR: 512)"""
     num_minibatches: int = 2
     """optimizer steps per epoch over a rollout (REBEL TL;DR: 1)"""
-    rebel_epochs: int = 4
-    """epochs over each rollout (REBEL TL;DR: 4)"""
+    update_epochs: int = 4
+    """epochs over each rollout: least-squares steps on the same pairs (REBEL TL;DR: 4)"""
     micro_batch_size: int = 64
     """prompts (pairs: 2x this many rows) per forward/backward; gradients accumulate up to a minibatch"""
 
@@ -131,93 +135,69 @@ def rebel_loss(new_logps: torch.Tensor, old_logps: torch.Tensor, rewards: torch.
     rewards_y, rewards_y2 = rewards.chunk(2)
     delta_logratio = logratio_y - logratio_y2
     target = eta * (rewards_y - rewards_y2)
-    # ALGO LOGIC: REBEL objective (Gao et al. 2024, Algorithm 1):
+    # REBEL Eq. (1), the regression of Algorithm 1 (Gao et al. 2024):
     #   ( (log pi_theta(y)/pi_t(y) - log pi_theta(y')/pi_t(y')) - eta * (R(y) - R(y')) )^2
-    # The paper writes the residual as (1/eta) * delta_logratio - delta_R; this is eta times it (the code's
-    # form; same minimizer, loss eta^2 larger).
-    residual = delta_logratio - target
+    # The paper writes the residual as (1/eta) * delta_logratio - delta_R; this is eta times it (same
+    # minimizer, loss eta^2 larger).
+    residual = delta_logratio - target  # ALGO LOGIC
     loss = (residual**2).mean()
     return loss, {"residual": residual.detach(), "delta_logratio": delta_logratio.detach(), "target": target.detach()}
 
 
 def main(args: Args):
     accelerator = common.setup(args)
-    device = accelerator.device
+    device, is_toy = accelerator.device, args.dataset == "toy"
     per_process = args.batch_size // accelerator.num_processes
     num_updates = args.total_episodes // args.batch_size
-    common.check_ranges(
-        args,
-        positive=(
-            "eta",
-            "reward_scale",
-            "temperature",
-            "max_new_tokens",
-            "max_prompt_length",
-            "rebel_epochs",
-            "micro_batch_size",
-        ),
-        non_negative=("lr", "kl_coef", "save_every"),
-    )
+    positive = ("eta", "reward_scale", "temperature", "max_new_tokens", "max_prompt_length", "update_epochs")
+    training.check_ranges(args, positive=(*positive, "micro_batch_size"), non_negative=("lr", "kl_coef", "save_every"))
     if per_process == 0 or per_process % args.num_minibatches or num_updates == 0:
-        raise common.UserError(
-            f"--batch-size {args.batch_size} must be a multiple of --num-minibatches {args.num_minibatches} (per process) and at most --total-episodes {args.total_episodes}"
+        raise training.UserError(
+            f"--batch-size {args.batch_size} must be a multiple of --num-minibatches {args.num_minibatches} "
+            f"(per process) and at most --total-episodes {args.total_episodes}"
         )
-    tokenizer = common.load_tokenizer(args.model)
+    tokenizer = data.load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
     policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
     ref_policy = common.reference_model(args.model, policy, args.lora_r, device)
     reward_model = common.load_model(args.reward_model, "reward", tokenizer=tokenizer, frozen=True).to(device)
-    is_toy = args.dataset == "toy"
 
-    train = common.load_data(args.dataset, "train", ("prompt",))
-    test = common.load_data(args.dataset, "test", ("prompt",))
+    train = data.load_data(args.dataset, "train", ("prompt",))
+    test = data.load_data(args.dataset, "test", ("prompt",))
     test = test.select(range(min(args.eval_prompts, len(test))))
-    references = test["completion"] if is_toy else None
-    train_texts = list(train["prompt"])
-    prompts = common.tokenize_prompts(tokenizer, train_texts, args.max_prompt_length)
+    prompts = data.tokenize_prompts(tokenizer, list(train["prompt"]), args.max_prompt_length)
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / num_updates)  # as N+: linear to 0
     policy, optimizer = common.prepare(accelerator, policy, optimizer, micro_batch_size=2 * args.micro_batch_size)
-    run = common.Run(args, accelerator, num_updates)
+    run = training.Run(args, accelerator, num_updates)
     generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
     order = torch.randperm(len(prompts), generator=generator).tolist()
 
-    def run_eval(update):
-        metrics, samples = common.evaluate(
-            accelerator.unwrap_model(policy),
-            tokenizer,
-            test["prompt"],
-            references,
-            is_toy=is_toy,
-            max_prompt=args.max_prompt_length,
-            max_new_tokens=args.max_new_tokens,
-            ref_model=ref_policy,
-            reward_model=reward_model,
-            no_eos_score=args.no_eos_score,
-        )
-        run.write_samples(samples, update)
-        return run.log(metrics, update, show=("eval/win_rate", "eval/kl") if is_toy else ("eval/score", "eval/kl"))
+    def evaluate(update):
+        unwrapped = accelerator.unwrap_model(policy)
+        return run.log_eval(update, *common.evaluate(unwrapped, tokenizer, test, args, ref_policy, reward_model))
 
     state = run.resume(scheduler=scheduler)
     if state is None:
-        initial, first, cursor = run_eval(0), 1, 0  # step 0: the SFT policy, pi_theta = pi_ref
+        initial, first, cursor = evaluate(0), 1, 0  # update 0: the SFT policy, pi_theta = pi_ref
     else:  # --resume: the data position and generator where the checkpoint left them
         initial, first, cursor, order = state["initial"], state["step"] + 1, state["cursor"], state["order"]
         generator.set_state(state["generator"])
-    start, times = time.time(), {}
+    times = {}  # the last update's timings (none if a resumed run had no update left)
     for update in range(first, num_updates + 1):
         times = {}
-        # ---- rollout: two completions per prompt from pi_t, scored once and kept fixed (no gradients) ----
-        with common.timer(times, "time/generation"), torch.no_grad():
+        # ---- REBEL Algorithm 1, step 1: D_t = {(x, y, y')}, x ~ rho, y and y' ~ pi_t(.|x) (no gradients) ----
+        with training.timer(times, "time/generation"), torch.no_grad():
             if cursor + per_process > len(order):
                 order, cursor = torch.randperm(len(prompts), generator=generator).tolist(), 0
             rows = order[cursor : cursor + per_process] * 2  # row i and row i + per_process: the pair (y, y')
-            prompt = common.pad([prompts[i] for i in rows], pad_id, "left").to(device)
+            prompt = data.pad([prompts[i] for i in rows], pad_id, "left").to(device)
             cursor += per_process
             unwrapped = accelerator.unwrap_model(policy)
             completion, has_eos = common.generate(unwrapped, prompt, tokenizer, args.max_new_tokens, args.temperature)
-        with common.timer(times, "time/scoring"), torch.no_grad():
+        # ---- step 2: the rewards R(x, y) = s(x, y) - kl_coef * sum_t log(pi_t / pi_ref), fixed for the update ----
+        with training.timer(times, "time/scoring"), torch.no_grad():
             mask = completion != pad_id  # completion tokens up to and including the first EOS
             unique = prompt[:per_process]  # each prompt once: its forward is shared by y and y'
             old_logps = common.completion_logprobs(unwrapped, unique, completion, pad_id, args.temperature)
@@ -229,10 +209,10 @@ def main(args: Args):
             run.check_finite(update, reward=rewards)
             old_seq_logps = old_logps.sum(1)  # log pi_t(y|x), fixed for all epochs over this batch
 
-        # ---- update: rebel_epochs x num_minibatches least-squares steps on the fixed pairs ----
-        with common.timer(times, "time/update"):
+        # ---- step 3: theta_{t+1} = argmin of Eq. (1): update_epochs x num_minibatches least-squares steps ----
+        with training.timer(times, "time/update"):
             stats = []
-            for _ in range(args.rebel_epochs):
+            for _ in range(args.update_epochs):
                 epoch = {"delta_logratio": [], "target": []}  # pair statistics: last epoch (each pair once)
                 for minibatch in pair_minibatches(per_process, args.num_minibatches, args.micro_batch_size, generator):
                     n_rows = sum(len(idx) for idx in minibatch)
@@ -243,7 +223,7 @@ def main(args: Args):
                             new_logps = common.completion_logprobs(
                                 policy, pair_prompt, completion[idx], pad_id, args.temperature
                             ).sum(1)
-                            loss, s = rebel_loss(new_logps, old_seq_logps[idx], rewards[idx], args.eta)
+                            loss, s = rebel_loss(new_logps, old_seq_logps[idx], rewards[idx], args.eta)  # Eq. (1)
                             run.check_finite(update, loss=loss)
                             accelerator.backward(loss * len(idx) / n_rows)
                         stats.append(
@@ -259,13 +239,12 @@ def main(args: Args):
                     optimizer.zero_grad()
             scheduler.step()
 
-        seq_kl = kl.sum(1)
         delta_logratio, target = torch.cat(epoch["delta_logratio"]), torch.cat(epoch["target"])
         metrics = {
             "objective/scores": scores.mean(),
-            "objective/kl": seq_kl.mean(),
+            "objective/kl": kl.sum(1).mean(),
             "objective/rlhf_reward": rewards.mean(),
-            "objective/entropy": -old_logps.sum(1).mean(),
+            "objective/entropy": -old_seq_logps.mean(),
             "objective/eos_rate": has_eos.float().mean(),
             "objective/length": mask.sum(1).float().mean(),
             **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
@@ -279,33 +258,18 @@ def main(args: Args):
             "time/samples_per_second": len(completion) / sum(times.values()),
         }
         if is_toy:  # the gold reward of the training samples: the smoothest learning curve on the toy task
-            texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
-            golds = [toy.gold_reward(train_texts[i], t, bool(e)) for i, t, e in zip(rows, texts, has_eos)]
-            metrics["objective/gold"] = sum(golds) / len(golds)
+            metrics["objective/gold"] = toy.gold_scores(prompt, completion).mean()
         run.log(metrics, update, show=("objective/scores", "objective/kl"))
-        run.advance()
         if update % args.eval_every == 0 and update < num_updates:
-            run_eval(update)
+            evaluate(update)
         run.step_done(
-            update, lambda: {"initial": initial, "cursor": cursor, "order": order, "generator": generator.get_state()}
+            update, {"initial": initial, "cursor": cursor, "order": order, "generator": generator.get_state()}
         )
 
-    final = run_eval(num_updates)
+    final = evaluate(num_updates)
     common.save_model(accelerator, policy, tokenizer, run.dir)
-    print(
-        f"[rebel] last update: {sum(times.values()):.3f} s ({', '.join(f'{k[5:]} {v:.3f}' for k, v in times.items())}), peak memory {common.peak_memory_mb():.0f} MiB"
-    )
-    initial = {f"initial/{k.removeprefix('eval/')}": v for k, v in initial.items()}
-    run.finish(
-        {
-            **initial,
-            **final,
-            "time/total": time.time() - start,
-            "time/update_last": sum(times.values()),
-            "memory/peak_mb": common.peak_memory_mb(),
-        }
-    )
+    run.finish(final, initial, times)
 
 
 if __name__ == "__main__":
-    common.run_cli(Args, main)
+    training.run_cli(Args, main)

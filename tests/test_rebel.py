@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import tyro
 
 import common
+import data
 import rebel
 import toy
 
@@ -94,8 +96,8 @@ def test_first_minibatch_logratio_is_zero():
     torch.manual_seed(0)
     tokenizer, policy = toy.make_tokenizer(), common.load_model("toy-tiny")
     pad_id, n = tokenizer.pad_token_id, 8
-    prompts = common.tokenize_prompts(tokenizer, toy.sft_dataset("test")["prompt"][:n], 32)
-    prompt = common.pad(prompts, pad_id, "left")
+    prompts = data.tokenize_prompts(tokenizer, toy.sft_dataset("test")["prompt"][:n], 32)
+    prompt = data.pad(prompts, pad_id, "left")
     prompt = torch.cat([prompt, prompt])
     completion, _ = common.generate(policy, prompt, tokenizer, 8, temperature=0.7)
     with torch.no_grad():
@@ -160,8 +162,17 @@ def test_cli_bad_batch_size(toy_cache, tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_flag_names():
+    """--update-epochs (epochs over each rollout, was --rebel-epochs); --eval-every 16 updates by default."""
+    args = tyro.cli(rebel.Args, args=["--update-epochs", "2"])
+    assert args.update_epochs == 2 and args.eval_every == 16
+    with pytest.raises(SystemExit):
+        tyro.cli(rebel.Args, args=["--rebel-epochs", "2"])
+
+
 def test_learning_check(toy_cache, tmp_path):
-    """On the tiny toy models, REBEL raises the gold reward of its training samples and the greedy win rate within a few updates."""
+    """On the tiny toy models, REBEL raises the gold reward of its training samples and the greedy win rate within
+    a few updates."""
     args = rebel.Args(
         output_dir=str(tmp_path),
         run_name="learn",

@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import tyro
 from safetensors.torch import load_file
 
 import common
+import data
 import dpo
 import toy
+import training
 import xpo
 
 
@@ -58,8 +61,8 @@ def tiny_batch(n=16, seed=0):
     torch.manual_seed(seed)
     tokenizer = toy.make_tokenizer()
     policy = common.load_model("toy-tiny")
-    prompts = common.tokenize_prompts(tokenizer, toy.sft_dataset("test")["prompt"][:n], 32)
-    prompt = common.pad(prompts, tokenizer.pad_token_id, "left")
+    prompts = data.tokenize_prompts(tokenizer, toy.sft_dataset("test")["prompt"][:n], 32)
+    prompt = data.pad(prompts, tokenizer.pad_token_id, "left")
     completion, _ = common.generate(policy, prompt, tokenizer, 8, temperature=1.0)
     return tokenizer, policy, prompt, completion
 
@@ -149,7 +152,7 @@ def test_reference_samples_come_from_the_frozen_reference(toy_cache, tmp_path, m
     assert any(not torch.equal(trained[k], v) for k, v in sft.items())
 
 
-def test_smoke_run_replay_gold_judge_and_schedule(toy_cache, tmp_path):
+def test_smoke_run_replay_gold_oracle_and_schedule(toy_cache, tmp_path):
     args = xpo.Args(
         output_dir=str(tmp_path),
         run_name="smoke",
@@ -157,8 +160,9 @@ def test_smoke_run_replay_gold_judge_and_schedule(toy_cache, tmp_path):
         batch_size=32,
         eval_prompts=16,
         replay=True,
-        judge="gold",
+        reward_model="toy-gold",
         alpha=(0.1, 0.0),
+        max_new_tokens=2,  # some completions end without EOS
     )
     xpo.main(args)
     rows = read_metrics(tmp_path / "smoke")
@@ -187,7 +191,9 @@ def test_smoke_run_replay_gold_judge_and_schedule(toy_cache, tmp_path):
         "time/samples_per_second",
     ):
         assert math.isfinite(updates[0][key]), key
-    # the gold judge: policy sample scores are the gold rewards of the policy samples
+    # the gold oracle: policy sample scores are the gold rewards of the policy samples, the gold reward's own
+    # missing-EOS term included (not --no-eos-score)
+    assert updates[0]["val/model_contain_eos_token"] < 1
     assert updates[0]["objective/scores"] == pytest.approx(updates[0]["objective/gold"], abs=1e-6)
     final = json.load(open(tmp_path / "smoke" / "eval.json"))
     assert {"eval/win_rate", "eval/kl", "eval/score", "initial/win_rate", "time/update_last", "memory/peak_mb"} <= set(
@@ -198,10 +204,20 @@ def test_smoke_run_replay_gold_judge_and_schedule(toy_cache, tmp_path):
 
 
 def test_input_mistakes_are_user_errors(toy_cache, tmp_path):
-    with pytest.raises(common.UserError, match="--judge gold"):
-        xpo.main(xpo.Args(output_dir=str(tmp_path), dataset="prefs.jsonl", judge="gold"))
-    with pytest.raises(common.UserError, match="--num-minibatches"):
+    with pytest.raises(training.UserError, match="--reward-model toy-gold needs --dataset toy"):
+        xpo.main(xpo.Args(output_dir=str(tmp_path), dataset="prefs.jsonl", reward_model="toy-gold"))
+    with pytest.raises(training.UserError, match="--num-minibatches"):
         xpo.main(xpo.Args(output_dir=str(tmp_path), batch_size=30, num_minibatches=4))
+
+
+def test_flag_names():
+    """One name per meaning: --update-epochs (epochs over each batch of pairs), --eval-every 16 updates by default;
+    the oracle is --reward-model (toy-gold for the gold reward), no --judge."""
+    args = tyro.cli(xpo.Args, args=["--update-epochs", "2", "--reward-model", "toy-gold"])
+    assert args.update_epochs == 2 and args.reward_model == "toy-gold" and args.eval_every == 16
+    for gone in (["--epochs", "2"], ["--judge", "gold"]):
+        with pytest.raises(SystemExit):
+            tyro.cli(xpo.Args, args=gone)
 
 
 def test_learning_check(toy_cache, tmp_path):
