@@ -9,7 +9,7 @@ the policy on offline pairs (x, y_w, y_l):
     L_DPO(theta) = -E log sigmoid(beta * h),   h = l_theta(y_w) - l_theta(y_l),
     l_theta(y)   = log pi_theta(y|x) - log pi_ref(y|x)     (summed over completion tokens, EOS included)
 
-pi_theta starts from the SFT model and pi_ref is a frozen copy of it, so the loss at step 0 is ln 2.
+pi_theta starts from the SFT model and pi_ref is a frozen copy of it, so the loss before the first update is ln 2.
 Options: conservative DPO label smoothing eps (-(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h))
 and IPO (Azar et al. 2023, arXiv 2310.12036: (h - 1/(2 beta))^2). TL;DR settings (N+, DR-PO): beta 0.05,
 lr 3e-6, batch 64, 1 epoch; TRL's DPOConfig: beta 0.1.
@@ -24,7 +24,6 @@ lr 3e-6, batch 64, 1 epoch; TRL's DPOConfig: beta 0.1.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,6 +32,9 @@ import torch.nn.functional as F
 from transformers import get_scheduler
 
 import common
+import data
+import training
+from training import UserError
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -53,7 +55,7 @@ class Args:
     wandb_project: str = "rlhf"
     """wandb project name"""
     save_every: int = 0
-    """write a checkpoint to <run>/checkpoint every this many steps (0: only on Ctrl-C / SIGTERM)"""
+    """write a checkpoint to <run>/checkpoint every this many updates (0: only on Ctrl-C / SIGTERM)"""
     resume: str | None = None
     """continue the run in this directory (runs/<run>) from its checkpoint, with its saved arguments"""
     trust_remote_code: bool = False
@@ -65,9 +67,11 @@ class Args:
     ref_model: str | None = None
     """frozen reference pi_ref (default: a separate copy of --model)"""
     reward_model: str | None = "toy-rm"
-    """reward model scored at evaluation only (DPO never trains on it; another tokenizer than --model's is re-tokenized); `toy-rm` applies to the toy dataset only; None: no RM score"""
+    """reward model scored at evaluation only (DPO never trains on it; another tokenizer than --model's is
+    re-tokenized); `toy-rm` applies to the toy dataset only; None: no RM score"""
     lora_r: int = 0
-    """LoRA rank of the policy's adapters (peft; 0 = full fine-tuning); without --ref-model the reference is then the adapter-disabled policy"""
+    """LoRA rank of the policy's adapters (peft; 0 = full fine-tuning); without --ref-model the reference is then
+    the adapter-disabled policy"""
     lora_alpha: float = 16.0
     """LoRA alpha: the adapters' scale is alpha / r (DR-PO and REBEL TL;DR: r 1024, alpha 2048)"""
     gradient_checkpointing: bool = False
@@ -75,7 +79,8 @@ class Args:
 
     # data
     dataset: str = "toy"
-    """preference data with prompt/chosen/rejected columns: `toy`, a Hub id (trl-lib/tldr-preference), a save_to_disk dir or a file"""
+    """preference data with prompt/chosen/rejected columns: `toy`, a Hub id (trl-lib/tldr-preference), a
+    save_to_disk dir or a file"""
     max_prompt_length: int = 32
     """prompts longer than this keep their last tokens (TL;DR: 512)"""
     max_completion_length: int = 16
@@ -83,15 +88,19 @@ class Args:
     max_new_tokens: int = 8
     """tokens generated at evaluation (TL;DR: 53)"""
     eval_prompts: int = 500
-    """test prompts generated from at each evaluation (toy: the SFT test split and its reference summaries; else the preference test split and its chosen completions)"""
+    """test prompts generated from at each evaluation (toy: the SFT test split, whose reference summaries the
+    win rate compares with; else the preference test split)"""
     num_preferences: int | None = None
     """use only the first N training pairs (default: all)"""
     eval_pairs: int = 1000
     """held-out preference pairs for the implicit-reward accuracy"""
+    no_eos_score: float = -1.0
+    """RM score of an evaluation completion without EOS (N+: -1); training never reads the reward model"""
 
     # algorithm
     beta: float = 0.1
-    """beta, the KL strength of the implicit reward beta*log(pi/pi_ref) (N+ and DR-PO TL;DR: 0.05; TRL: 0.1)"""
+    """beta, the KL strength of the implicit reward beta*log(pi/pi_ref), not PPO's --kl-coef (N+ and DR-PO TL;DR:
+    0.05; TRL: 0.1)"""
     label_smoothing: float = 0.0
     """eps, the assumed share of flipped labels (conservative DPO); 0 = plain DPO"""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
@@ -109,9 +118,9 @@ class Args:
     micro_batch_size: int | None = None
     """pairs per forward/backward on each process; gradients accumulate up to --batch-size (default: all at once)"""
     eval_every: int = 50
-    """evaluate every this many steps (and before the first and after the last)"""
+    """evaluate every this many updates (optimizer steps), and before the first and after the last"""
     max_steps: int | None = None
-    """stop after this many steps (default: the full epochs)"""
+    """stop after this many updates (optimizer steps; default: --epochs passes over the data)"""
 
 
 def dpo_loss(
@@ -129,10 +138,10 @@ def dpo_loss(
     rejected_logratios = policy_rejected_logps - ref_rejected_logps  # l_theta(y_l)
     h = chosen_logratios - rejected_logratios  # h = l_theta(y_w) - l_theta(y_l)   # ALGO LOGIC
     if loss_type == "sigmoid":
-        # DPO Eq. (7): -log sigmoid(beta h); cDPO: -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(
-            -beta * h
-        )  # ALGO LOGIC
+        # DPO Eq. (7): -log sigmoid(beta h); cDPO label smoothing eps (labels flipped with probability eps):
+        # -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+        eps = label_smoothing
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)  # ALGO LOGIC
     elif loss_type == "ipo":
         # IPO Eq. (17) of Azar et al. 2023: (h - 1/(2 beta))^2   (TRL's "ipo" uses per-token mean log-probs instead)
         losses = (h - 1 / (2 * beta)) ** 2  # ALGO LOGIC
@@ -141,26 +150,13 @@ def dpo_loss(
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
-def tokenize_pairs(tokenizer, data, args):
-    """Token ids of each (prompt, chosen + EOS, rejected + EOS), one shared prompt per pair."""
-    rows = []
-    for p, c, r in zip(data["prompt"], data["chosen"], data["rejected"]):
-        prompt, chosen = common.tokenize_pair(tokenizer, p, c, args.max_prompt_length, args.max_completion_length)
-        prompt_r, rejected = common.tokenize_pair(tokenizer, p, r, args.max_prompt_length, args.max_completion_length)
-        if prompt_r != prompt:  # a completion merged with the prompt's last token: keep the shorter prompt
-            k = min(len(prompt), len(prompt_r))
-            prompt, chosen, rejected = prompt[:k], prompt[k:] + chosen, prompt_r[k:] + rejected
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return rows
-
-
 def collate(rows, pad_id):
     """Each prompt once (left-padded) and its completions [chosen; rejected] (right-padded to one width): the
     prompt runs once for both (common.shared_prompt_forward). The completion mask (completion != pad) of
     each half covers its own completion only."""
     batch = {
-        "prompt": common.pad([r["prompt"] for r in rows], pad_id, "left"),
-        "completion": common.pad([r["chosen"] for r in rows] + [r["rejected"] for r in rows], pad_id, "right"),
+        "prompt": data.pad([r["prompt"] for r in rows], pad_id, "left"),
+        "completion": data.pad([r["chosen"] for r in rows] + [r["rejected"] for r in rows], pad_id, "right"),
     }
     if "ref_logps" in rows[0]:  # precomputed (chosen, rejected) log pi_ref
         batch["ref_logps"] = torch.tensor([r["ref_logps"] for r in rows]).T.reshape(-1)
@@ -197,7 +193,7 @@ def pair_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejecte
 
 
 @torch.no_grad()
-def held_out_metrics(policy, ref_model, rows, args, pad_id, device, batch_size=128):
+def held_out_metrics(policy, ref_policy, rows, args, pad_id, device, batch_size=128):
     """DPO loss and implicit-reward accuracy on held-out pairs (DR-PO Table 6 reports this accuracy)."""
     was_training = policy.training
     policy.eval()
@@ -206,7 +202,12 @@ def held_out_metrics(policy, ref_model, rows, args, pad_id, device, batch_size=1
         batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
         chosen, rejected = sequence_logps(policy, batch, pad_id)
         losses, r_c, r_r = dpo_loss(
-            chosen, rejected, *sequence_logps(ref_model, batch, pad_id), args.beta, args.label_smoothing, args.loss_type
+            chosen,
+            rejected,
+            *sequence_logps(ref_policy, batch, pad_id),
+            args.beta,
+            args.label_smoothing,
+            args.loss_type,
         )
         for lst, x in zip(out, (losses, r_c, r_r, chosen, rejected)):
             lst.append(x.float())
@@ -215,58 +216,46 @@ def held_out_metrics(policy, ref_model, rows, args, pad_id, device, batch_size=1
 
 
 def main(args: Args):
-    common.check_ranges(
+    training.check_ranges(
         args,
-        positive=(
-            "beta",
-            "epochs",
-            "batch_size",
-            "max_prompt_length",
-            "max_completion_length",
-            "max_new_tokens",
-            "max_steps",
-            "num_preferences",
-            "micro_batch_size",
-        ),
+        positive=("beta", "epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens"),
         non_negative=("lr", "save_every"),
     )
+    training.check_ranges(args, positive=("max_steps", "num_preferences", "micro_batch_size"))
     if not 0 <= args.label_smoothing < 0.5:
-        raise common.UserError(
-            f"--label-smoothing {args.label_smoothing} must be in [0, 0.5): the share of flipped labels"
-        )
+        raise UserError(f"--label-smoothing {args.label_smoothing} must be in [0, 0.5): the share of flipped labels")
     accelerator = common.setup(args)
     device, is_toy = accelerator.device, args.dataset == "toy"
-    tokenizer = common.load_tokenizer(args.model)
+    tokenizer = data.load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
+    # ---- DPO (Rafailov et al. 2023, Section 4), step 1: pi_theta and pi_ref both start as pi_SFT; pi_ref is a
+    # frozen copy (LoRA: the adapter-disabled policy) ----
     policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
-    # pi_ref: a separate frozen copy of the SFT model, eval mode, no grad (dropout is off in both)
-    ref_model = common.reference_model(args.ref_model or args.model, policy, args.lora_r and not args.ref_model, device)
-    reward_model = None
+    ref_policy = common.reference_model(
+        args.ref_model or args.model, policy, args.lora_r and not args.ref_model, device
+    )
+    reward_model = None  # evaluation only
     if args.reward_model is not None and (is_toy or args.reward_model != "toy-rm"):
         reward_model = common.load_model(args.reward_model, "reward", tokenizer=tokenizer, frozen=True).to(device)
 
-    train = common.load_data(args.dataset, "train", PREFERENCE_COLUMNS)
+    # ---- step 2: the offline preference data D = {(x, y_w, y_l)} ----
+    train = data.load_data(args.dataset, "train", PREFERENCE_COLUMNS)
     train = train.select(range(min(args.num_preferences or len(train), len(train))))
-    test = common.load_data(args.dataset, "test", PREFERENCE_COLUMNS)
-    train_rows = tokenize_pairs(tokenizer, train, args)
-    test_rows = tokenize_pairs(tokenizer, test.select(range(min(args.eval_pairs, len(test)))), args)
-    gen = (
-        common.load_data("toy", "test", ("prompt", "completion"))
-        if is_toy
-        else test.rename_column("chosen", "completion")
-    )
+    test = data.load_data(args.dataset, "test", PREFERENCE_COLUMNS)
+    lengths = (args.max_prompt_length, args.max_completion_length)
+    train_rows = data.tokenize_pairs(tokenizer, train, *lengths)
+    test_rows = data.tokenize_pairs(tokenizer, test.select(range(min(args.eval_pairs, len(test)))), *lengths)
+    # prompts generated from at evaluation; toy: the SFT test split, for its reference summaries
+    gen = data.load_data("toy", "test", ("prompt", "completion")) if is_toy else test
     gen = gen.select(range(min(args.eval_prompts, len(gen))))
     n_cut = sum(r[k][-1] != tokenizer.eos_token_id for r in train_rows for k in ("chosen", "rejected"))
     if n_cut:
-        print(
-            f"[data] {n_cut} completions longer than --max-completion-length {args.max_completion_length} lost their EOS"
-        )
-
+        print(f"[data] {n_cut} completions longer than --max-completion-length {args.max_completion_length} lost EOS")
     if args.precompute_ref_logps:  # log pi_ref never changes: one pass over the training pairs
         with torch.no_grad():
             for i in range(0, len(train_rows), 128):
                 batch = {k: v.to(device) for k, v in collate(train_rows[i : i + 128], pad_id).items()}
-                chosen, rejected = sequence_logps(ref_model, batch, pad_id)
+                chosen, rejected = sequence_logps(ref_policy, batch, pad_id)
                 for row, c, r in zip(train_rows[i : i + 128], chosen.tolist(), rejected.tolist()):
                     row["ref_logps"] = (c, r)
 
@@ -281,54 +270,45 @@ def main(args: Args):
         generator=loader_rng,
     )
     if len(loader) == 0:
-        raise common.UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_rows)})")
-    total = min(args.max_steps or 10**12, args.epochs * len(loader))
+        raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_rows)})")
+    num_updates = min(args.max_steps or 10**12, args.epochs * len(loader))  # one optimizer step per update
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=total)
-    policy, optimizer, loader = common.prepare(
-        accelerator, policy, optimizer, loader, micro_batch_size=args.micro_batch_size or per_process
-    )
-    run = common.Run(args, accelerator, total)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=num_updates)
+    micro = args.micro_batch_size or per_process
+    policy, optimizer, loader = common.prepare(accelerator, policy, optimizer, loader, micro_batch_size=micro)
+    run = training.Run(args, accelerator, num_updates)
 
-    def run_eval(step):
+    def evaluate(update):  # greedy completions (KL, RM score; toy: win rate) and the held-out pairs' DPO metrics
         unwrapped = accelerator.unwrap_model(policy)
-        metrics, samples = common.evaluate(
-            unwrapped,
-            tokenizer,
-            gen["prompt"],
-            gen["completion"],
-            is_toy=is_toy,
-            max_prompt=args.max_prompt_length,
-            max_new_tokens=args.max_new_tokens,
-            ref_model=ref_model,
-            reward_model=reward_model,
-        )
-        metrics.update(held_out_metrics(unwrapped, ref_model, test_rows, args, pad_id, device))
-        run.write_samples(samples, step)
-        return run.log(metrics, step, show=("eval/win_rate", "eval/kl", "eval/rewards/accuracies"))
+        metrics, samples = common.evaluate(unwrapped, tokenizer, gen, args, ref_policy, reward_model)
+        metrics.update(held_out_metrics(unwrapped, ref_policy, test_rows, args, pad_id, device))
+        return run.log_eval(update, metrics, samples)
 
     state = run.resume(scheduler=scheduler)
-    initial = run_eval(0) if state is None else state["initial"]  # step 0: the SFT policy, pi_theta = pi_ref
+    initial = evaluate(0) if state is None else state["initial"]  # update 0: the SFT policy, pi_theta = pi_ref
     first = 1 if state is None else state["step"] + 1
-    batches = common.epochs(loader, loader_rng, None if state is None else state["position"])
-    start, step_times = time.time(), []
+    batches = data.epochs(loader, loader_rng, None if state is None else state["position"])
+    times, update_times = {}, []
     policy.train()
-    for step in range(first, total + 1):
+    for update in range(first, num_updates + 1):
+        # ---- step 3: minimize L_DPO over D: a minibatch of pairs, in micro-batches that accumulate gradients ----
         batch, position = next(batches)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = {}
-        with common.timer(times, "update"):
+        with training.timer(times, "time/update"):
             n_pairs, parts = batch["prompt"].shape[0], []
             mbs = list(micro_batches(batch, args.micro_batch_size or n_pairs))
             for i, mb in enumerate(mbs):
                 with common.accumulate(accelerator, policy, last=i == len(mbs) - 1):
+                    # log pi_theta(y|x) and log pi_ref(y|x), summed over each completion's tokens
                     chosen_logps, rejected_logps = sequence_logps(policy, mb, pad_id)
                     if "ref_logps" in mb:
                         ref_chosen, ref_rejected = mb["ref_logps"].chunk(2)
                     else:
                         with torch.no_grad():
-                            ref_chosen, ref_rejected = sequence_logps(ref_model, mb, pad_id)
+                            ref_chosen, ref_rejected = sequence_logps(ref_policy, mb, pad_id)
+                    # DPO Eq. (7) (cDPO label smoothing; IPO Eq. (17) of Azar et al. 2023): see dpo_loss
                     losses, chosen_rewards, rejected_rewards = dpo_loss(
                         chosen_logps,
                         rejected_logps,
@@ -339,53 +319,30 @@ def main(args: Args):
                         args.loss_type,
                     )
                     loss = losses.mean()
-                    run.check_finite(step, loss=loss)  # lower --lr; use fp32/bf16, never fp16
+                    run.check_finite(update, loss=loss)  # lower --lr; use fp32/bf16, never fp16
                     accelerator.backward(loss * len(losses) / n_pairs)  # the batch mean, accumulated
                 parts.append(
                     (losses.detach(), chosen_rewards, rejected_rewards, chosen_logps.detach(), rejected_logps.detach())
                 )
+            # AdamW step, learning rate decayed linearly to 0
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-            losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps = (torch.cat(x) for x in zip(*parts))
-        step_times.append(times["update"])
-        run.advance()
-        if step % 10 == 0 or step == total:
-            metrics = pair_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
-            metrics.update(
-                {"lr": scheduler.get_last_lr()[0], "time/update": times["update"], "time/elapsed": time.time() - start}
-            )
-            run.log(metrics, step, show=("loss", "rewards/accuracies"))
-        if step % args.eval_every == 0 and step < total:
-            run_eval(step)
-        run.step_done(step, lambda: {"initial": initial, "position": position})
+        update_times.append(times["time/update"])
+        if update % 10 == 0 or update == num_updates:
+            metrics = pair_metrics(*(torch.cat(x) for x in zip(*parts)))
+            run.log({**metrics, "lr": scheduler.get_last_lr()[0], **times}, update, show=("loss", "rewards/accuracies"))
+        if update % args.eval_every == 0 and update < num_updates:
+            evaluate(update)
+        run.step_done(update, {"initial": initial, "position": position})
 
-    final = run_eval(total)
-    # this process's steps (fewer after --resume); the median leaves out two warm-up steps where it can
-    mean, median = sum(step_times) / max(1, len(step_times)), statistics.median(step_times[2:] or step_times or [0.0])
+    final = evaluate(num_updates)
     common.save_model(accelerator, policy, tokenizer, run.dir)
-    if accelerator.is_main_process:
-        before, after = initial.get("eval/win_rate"), final.get("eval/win_rate")
-        if before is not None:
-            print(
-                f"[dpo] win rate vs the reference summaries: SFT {before:.3f} -> DPO {after:.3f} (KL {final['eval/kl']:.2f})"
-            )
-        print(
-            f"[dpo] one update ({args.batch_size} pairs): {median:.3f} s (median of {len(step_times[2:] or step_times)}); "
-            f"peak memory {common.peak_memory_mb():.0f} MiB"
-        )
-    initial = {f"initial/{k.removeprefix('eval/')}": v for k, v in initial.items()}
-    run.finish(
-        {
-            **initial,
-            **final,
-            "time/update_mean": mean,
-            "time/update_median": median,
-            "memory/peak_mb": common.peak_memory_mb(),
-            "time/total": time.time() - start,
-        }
-    )
+    # this process's updates (fewer after --resume); the median leaves out two warm-up updates where it can
+    final["time/update_mean"] = sum(update_times) / max(1, len(update_times))
+    final["time/update_median"] = statistics.median(update_times[2:] or update_times or [0.0])
+    run.finish(final, initial, times)
 
 
 if __name__ == "__main__":
-    common.run_cli(Args, main)
+    training.run_cli(Args, main)

@@ -19,7 +19,6 @@ score ~0, and RL scores read as better or worse than the human reference.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,10 @@ import torch.nn.functional as F
 from transformers import get_scheduler
 
 import common
+import data
 import toy
+import training
+from training import UserError
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Args:
     wandb_project: str = "rlhf"
     """wandb project name"""
     save_every: int = 0
-    """write a checkpoint to <run>/checkpoint every this many steps (0: only on Ctrl-C / SIGTERM)"""
+    """write a checkpoint to <run>/checkpoint every this many updates (0: only on Ctrl-C / SIGTERM)"""
     resume: str | None = None
     """continue the run in this directory (runs/<run>) from its checkpoint, with its saved arguments"""
     trust_remote_code: bool = False
@@ -62,7 +64,8 @@ class Args:
     dataset: str = "toy"
     """preference data with prompt/chosen/rejected columns: `toy`, a Hub id, a save_to_disk dir or a file"""
     reference_dataset: str | None = "toy"
-    """prompt/completion data whose completions score 0 on average after training (N+: the SFT train split); None: the chosen completions"""
+    """prompt/completion data whose completions score 0 on average after training (N+: the SFT train split);
+    None: the chosen completions"""
     max_prompt_length: int = 32
     """prompts longer than this keep their last tokens (TL;DR: 512)"""
     max_completion_length: int = 16
@@ -80,9 +83,9 @@ class Args:
     micro_batch_size: int | None = None
     """pairs per forward/backward on each process; gradients accumulate up to --batch-size (default: all at once)"""
     eval_every: int = 50
-    """evaluate every this many steps (and at the end)"""
+    """evaluate every this many updates (optimizer steps), and at the end"""
     max_steps: int | None = None
-    """stop after this many steps (default: the full epochs)"""
+    """stop after this many updates (optimizer steps; default: --epochs passes over the data)"""
 
 
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
@@ -90,22 +93,10 @@ def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tenso
     return -F.logsigmoid(chosen_scores.float() - rejected_scores.float()).mean()  # Bradley-Terry NLL
 
 
-def tokenize_pairs(tokenizer, data, args):
-    rows = []
-    for p, c, r in zip(data["prompt"], data["chosen"], data["rejected"]):
-        prompt, chosen = common.tokenize_pair(tokenizer, p, c, args.max_prompt_length, args.max_completion_length)
-        prompt_r, rejected = common.tokenize_pair(tokenizer, p, r, args.max_prompt_length, args.max_completion_length)
-        if prompt_r != prompt:  # the completion merged with the prompt's last token: keep the shorter prompt
-            k = min(len(prompt), len(prompt_r))
-            prompt, chosen, rejected = prompt[:k], prompt[k:] + chosen, prompt_r[k:] + rejected
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return rows
-
-
 def collate(rows, pad_id):
     """[chosen; rejected] sharing left-padded prompts, completions right-padded to one width."""
-    prompt = common.pad([r["prompt"] for r in rows] * 2, pad_id, "left")
-    completion = common.pad([r["chosen"] for r in rows] + [r["rejected"] for r in rows], pad_id, "right")
+    prompt = data.pad([r["prompt"] for r in rows] * 2, pad_id, "left")
+    completion = data.pad([r["chosen"] for r in rows] + [r["rejected"] for r in rows], pad_id, "right")
     return prompt, completion
 
 
@@ -137,27 +128,27 @@ def accuracy(model, rows, pad_id, device, batch_size=128):
 
 
 @torch.no_grad()
-def mean_score(model, tokenizer, data, args, device, batch_size=128):
-    """Mean raw score of (prompt, completion) over `data` (the normalization bias)."""
+def mean_score(model, tokenizer, dataset, args, device, batch_size=128):
+    """Mean raw score of (prompt, completion) over `dataset` (the normalization bias)."""
     model.eval()
     total = 0.0
-    for i in range(0, len(data), batch_size):
-        chunk = data[i : i + batch_size]
+    for i in range(0, len(dataset), batch_size):
+        chunk = dataset[i : i + batch_size]
         pairs = [
-            common.tokenize_pair(tokenizer, p, c, args.max_prompt_length, args.max_completion_length)
+            data.tokenize_pair(tokenizer, p, c, args.max_prompt_length, args.max_completion_length)
             for p, c in zip(chunk["prompt"], chunk["completion"])
         ]
-        prompt = common.pad([p for p, _ in pairs], tokenizer.pad_token_id, "left").to(device)
-        completion = common.pad([c for _, c in pairs], tokenizer.pad_token_id, "right").to(device)
+        prompt = data.pad([p for p, _ in pairs], tokenizer.pad_token_id, "left").to(device)
+        completion = data.pad([c for _, c in pairs], tokenizer.pad_token_id, "right").to(device)
         total += common.reward_scores(model, prompt, completion, tokenizer.pad_token_id).sum().item()
-    return total / len(data)
+    return total / len(dataset)
 
 
-def gold_accuracy(data) -> float:
+def gold_accuracy(dataset) -> float:
     """Toy task: accuracy of the gold reward itself on the noisy labels (the ceiling for any reward model)."""
     golds = [
         (toy.gold_reward(p, c), toy.gold_reward(p, r))
-        for p, c, r in zip(data["prompt"], data["chosen"], data["rejected"])
+        for p, c, r in zip(dataset["prompt"], dataset["chosen"], dataset["rejected"])
     ]
     return sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in golds) / len(golds)
 
@@ -167,10 +158,8 @@ def sft_sample_pairs(tokenizer, policy_name, prompts, args, device):
     """Toy task: two SFT samples (T=1) per test prompt with their gold rewards, for the check that the
     reward model orders the policy's own samples like the gold reward (what RL will ask of it)."""
     policy = common.load_model(policy_name, frozen=True).to(device)
-    prompt = common.pad(
-        common.tokenize_prompts(tokenizer, prompts, args.max_prompt_length), tokenizer.pad_token_id, "left"
-    ).to(device)
-    pairs = []
+    prompt = data.pad(data.tokenize_prompts(tokenizer, prompts, args.max_prompt_length), tokenizer.pad_token_id, "left")
+    prompt, pairs = prompt.to(device), []
     for _ in range(2):
         completion, has_eos = common.generate(policy, prompt, tokenizer, toy.MAX_NEW_TOKENS, temperature=1.0)
         texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
@@ -192,28 +181,26 @@ def sft_sample_agreement(model, pairs, pad_id, no_eos_score=-1.0):
 
 
 def main(args: Args):
-    common.check_ranges(
+    training.check_ranges(
         args,
-        positive=(
-            "epochs",
-            "batch_size",
-            "max_prompt_length",
-            "max_completion_length",
-            "max_steps",
-            "micro_batch_size",
-        ),
+        positive=("epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_steps"),
         non_negative=("lr", "save_every"),
     )
+    training.check_ranges(args, positive=("micro_batch_size",))
     accelerator = common.setup(args)
-    tokenizer = common.load_tokenizer(args.model)
-    model = common.trainable(common.load_model(args.model, kind="reward"), args)
-    is_toy = args.dataset == "toy"
-    pad_id, device = tokenizer.pad_token_id, accelerator.device
+    tokenizer = data.load_tokenizer(args.model)
+    pad_id, device, is_toy = tokenizer.pad_token_id, accelerator.device, args.dataset == "toy"
+    # ---- Bradley-Terry reward model (N+), step 1: r_phi = the SFT backbone with a fresh scalar head,
+    # std 1/sqrt(H+1), read at the EOS token ----
+    reward_model = common.trainable(common.load_model(args.model, kind="reward"), args)
 
-    train = common.load_data(args.dataset, "train", ("prompt", "chosen", "rejected"))
-    test = common.load_data(args.dataset, "test", ("prompt", "chosen", "rejected"))
+    # ---- step 2: preference pairs (x, y_w, y_l) -> token ids, one prompt for both completions ----
+    train = data.load_data(args.dataset, "train", ("prompt", "chosen", "rejected"))
+    test = data.load_data(args.dataset, "test", ("prompt", "chosen", "rejected"))
     test = test.select(range(min(args.eval_pairs, len(test))))
-    train_rows, test_rows = tokenize_pairs(tokenizer, train, args), tokenize_pairs(tokenizer, test, args)
+    lengths = (args.max_prompt_length, args.max_completion_length)
+    train_rows = data.tokenize_pairs(tokenizer, train, *lengths)
+    test_rows = data.tokenize_pairs(tokenizer, test, *lengths)
     sft_pairs = None
     if is_toy and args.model != "toy":
         sft_pairs = sft_sample_pairs(tokenizer, args.model, test["prompt"][:500], args, device)
@@ -229,64 +216,69 @@ def main(args: Args):
         generator=loader_rng,
     )
     if len(loader) == 0:
-        raise common.UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_rows)})")
-    total = min(args.max_steps or 10**12, args.epochs * len(loader))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-5)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=total)
+        raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_rows)})")
+    num_updates = min(args.max_steps or 10**12, args.epochs * len(loader))  # one optimizer step per update
+    optimizer = torch.optim.AdamW(reward_model.parameters(), lr=args.lr, eps=1e-5)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=num_updates)
     micro = 2 * (args.micro_batch_size or per_process)  # rows: chosen and rejected
-    model, optimizer, loader = common.prepare(accelerator, model, optimizer, loader, micro_batch_size=micro)
-    run = common.Run(args, accelerator, total)
+    reward_model, optimizer, loader = common.prepare(
+        accelerator, reward_model, optimizer, loader, micro_batch_size=micro
+    )
+    run = training.Run(args, accelerator, num_updates)
 
-    def run_eval(step):
-        unwrapped = accelerator.unwrap_model(model)
+    def evaluate(update):  # held-out accuracy; toy: agreement with the gold reward on SFT samples
+        unwrapped = accelerator.unwrap_model(reward_model)
         metrics = {"eval/accuracy": accuracy(unwrapped, test_rows, pad_id, device)}
         if sft_pairs is not None:
             metrics["eval/gold_agreement_sft_samples"] = sft_sample_agreement(unwrapped, sft_pairs, pad_id)
-        return run.log(metrics, step, show=("eval/accuracy",))
+        return run.log(metrics, update, show=("eval/accuracy",))
 
     state = run.resume(scheduler=scheduler)
     first = 1 if state is None else state["step"] + 1
-    batches = common.epochs(loader, loader_rng, None if state is None else state["position"])
-    start = time.time()
-    model.train()
-    for step in range(first, total + 1):
+    batches = data.epochs(loader, loader_rng, None if state is None else state["position"])
+    times = {}
+    reward_model.train()
+    for update in range(first, num_updates + 1):
+        # ---- step 3: a minibatch of pairs, split into micro-batches that accumulate gradients ----
         (prompt, completion), position = next(batches)
-        n_pairs, parts = prompt.shape[0] // 2, []
-        mbs = list(micro_batches(prompt, completion, args.micro_batch_size or n_pairs))
-        for i, (mb_prompt, mb_completion) in enumerate(mbs):
-            with common.accumulate(accelerator, model, last=i == len(mbs) - 1):
-                chosen, rejected = pair_scores(model, mb_prompt, mb_completion, pad_id)
-                loss = bradley_terry_loss(chosen, rejected)
-                run.check_finite(step, loss=loss)
-                accelerator.backward(loss * len(chosen) / n_pairs)  # the batch mean, accumulated
-            parts.append((chosen.detach(), rejected.detach()))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
+        times = {}
+        with training.timer(times, "time/update"):
+            n_pairs, parts = prompt.shape[0] // 2, []
+            mbs = list(micro_batches(prompt, completion, args.micro_batch_size or n_pairs))
+            for i, (mb_prompt, mb_completion) in enumerate(mbs):
+                with common.accumulate(accelerator, reward_model, last=i == len(mbs) - 1):
+                    chosen, rejected = pair_scores(reward_model, mb_prompt, mb_completion, pad_id)
+                    # ---- step 4: L_RM = -E log sigmoid(r_phi(x, y_w) - r_phi(x, y_l)) (Bradley-Terry) ----
+                    loss = bradley_terry_loss(chosen, rejected)
+                    run.check_finite(update, loss=loss)
+                    accelerator.backward(loss * len(chosen) / n_pairs)  # the batch mean, accumulated
+                parts.append((chosen.detach(), rejected.detach()))
+            # ---- step 5: AdamW step, learning rate decayed linearly to 0 ----
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
         chosen, rejected = (torch.cat(x) for x in zip(*parts))
-        loss = bradley_terry_loss(chosen, rejected)
-        run.advance()
-        if step % 10 == 0 or step == total:
-            run.log(
-                {
-                    "loss": loss.item(),
-                    "accuracy": (chosen > rejected).float().mean().item(),
-                    "scores/chosen": chosen.mean().item(),
-                    "scores/rejected": rejected.mean().item(),
-                    "scores/margin": (chosen - rejected).mean().item(),
-                    "lr": scheduler.get_last_lr()[0],
-                },
-                step,
-                show=("loss", "accuracy"),
-            )
-        if step % args.eval_every == 0 and step < total:
-            run_eval(step)
-        run.step_done(step, lambda: {"position": position})
+        if update % 10 == 0 or update == num_updates:
+            metrics = {
+                "loss": bradley_terry_loss(chosen, rejected).item(),
+                "accuracy": (chosen > rejected).float().mean().item(),
+                "scores/chosen": chosen.mean().item(),
+                "scores/rejected": rejected.mean().item(),
+                "scores/margin": (chosen - rejected).mean().item(),
+                "lr": scheduler.get_last_lr()[0],
+                **times,
+            }
+            run.log(metrics, update, show=("loss", "accuracy"))
+        if update % args.eval_every == 0 and update < num_updates:
+            evaluate(update)
+        run.step_done(update, {"position": position})
 
-    final = run_eval(total)
-    unwrapped = accelerator.unwrap_model(model)
+    final = evaluate(num_updates)
+    # ---- step 6: normalization (N+): Bradley-Terry leaves the offset free; the mean score of the reference
+    # completions is stored as config.reward_bias and subtracted wherever the model scores, so references score 0 ----
+    unwrapped = accelerator.unwrap_model(reward_model)
     if args.reference_dataset is not None:
-        refs = common.load_data(args.reference_dataset, "train", ("prompt", "completion"))
+        refs = data.load_data(args.reference_dataset, "train", ("prompt", "completion"))
     else:
         refs = train.rename_column("chosen", "completion")
     refs = refs.shuffle(seed=args.seed).select(range(min(2000, len(refs))))
@@ -295,9 +287,9 @@ def main(args: Args):
     final["eval/reference_score"] = mean_score(unwrapped, tokenizer, refs, args, device)  # ~0 after the shift
     if is_toy:
         final["eval/gold_accuracy_ceiling"] = gold_accuracy(test)
-    common.save_model(accelerator, model, tokenizer, run.dir)
-    run.finish({**final, "time/total": time.time() - start})
+    common.save_model(accelerator, reward_model, tokenizer, run.dir)
+    run.finish(final, times=times)
 
 
 if __name__ == "__main__":
-    common.run_cli(Args, main)
+    training.run_cli(Args, main)

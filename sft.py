@@ -16,13 +16,15 @@ trains Pythia on reference summaries for 1 epoch, batch 64, lr 3e-6.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 from transformers import get_scheduler
 
 import common
+import data
+import training
+from training import UserError
 
 
 @dataclass
@@ -41,7 +43,7 @@ class Args:
     wandb_project: str = "rlhf"
     """wandb project name"""
     save_every: int = 0
-    """write a checkpoint to <run>/checkpoint every this many steps (0: only on Ctrl-C / SIGTERM)"""
+    """write a checkpoint to <run>/checkpoint every this many updates (0: only on Ctrl-C / SIGTERM)"""
     resume: str | None = None
     """continue the run in this directory (runs/<run>) from its checkpoint, with its saved arguments"""
     trust_remote_code: bool = False
@@ -49,7 +51,7 @@ class Args:
 
     # model
     model: str = "toy"
-    """model to fine-tune: Hub id or local directory; `toy` / `toy-tiny` = a fresh ~1M / ~0.1M-parameter Llama for the toy task"""
+    """model to fine-tune: Hub id or local directory; `toy` / `toy-tiny` = a fresh ~1M / ~0.1M-parameter Llama"""
     lora_r: int = 0
     """LoRA rank of the policy's adapters (peft; 0 = full fine-tuning); the saved model is merged"""
     lora_alpha: float = 16.0
@@ -59,7 +61,7 @@ class Args:
 
     # data
     dataset: str = "toy"
-    """prompt/completion data: `toy`, a Hub id (trl-lib/tldr), a save_to_disk directory or a json/jsonl/parquet/csv file"""
+    """prompt/completion data: `toy`, a Hub id (trl-lib/tldr), a save_to_disk directory or a json/jsonl/parquet/csv"""
     max_prompt_length: int = 32
     """prompts longer than this keep their last tokens (TL;DR: 512)"""
     max_completion_length: int = 16
@@ -79,49 +81,42 @@ class Args:
     micro_batch_size: int | None = None
     """examples per forward/backward on each process; gradients accumulate up to --batch-size (default: all at once)"""
     eval_every: int = 100
-    """evaluate every this many steps (and at the end)"""
+    """evaluate every this many updates (optimizer steps), and at the end"""
     max_steps: int | None = None
-    """stop after this many steps (default: the full epochs)"""
+    """stop after this many updates (optimizer steps; default: --epochs passes over the data)"""
 
 
 def collate(examples, pad_id):
-    prompt = common.pad([e["prompt_ids"] for e in examples], pad_id, "left")
-    completion = common.pad([e["completion_ids"] for e in examples], pad_id, "right")
+    prompt = data.pad([e["prompt_ids"] for e in examples], pad_id, "left")
+    completion = data.pad([e["completion_ids"] for e in examples], pad_id, "right")
     return prompt, completion
 
 
 def main(args: Args):
-    common.check_ranges(
+    training.check_ranges(
         args,
-        positive=(
-            "epochs",
-            "batch_size",
-            "max_prompt_length",
-            "max_completion_length",
-            "max_new_tokens",
-            "max_steps",
-            "micro_batch_size",
-        ),
+        positive=("epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens"),
         non_negative=("lr", "save_every"),
     )
+    training.check_ranges(args, positive=("max_steps", "micro_batch_size"))
     accelerator = common.setup(args)
-    tokenizer = common.load_tokenizer(args.model)
-    model = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
-    is_toy = args.dataset == "toy"
+    tokenizer = data.load_tokenizer(args.model)
+    pad_id = tokenizer.pad_token_id
+    # ---- SFT (Stiennon et al. 2020, N+), step 1: pi_theta starts from the pretrained LM (LoRA optional) ----
+    policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
 
-    train = common.load_data(args.dataset, "train", ("prompt", "completion"))
-    test = common.load_data(args.dataset, "test", ("prompt", "completion"))
+    # ---- step 2: demonstrations (x, y) -> token ids of x (left-truncated) and y + EOS ----
+    train = data.load_data(args.dataset, "train", ("prompt", "completion"))
+    test = data.load_data(args.dataset, "test", ("prompt", "completion"))
     test = test.select(range(min(args.eval_prompts, len(test))))
     pairs = [
-        common.tokenize_pair(tokenizer, p, c, args.max_prompt_length, args.max_completion_length)
+        data.tokenize_pair(tokenizer, p, c, args.max_prompt_length, args.max_completion_length)
         for p, c in zip(train["prompt"], train["completion"])
     ]
     examples = [{"prompt_ids": p, "completion_ids": c} for p, c in pairs]
     n_cut = sum(c[-1] != tokenizer.eos_token_id for _, c in pairs)
     if n_cut:
-        print(
-            f"[data] {n_cut} completions longer than --max-completion-length {args.max_completion_length} lost their EOS"
-        )
+        print(f"[data] {n_cut} completions longer than --max-completion-length {args.max_completion_length} lost EOS")
 
     per_process = args.batch_size // accelerator.num_processes
     loader_rng = torch.Generator().manual_seed(args.seed)  # the shuffle; its state is the data position of a checkpoint
@@ -130,68 +125,57 @@ def main(args: Args):
         batch_size=per_process,
         shuffle=True,
         drop_last=True,
-        collate_fn=lambda b: collate(b, tokenizer.pad_token_id),
+        collate_fn=lambda b: collate(b, pad_id),
         generator=loader_rng,
     )
     if len(loader) == 0:
-        raise common.UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(examples)})")
-    total = min(args.max_steps or 10**12, args.epochs * len(loader))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-5)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=total)
+        raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(examples)})")
+    num_updates = min(args.max_steps or 10**12, args.epochs * len(loader))  # one optimizer step per update
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=num_updates)
     micro = args.micro_batch_size or per_process
-    model, optimizer, loader = common.prepare(accelerator, model, optimizer, loader, micro_batch_size=micro)
-    run = common.Run(args, accelerator, total)
+    policy, optimizer, loader = common.prepare(accelerator, policy, optimizer, loader, micro_batch_size=micro)
+    run = training.Run(args, accelerator, num_updates)
 
-    def run_eval(step):
-        metrics, samples = common.evaluate(
-            accelerator.unwrap_model(model),
-            tokenizer,
-            test["prompt"],
-            test["completion"],
-            is_toy=is_toy,
-            max_prompt=args.max_prompt_length,
-            max_new_tokens=args.max_new_tokens,
-        )
-        run.write_samples(samples, step)
-        return run.log(metrics, step, show=("eval/win_rate", "eval/eos"))
+    def evaluate(update):  # greedy completions of the test prompts; toy: gold reward and win rate
+        return run.log_eval(update, *common.evaluate(accelerator.unwrap_model(policy), tokenizer, test, args))
 
     state = run.resume(scheduler=scheduler)
     first = 1 if state is None else state["step"] + 1
-    batches = common.epochs(loader, loader_rng, None if state is None else state["position"])
-    start = time.time()
-    model.train()
-    for step in range(first, total + 1):
+    batches = data.epochs(loader, loader_rng, None if state is None else state["position"])
+    times = {}
+    policy.train()
+    for update in range(first, num_updates + 1):
+        # ---- step 3: a minibatch of demonstrations, split into micro-batches that accumulate gradients ----
         (prompt, completion), position = next(batches)
-        mask = completion != tokenizer.pad_token_id
-        size, n_tokens, loss = args.micro_batch_size or len(prompt), mask.sum().clamp(min=1), 0.0
-        mbs = list(zip(prompt.split(size), completion.split(size), mask.split(size)))
-        for i, (p, c, m) in enumerate(mbs):
-            # SFT loss: token-mean negative log-likelihood of the completion tokens (EOS included), over the
-            # whole batch: a micro-batch adds its token sum over the batch's token count, not its own mean
-            with common.accumulate(accelerator, model, last=i == len(mbs) - 1):
-                logps = common.completion_logprobs(model, p, c, tokenizer.pad_token_id)
-                micro_loss = -(logps * m).sum() / n_tokens
-                run.check_finite(step, loss=micro_loss)
-                accelerator.backward(micro_loss)
-            loss += micro_loss.detach()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        run.advance()
-        if step % 10 == 0 or step == total:
-            run.log(
-                {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "time/elapsed": time.time() - start},
-                step,
-                show=("loss",),
-            )
-        if step % args.eval_every == 0 and step < total:
-            run_eval(step)
-        run.step_done(step, lambda: {"position": position})
+        times = {}
+        with training.timer(times, "time/update"):
+            mask = completion != pad_id
+            size, n_tokens, loss = args.micro_batch_size or len(prompt), mask.sum().clamp(min=1), 0.0
+            mbs = list(zip(prompt.split(size), completion.split(size), mask.split(size)))
+            for i, (p, c, m) in enumerate(mbs):
+                # ---- step 4: the SFT loss, -(1/N) sum_t log pi_theta(y_t | x, y_<t) over the N completion tokens
+                # of the whole batch (EOS included): a micro-batch adds its token sum over N, not its own mean ----
+                with common.accumulate(accelerator, policy, last=i == len(mbs) - 1):
+                    logps = common.completion_logprobs(policy, p, c, pad_id)
+                    micro_loss = -(logps * m).sum() / n_tokens
+                    run.check_finite(update, loss=micro_loss)
+                    accelerator.backward(micro_loss)
+                loss += micro_loss.detach()
+            # ---- step 5: AdamW step, learning rate decayed linearly to 0 ----
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        if update % 10 == 0 or update == num_updates:
+            run.log({"loss": loss.item(), "lr": scheduler.get_last_lr()[0], **times}, update, show=("loss",))
+        if update % args.eval_every == 0 and update < num_updates:
+            evaluate(update)
+        run.step_done(update, {"position": position})
 
-    final = run_eval(total)
-    common.save_model(accelerator, model, tokenizer, run.dir)  # merged when LoRA
-    run.finish({**final, "time/total": time.time() - start})
+    final = evaluate(num_updates)
+    common.save_model(accelerator, policy, tokenizer, run.dir)  # merged when LoRA
+    run.finish(final, times=times)
 
 
 if __name__ == "__main__":
-    common.run_cli(Args, main)
+    training.run_cli(Args, main)

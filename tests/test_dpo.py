@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import common
+import data
 import dpo
 import toy
 
@@ -109,10 +110,10 @@ def test_collator_carries_precomputed_ref_logps():
 
 
 def test_loss_is_ln2_on_a_real_batch_with_a_frozen_copy(toy_cache):
-    tokenizer = common.load_tokenizer("toy-sft")
+    tokenizer = data.load_tokenizer("toy-sft")
     policy, ref = common.load_model("toy-sft"), common.load_model("toy-sft").eval().requires_grad_(False)
-    data = common.load_data("toy", "test", dpo.PREFERENCE_COLUMNS).select(range(16))
-    batch = dpo.collate(dpo.tokenize_pairs(tokenizer, data, dpo.Args()), tokenizer.pad_token_id)
+    pairs = data.load_data("toy", "test", dpo.PREFERENCE_COLUMNS).select(range(16))
+    batch = dpo.collate(data.tokenize_pairs(tokenizer, pairs, 32, 16), tokenizer.pad_token_id)
     chosen, rejected = dpo.sequence_logps(policy, batch, tokenizer.pad_token_id)
     with torch.no_grad():
         ref_chosen, ref_rejected = dpo.sequence_logps(ref, batch, tokenizer.pad_token_id)
@@ -181,7 +182,7 @@ def test_cli_on_a_preference_file(toy_cache, tmp_path):
     env = {**os.environ, "RLHF_TOY_CACHE": str(toy_cache)}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "one update (8 pairs)" in out.stdout
+    assert "[dpo] last update: time/update" in out.stdout
     final = json.loads((tmp_path / "cli" / "eval.json").read_text())
     assert "eval/win_rate" not in final and "eval/score" not in final and math.isfinite(final["eval/kl"])
     bad = subprocess.run(cmd[:2] + ["--dataset", "missing.jsonl"], capture_output=True, text=True, env=env, timeout=120)

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
+import data
 import reward
 import sft
 import toy
@@ -65,10 +66,10 @@ def test_reward_tokenize_and_collate_pairs():
     """Chosen and rejected share the left-padded prompt; completions are right-padded to one width, so
     both completion masks exclude the prompt."""
     tok = toy.make_tokenizer()
-    data = {"prompt": ["POST: rain cat TL;DR:"], "chosen": [" rain cat"], "rejected": [" cat"]}
+    pairs = {"prompt": ["POST: rain cat TL;DR:"], "chosen": [" rain cat"], "rejected": [" cat"]}
     args = reward.Args()
     # toy ids: <bos> 0, <eos> 1, POST: 3, TL;DR: 4, rain 5, cat 6; <|pad|> 45
-    assert reward.tokenize_pairs(tok, data, args) == [
+    assert data.tokenize_pairs(tok, pairs, args.max_prompt_length, args.max_completion_length) == [
         {"prompt": [0, 3, 5, 6, 4], "chosen": [5, 6, 1], "rejected": [6, 1]}
     ]
     P = tok.pad_token_id
@@ -110,8 +111,8 @@ def test_sft_loss_mask_covers_eos_and_excludes_the_prompt():
     labels -100 on the prompt and on padding; the EOS of every row is inside the mask."""
     tok = toy.make_tokenizer()
     pairs = [
-        common.tokenize_pair(tok, "POST: rain very cat then rain so cat maybe TL;DR:", " rain cat", 32, 16),
-        common.tokenize_pair(tok, "POST: dog so dog TL;DR:", " dog", 32, 16),
+        data.tokenize_pair(tok, "POST: rain very cat then rain so cat maybe TL;DR:", " rain cat", 32, 16),
+        data.tokenize_pair(tok, "POST: dog so dog TL;DR:", " dog", 32, 16),
     ]
     prompt, completion = sft.collate([{"prompt_ids": p, "completion_ids": c} for p, c in pairs], tok.pad_token_id)
     P = tok.pad_token_id  # 45
@@ -151,7 +152,7 @@ def test_sft_smoke(tmp_path):
         assert (run / name).exists(), name
     args = json.loads((run / "args.json").read_text())
     assert (args["model"], args["max_steps"], args["batch_size"]) == ("toy-tiny", 1, 16)
-    # step 1 logs the loss before any update: a fresh model is near uniform over its 45 tokens (no <|pad|>)
+    # update 1 logs the loss of the weights it starts from: a fresh model is near uniform over 45 tokens (no <|pad|>)
     assert read_jsonl(run / "metrics.jsonl")[0]["step"] == 1
     assert read_jsonl(run / "metrics.jsonl")[0]["loss"] == pytest.approx(math.log(45), abs=0.05)
     assert len(read_jsonl(run / "samples.jsonl")) == 16
@@ -167,7 +168,7 @@ def test_sft_smoke(tmp_path):
 
 @pytest.fixture(scope="module")
 def reward_run(tmp_path_factory, toy_cache):
-    """reward.py with its defaults (backbone `toy-sft` from the toy cache), 3 steps."""
+    """reward.py with its defaults (backbone `toy-sft` from the toy cache), 3 updates."""
     out = tmp_path_factory.mktemp("reward")
     args = reward.Args(output_dir=str(out), run_name="rm", max_steps=3, batch_size=32, eval_pairs=100)
     reward.main(args)
@@ -201,15 +202,15 @@ def test_reward_normalization_centers_the_references(reward_run):
     reward.py draws) is 0 after the stored bias is subtracted."""
     run, args = reward_run
     assert abs(json.loads((run / "eval.json").read_text())["eval/reference_score"]) < 1e-4
-    rm, tok = common.load_model(str(run), kind="reward").eval(), common.load_tokenizer(str(run))
+    rm, tok = common.load_model(str(run), kind="reward").eval(), data.load_tokenizer(str(run))
     assert rm.config.reward_bias != 0.0
     refs = toy.sft_dataset("train").shuffle(seed=args.seed).select(range(2000))
     pairs = [
-        common.tokenize_pair(tok, p, c, args.max_prompt_length, args.max_completion_length)
+        data.tokenize_pair(tok, p, c, args.max_prompt_length, args.max_completion_length)
         for p, c in zip(refs["prompt"], refs["completion"])
     ]
-    prompt = common.pad([p for p, _ in pairs], tok.pad_token_id, "left")
-    completion = common.pad([c for _, c in pairs], tok.pad_token_id, "right")
+    prompt = data.pad([p for p, _ in pairs], tok.pad_token_id, "left")
+    completion = data.pad([c for _, c in pairs], tok.pad_token_id, "right")
     with torch.no_grad():
         scores = common.reward_scores(rm, prompt, completion, tok.pad_token_id)
     assert abs(scores.mean().item()) < 1e-4
@@ -281,22 +282,14 @@ def test_reward_micro_batches_keep_chosen_and_rejected_together():
 
 
 # ---------------------------------------------------------------------------------------------
-# Learning check (the toy_cache fixture: toy-tiny SFT 300 steps at lr 3e-3, reward model 150 steps)
+# Learning check (the toy_cache fixture: toy-tiny SFT 300 updates at lr 3e-3, reward model 156 updates)
 # ---------------------------------------------------------------------------------------------
 
 
 def test_sft_learns_the_toy_task(toy_cache):
     tok, prompts = toy.make_tokenizer(), toy.sft_dataset("test").select(range(64))
     torch.manual_seed(0)
-    before, _ = common.evaluate(
-        common.load_model("toy-tiny"),
-        tok,
-        prompts["prompt"],
-        prompts["completion"],
-        is_toy=True,
-        max_prompt=32,
-        max_new_tokens=8,
-    )
+    before, _ = common.evaluate(common.load_model("toy-tiny"), tok, prompts, sft.Args())
     after = json.loads((toy_cache / "toy-sft" / "eval.json").read_text())  # the same 64 test prompts
     assert before["eval/win_rate"] < 0.05
     assert after["eval/win_rate"] > 0.3 and after["eval/eos"] > 0.9 and after["eval/gold"] > 0.5
