@@ -135,7 +135,7 @@ def rebel_loss(new_logps: torch.Tensor, old_logps: torch.Tensor, rewards: torch.
     rewards_y, rewards_y2 = rewards.chunk(2)
     delta_logratio = logratio_y - logratio_y2
     target = eta * (rewards_y - rewards_y2)
-    # REBEL Eq. (1), the regression of Algorithm 1 (Gao et al. 2024):
+    # REBEL (Gao et al. 2024), the least-squares regression of its Algorithm 1:
     #   ( (log pi_theta(y)/pi_t(y) - log pi_theta(y')/pi_t(y')) - eta * (R(y) - R(y')) )^2
     # The paper writes the residual as (1/eta) * delta_logratio - delta_R; this is eta times it (same
     # minimizer, loss eta^2 larger).
@@ -209,7 +209,7 @@ def main(args: Args):
             run.check_finite(update, reward=rewards)
             old_seq_logps = old_logps.sum(1)  # log pi_t(y|x), fixed for all epochs over this batch
 
-        # ---- step 3: theta_{t+1} = argmin of Eq. (1): update_epochs x num_minibatches least-squares steps ----
+        # ---- step 3: theta_{t+1} = argmin of the regression: update_epochs x num_minibatches least-squares steps ----
         with training.timer(times, "time/update"):
             stats = []
             for _ in range(args.update_epochs):
@@ -223,7 +223,7 @@ def main(args: Args):
                             new_logps = common.completion_logprobs(
                                 policy, pair_prompt, completion[idx], pad_id, args.temperature
                             ).sum(1)
-                            loss, s = rebel_loss(new_logps, old_seq_logps[idx], rewards[idx], args.eta)  # Eq. (1)
+                            loss, s = rebel_loss(new_logps, old_seq_logps[idx], rewards[idx], args.eta)  # REBEL Alg. 1
                             run.check_finite(update, loss=loss)
                             accelerator.backward(loss * len(idx) / n_rows)
                         stats.append(
