@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import common
+import data
 import drpo
 import ppo
 import toy
@@ -43,10 +44,10 @@ def test_reset_prefix_equals_reference_tokens():
     torch.manual_seed(0)
     tokenizer = toy.make_tokenizer()
     policy = common.load_model("toy-tiny")  # untrained: without forcing it would almost never copy the reference
-    data = toy.sft_dataset("test").select(range(32))
-    pairs = [common.tokenize_pair(tokenizer, p, c, 32, 8) for p, c in zip(data["prompt"], data["completion"])]
-    prompt = common.pad([p for p, _ in pairs], tokenizer.pad_token_id, "left")
-    reference = common.pad([c for _, c in pairs], tokenizer.pad_token_id, "right")
+    rows = toy.sft_dataset("test").select(range(32))
+    pairs = [data.tokenize_pair(tokenizer, p, c, 32, 8) for p, c in zip(rows["prompt"], rows["completion"])]
+    prompt = data.pad([p for p, _ in pairs], tokenizer.pad_token_id, "left")
+    reference = data.pad([c for _, c in pairs], tokenizer.pad_token_id, "right")
     lengths = (reference != tokenizer.pad_token_id).sum(1)
     h = drpo.sample_resets(lengths, 1.0, torch.Generator().manual_seed(0))
     assert (h >= 1).all() and (h <= lengths - 1).all()
@@ -71,9 +72,9 @@ def test_policy_gradient_ignores_forced_tokens_only():
     new_logps = torch.zeros(1, 5, requires_grad=True)
     new_values = torch.zeros(1, 5, requires_grad=True)
     advantages, returns = torch.ones(1, 5), torch.full((1, 5), 0.1)
-    pg, vf, _ = drpo.ppo_losses(
-        new_logps, torch.zeros(1, 5), advantages, new_values, torch.zeros(1, 5), returns, mask, args, mask & ~forced
-    )
+    zeros = torch.zeros(1, 5)
+    rollout = dict(old_logps=zeros, old_values=zeros, advantages=advantages, returns=returns, mask=mask)
+    pg, vf, _ = drpo.ppo_losses(new_logps, new_values, {**rollout, "free": mask & ~forced}, args)
     pg.backward()
     assert new_logps.grad[0].tolist() == [0.0, 0.0, -0.5, -0.5, 0.0]  # -A / n_free on the two free tokens
     vf.backward()
@@ -108,7 +109,7 @@ def test_cli_rejects_reset_prob_out_of_range(toy_cache, tmp_path):
     cmd = [sys.executable, str(ROOT / "drpo.py"), "--output-dir", str(tmp_path), "--reset-prob", "1.5"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=120)
     assert out.returncode == 2
-    assert out.stderr.strip() == "error: --reset-prob 1.5 must lie in [0, 1]"
+    assert out.stderr.strip() == "error: --reset-prob 1.5 must be in [0, 1]"
 
 
 def test_learning_check(toy_cache, tmp_path):

@@ -10,9 +10,11 @@ import torch
 from toy_batches import toy_batch
 
 import common
+import data
 import drpo
 import ppo
 import toy
+import training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,13 +74,13 @@ def test_score_goes_to_the_eos_index_and_nothing_after():
 def test_critic_starts_at_the_reward_score(module, toy_cache):
     """The critic is a copy of the reward model whose normalization bias its values subtract, as N+'s critic
     does: at the start, the value of the state after the last token (the head on the EOS) is the score."""
-    tokenizer = common.load_tokenizer("toy-sft")
+    tokenizer = data.load_tokenizer("toy-sft")
     pad_id = tokenizer.pad_token_id
     prompt, completion = toy_batch(tokenizer)
     reward_model, critic = common.load_model("toy-rm", "reward"), common.load_model("toy-rm", "reward")
     assert abs(critic.config.reward_bias) > 0.1  # the toy reward model's bias: large enough to matter here
     scores = common.reward_scores(reward_model, prompt, completion, pad_id)
-    model = common.PolicyAndCritic(common.load_model("toy-sft"), critic)
+    model = module.PolicyAndCritic(common.load_model("toy-sft"), critic)
     padded = torch.nn.functional.pad(completion, (0, 1), value=pad_id)
     _, values = module.logprobs_and_values(model, prompt, padded, pad_id, 1.0)
     end = (completion != pad_id).sum(1)  # values[:, t] reads the hidden state of token t - 1
@@ -113,26 +115,29 @@ def tiny_models(seed=0):
     return tokenizer, policy, value
 
 
+def rollout_batch(old_logps, old_values, advantages, returns, mask):
+    return dict(old_logps=old_logps, old_values=old_values, advantages=advantages, returns=returns, mask=mask)
+
+
 def test_ratio_is_one_at_the_first_minibatch():
     """Old log-probs come from the rollout pass over the whole batch; the first minibatch recomputes them
     on a shuffled subset with gradients. Same temperature and position ids, so the ratio is 1."""
     tokenizer, policy, value = tiny_models()
     args = ppo.Args()
-    prompts = common.tokenize_prompts(tokenizer, toy.sft_dataset("test")["prompt"][:16], 32)
-    prompt = common.pad(prompts, tokenizer.pad_token_id, "left")
+    prompts = data.tokenize_prompts(tokenizer, toy.sft_dataset("test")["prompt"][:16], 32)
+    prompt = data.pad(prompts, tokenizer.pad_token_id, "left")
     completion, _ = common.generate(policy, prompt, tokenizer, 8, temperature=0.7)
     pad_id = tokenizer.pad_token_id
     mask = completion != pad_id
-    model = common.PolicyAndCritic(policy, value)
+    model = ppo.PolicyAndCritic(policy, value)
     with torch.no_grad():
         old_logps, old_values = ppo.logprobs_and_values(model, prompt, completion, pad_id, 0.7)
         old_values = old_values.masked_fill(~mask, 0)
     idx = torch.randperm(16, generator=torch.Generator().manual_seed(1))[:8]
     new_logps, new_values = ppo.logprobs_and_values(model, prompt[idx], completion[idx], pad_id, 0.7)
     advantages = torch.randn(8, completion.shape[1]).masked_fill(~mask[idx], 0)
-    pg_loss, vf_loss, stats = ppo.ppo_losses(
-        new_logps, old_logps[idx], advantages, new_values, old_values[idx], old_values[idx], mask[idx], args
-    )
+    rollout = rollout_batch(old_logps[idx], old_values[idx], advantages, old_values[idx], mask[idx])
+    pg_loss, vf_loss, stats = ppo.ppo_losses(new_logps, new_values, rollout, args)
     ratio = torch.exp(new_logps - old_logps[idx])[mask[idx]]
     torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
     assert stats["policy/clipfrac"].item() == 0.0 and stats["policy/approxkl"].item() < 1e-10
@@ -148,7 +153,8 @@ def test_clipping_hand_values():
     new = torch.log(torch.tensor([[1.5, 0.5]]))
     adv = torch.tensor([[1.0, -1.0]])
     zeros = torch.zeros(1, 2)
-    pg, _, stats = ppo.ppo_losses(new, old, adv, zeros, zeros, zeros, torch.ones(1, 2, dtype=torch.bool), args)
+    rollout = rollout_batch(old, zeros, adv, zeros, torch.ones(1, 2, dtype=torch.bool))
+    pg, _, stats = ppo.ppo_losses(new, zeros, rollout, args)
     # per-token max(-A r, -A clip(r)): token 0 -> max(-1.5, -1.2) = -1.2; token 1 -> max(0.5, 0.8) = 0.8
     torch.testing.assert_close(pg, torch.tensor((-1.2 + 0.8) / 2))
     assert stats["policy/clipfrac"].item() == 1.0
@@ -159,8 +165,9 @@ def test_value_clipping_hand_values():
     mask = torch.ones(1, 1, dtype=torch.bool)
     zero = torch.zeros(1, 1)
     # V_old 0, V_new 1, R 1: unclipped error 0, clipped V = 0.2 -> error 0.64; loss = 0.5 * max = 0.32
-    _, vf, _ = ppo.ppo_losses(zero, zero, zero, torch.ones(1, 1), zero, torch.ones(1, 1), mask, args)
+    _, vf, stats = ppo.ppo_losses(zero, torch.ones(1, 1), rollout_batch(zero, zero, zero, torch.ones(1, 1), mask), args)
     torch.testing.assert_close(vf, torch.tensor(0.32))
+    assert stats["val/clipfrac"].item() == 1.0 and stats["loss/value"] is vf
 
 
 def read_metrics(run_dir):
@@ -183,6 +190,7 @@ def test_smoke_run(toy_cache, tmp_path):
         "loss/value",
         "val/explained_variance",
         "time/generation",
+        "time/scoring",
         "time/update",
         "time/samples_per_second",
     ):
@@ -207,6 +215,14 @@ def test_cli_bad_batch_size(toy_cache, tmp_path):
     assert out.returncode != 0
     assert out.stderr.strip().startswith("error:") and "--num-minibatches" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("module", [ppo, drpo], ids=["ppo", "drpo"])
+def test_update_epochs_flag(module, tmp_path):
+    """--update-epochs (epochs over each rollout) replaces --ppo-epochs and must be positive."""
+    assert "ppo_epochs" not in vars(module.Args()) and module.Args().update_epochs == 4
+    with pytest.raises(training.UserError, match="--update-epochs 0 must be > 0"):
+        module.main(module.Args(output_dir=str(tmp_path), update_epochs=0))
 
 
 def test_learning_check(toy_cache, tmp_path):
@@ -235,12 +251,12 @@ def test_one_forward_gives_the_policy_log_probs_and_the_critic_values():
     """PolicyAndCritic runs both in one forward: its log-probs are completion_logprobs', its values the
     critic's head read at the state before each completion token (common.token_scores)."""
     tokenizer, policy, value = tiny_models()
-    prompt = common.pad(
-        common.tokenize_prompts(tokenizer, toy.sft_dataset("test")["prompt"][:6], 32), tokenizer.pad_token_id, "left"
+    prompt = data.pad(
+        data.tokenize_prompts(tokenizer, toy.sft_dataset("test")["prompt"][:6], 32), tokenizer.pad_token_id, "left"
     )
     completion, _ = common.generate(policy, prompt, tokenizer, 6, temperature=1.0)
     pad_id, P = tokenizer.pad_token_id, prompt.shape[1]
-    logps, values = ppo.logprobs_and_values(common.PolicyAndCritic(policy, value), prompt, completion, pad_id, 0.7)
+    logps, values = ppo.logprobs_and_values(ppo.PolicyAndCritic(policy, value), prompt, completion, pad_id, 0.7)
     expected_logps = common.completion_logprobs(policy, prompt, completion, pad_id, 0.7)
     torch.testing.assert_close(logps, expected_logps, rtol=0, atol=1e-5)
     expected = common.token_scores(value, prompt, completion, pad_id)[:, P - 1 : -1]
