@@ -411,11 +411,12 @@ def quality_table(jobs: list[Job], group: str, a: Args, start_row: bool) -> str:
             f"{i['initial/score']:.3f} | 0 | {i['initial/length']:.2f} | |"
         )
     for label, rs in runs.items():
-        col = lambda k: fmt([r["final"].get(k, math.nan) for r in rs])  # noqa: E731
+        col = lambda k, rs=rs: fmt([r["final"].get(k, math.nan) for r in rs])  # noqa: E731
         score = "(= gold)" if group == "gold" else col("eval/score")
+        length, wall = fmt([r["final"]["eval/length"] for r in rs], 2), fmt([r["wall"] for r in rs], 0)
         lines.append(
-            f"| {NAMES.get(label, label)} | {budget_of(first[label], rs[0], a)} | {col('eval/win_rate')} | {col('eval/gold')} | "
-            f"{score} | {col('eval/kl')} | {fmt([r['final']['eval/length'] for r in rs], 2)} | {fmt([r['wall'] for r in rs], 0)} |"
+            f"| {NAMES.get(label, label)} | {budget_of(first[label], rs[0], a)} | {col('eval/win_rate')} | "
+            f"{col('eval/gold')} | {score} | {col('eval/kl')} | {length} | {wall} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -445,7 +446,10 @@ def early_table(jobs: list[Job], groups: list[str], a: Args) -> str:
 def cost_table(jobs: list[Job]) -> str:
     """REBEL vs PPO (and the others) per update at 64 policy samples: median over all updates of all seeds."""
     runs = by_label(jobs, "main")
-    head = "| method | generation (s) | scoring (s) | update (s) | total per update (s) | peak memory (MiB) |\n|---|---|---|---|---|---|\n"
+    head = (
+        "| method | generation (s) | scoring (s) | update (s) | total per update (s) | peak memory (MiB) |\n"
+        "|---|---|---|---|---|---|\n"
+    )
     body = []
     for label in ONLINE:
         if label not in runs:
@@ -454,9 +458,8 @@ def cost_table(jobs: list[Job]) -> str:
         med = {k: statistics.median(u[k] for u in ups) for k in ("time/generation", "time/scoring", "time/update")}
         total = statistics.median(u["time/generation"] + u["time/scoring"] + u["time/update"] for u in ups)
         mem = fmt([r["final"]["memory/peak_mb"] for r in runs[label]], 0)
-        body.append(
-            f"| {NAMES[label]} | {med['time/generation']:.3f} | {med['time/scoring']:.3f} | {med['time/update']:.3f} | {total:.3f} | {mem} |"
-        )
+        times = " | ".join(f"{med[k]:.3f}" for k in ("time/generation", "time/scoring", "time/update"))
+        body.append(f"| {NAMES[label]} | {times} | {total:.3f} | {mem} |")
     return head + "\n".join(body) + "\n" if body else ""
 
 
@@ -477,7 +480,7 @@ def aihf_table(jobs: list[Job], a: Args) -> str:
             if not rs:
                 continue
             acc = fmt([r["final"]["eval/accuracy"] for r in runs.get(f"rm N={n}", [])]) if pipe == "rm+ppo" else ""
-            col = lambda k: fmt([r["final"][k] for r in rs])  # noqa: E731
+            col = lambda k, rs=rs: fmt([r["final"][k] for r in rs])  # noqa: E731
             body.append(f"| {n:,} | {name} | {col('eval/win_rate')} | {col('eval/gold')} | {col('eval/kl')} | {acc} |")
     return head + "\n".join(body) + "\n" if body else ""
 
@@ -615,7 +618,8 @@ def quality(a: Args) -> int:
         raise SystemExit(f"error: --num-preferences must be >= 64 (one batch), got {min(a.num_preferences)}")
     if a.budget % 64 or a.eval_every % 64 or a.budget < a.eval_every:
         raise SystemExit(
-            f"error: --budget ({a.budget}) and --eval-every ({a.eval_every}) must be multiples of 64, budget >= eval-every"
+            f"error: --budget ({a.budget}) and --eval-every ({a.eval_every}) must be multiples of 64, "
+            "budget >= eval-every"
         )
     unknown = set(a.methods) - set(NAMES)
     if unknown:
@@ -850,7 +854,7 @@ def trl_worker(trainer: str, policy: str, reward: str, repeats: str, out_json: s
             stamps.append(time.perf_counter())
 
     tmp = tempfile.mkdtemp()
-    # TRL's configs default to gradient checkpointing (less memory, more time); our scripts do not checkpoint: off, same work
+    # TRL's configs default to gradient checkpointing (less memory, more time); ours do not checkpoint: off, same work
     common = dict(
         output_dir=tmp,
         report_to=[],
@@ -1012,17 +1016,20 @@ def speed(a: Args) -> int:
             )
     head = (
         f"# Speed: one update of 64 sequences, completions of {SPEED_NEW_TOKENS} tokens, random models\n\n"
-        f"`python benchmark.py {' '.join(sys.argv[1:])}`; median of {a.speed_repeats - 2} updates after 2 warm-up updates"
+        f"`python benchmark.py {' '.join(sys.argv[1:])}`; median of {a.speed_repeats - 2} updates after 2 warm-up "
+        "updates"
         "; peak resident memory of the whole process; "
         f"trl {has_trl or 'not installed'} (gradient checkpointing off, as in our scripts); one process at a time, "
-        f"{a.speed_threads} CPU thread(s) each; both sides hold the same {SPEED_BATCH * (a.speed_repeats + 2)} training rows.\n\n"
-        "| model | method | generation (s) | scoring (s) | update (s) | total (s) | peak memory (MiB) | TRL total (s) | TRL peak memory (MiB) | time ours / TRL |\n"
+        f"{a.speed_threads} CPU thread(s) each; both sides hold the same {SPEED_BATCH * (a.speed_repeats + 2)} "
+        "training rows.\n\n"
+        "| model | method | generation (s) | scoring (s) | update (s) | total (s) | peak memory (MiB) | TRL total (s) "
+        "| TRL peak memory (MiB) | time ours / TRL |\n"
         "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in results.values():
         o, t = r["ours"], r["trl"]
-        cell = lambda k: f"{o[k]:.3f}" if k in o else ""  # noqa: E731
+        cell = lambda k, o=o: f"{o[k]:.3f}" if k in o else ""  # noqa: E731
         trl_cells = f"{t['total']:.3f} | {t['memory_mb']:.0f} | {o['total'] / t['total']:.2f}" if t else " | | "
         lines.append(
             f"| {r['size']} | {NAMES[r['method']]} | {cell('generation')} | {cell('scoring')} | {cell('update')} | "

@@ -33,6 +33,7 @@ from transformers import get_scheduler
 
 import common
 import data
+import toy
 import training
 from training import UserError
 
@@ -216,6 +217,7 @@ def held_out_metrics(policy, ref_policy, rows, args, pad_id, device, batch_size=
 
 
 def main(args: Args):
+    args = toy.tier_args(args)  # --dataset toy-long: the tier\'s models and lengths
     training.check_ranges(
         args,
         positive=("beta", "epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens"),
@@ -225,7 +227,7 @@ def main(args: Args):
     if not 0 <= args.label_smoothing < 0.5:
         raise UserError(f"--label-smoothing {args.label_smoothing} must be in [0, 0.5): the share of flipped labels")
     accelerator = common.setup(args)
-    device, is_toy = accelerator.device, args.dataset == "toy"
+    device, is_toy = accelerator.device, args.dataset in toy.TIERS
     tokenizer = data.load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
     # ---- DPO (Rafailov et al. 2023, Section 4), step 1: pi_theta and pi_ref both start as pi_SFT; pi_ref is a
@@ -246,7 +248,7 @@ def main(args: Args):
     train_rows = data.tokenize_pairs(tokenizer, train, *lengths)
     test_rows = data.tokenize_pairs(tokenizer, test.select(range(min(args.eval_pairs, len(test)))), *lengths)
     # prompts generated from at evaluation; toy: the SFT test split, for its reference summaries
-    gen = data.load_data("toy", "test", ("prompt", "completion")) if is_toy else test
+    gen = data.load_data(args.dataset, "test", ("prompt", "completion")) if is_toy else test
     gen = gen.select(range(min(args.eval_prompts, len(gen))))
     n_cut = sum(r[k][-1] != tokenizer.eos_token_id for r in train_rows for k in ("chosen", "rejected"))
     if n_cut:

@@ -145,8 +145,9 @@ def rebel_loss(new_logps: torch.Tensor, old_logps: torch.Tensor, rewards: torch.
 
 
 def main(args: Args):
+    args = toy.tier_args(args)  # --dataset toy-long: the tier\'s models and lengths
     accelerator = common.setup(args)
-    device, is_toy = accelerator.device, args.dataset == "toy"
+    device, is_toy = accelerator.device, args.dataset in toy.TIERS
     per_process = args.batch_size // accelerator.num_processes
     num_updates = args.total_episodes // args.batch_size
     positive = ("eta", "reward_scale", "temperature", "max_new_tokens", "max_prompt_length", "update_epochs")
@@ -258,7 +259,7 @@ def main(args: Args):
             "time/samples_per_second": len(completion) / sum(times.values()),
         }
         if is_toy:  # the gold reward of the training samples: the smoothest learning curve on the toy task
-            metrics["objective/gold"] = toy.gold_scores(prompt, completion).mean()
+            metrics["objective/gold"] = toy.gold_scores(prompt, completion, args.dataset).mean()
         run.log(metrics, update, show=("objective/scores", "objective/kl"))
         if update % args.eval_every == 0 and update < num_updates:
             evaluate(update)

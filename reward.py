@@ -161,7 +161,8 @@ def sft_sample_pairs(tokenizer, policy_name, prompts, args, device):
     prompt = data.pad(data.tokenize_prompts(tokenizer, prompts, args.max_prompt_length), tokenizer.pad_token_id, "left")
     prompt, pairs = prompt.to(device), []
     for _ in range(2):
-        completion, has_eos = common.generate(policy, prompt, tokenizer, toy.MAX_NEW_TOKENS, temperature=1.0)
+        new_tokens = toy.LONG_MAX_NEW_TOKENS if args.dataset == "toy-long" else toy.MAX_NEW_TOKENS
+        completion, has_eos = common.generate(policy, prompt, tokenizer, new_tokens, temperature=1.0)
         texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
         golds = [toy.gold_reward(p, t, bool(e)) for p, t, e in zip(prompts, texts, has_eos)]
         pairs.append((completion, has_eos, golds))
@@ -181,6 +182,7 @@ def sft_sample_agreement(model, pairs, pad_id, no_eos_score=-1.0):
 
 
 def main(args: Args):
+    args = toy.tier_args(args)  # --dataset toy-long: the tier's models and lengths
     training.check_ranges(
         args,
         positive=("epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_steps"),
@@ -189,7 +191,7 @@ def main(args: Args):
     training.check_ranges(args, positive=("micro_batch_size",))
     accelerator = common.setup(args)
     tokenizer = data.load_tokenizer(args.model)
-    pad_id, device, is_toy = tokenizer.pad_token_id, accelerator.device, args.dataset == "toy"
+    pad_id, device, is_toy = tokenizer.pad_token_id, accelerator.device, args.dataset in toy.TIERS
     # ---- Bradley-Terry reward model (N+), step 1: r_phi = the SFT backbone with a fresh scalar head,
     # std 1/sqrt(H+1), read at the EOS token ----
     reward_model = common.trainable(common.load_model(args.model, kind="reward"), args)
@@ -202,8 +204,9 @@ def main(args: Args):
     train_rows = data.tokenize_pairs(tokenizer, train, *lengths)
     test_rows = data.tokenize_pairs(tokenizer, test, *lengths)
     sft_pairs = None
-    if is_toy and args.model != "toy":
+    if is_toy and args.model not in ("toy", "toy-long"):
         sft_pairs = sft_sample_pairs(tokenizer, args.model, test["prompt"][:500], args, device)
+    skill_rows = data.tokenize_pairs(tokenizer, toy.skill_pairs()[:500], *lengths) if args.dataset == "toy-long" else []
 
     per_process = args.batch_size // accelerator.num_processes
     loader_rng = torch.Generator().manual_seed(args.seed)  # the shuffle; its state is the data position of a checkpoint
@@ -231,6 +234,8 @@ def main(args: Args):
         metrics = {"eval/accuracy": accuracy(unwrapped, test_rows, pad_id, device)}
         if sft_pairs is not None:
             metrics["eval/gold_agreement_sft_samples"] = sft_sample_agreement(unwrapped, sft_pairs, pad_id)
+        if skill_rows:  # toy-long: pairs that differ only in the hard skill (the title copied exactly or with a slip)
+            metrics["eval/gold_agreement_skill_pairs"] = accuracy(unwrapped, skill_rows, pad_id, device)
         return run.log(metrics, update, show=("eval/accuracy",))
 
     state = run.resume(scheduler=scheduler)

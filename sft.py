@@ -23,6 +23,7 @@ from transformers import get_scheduler
 
 import common
 import data
+import toy
 import training
 from training import UserError
 
@@ -93,6 +94,7 @@ def collate(examples, pad_id):
 
 
 def main(args: Args):
+    args = toy.tier_args(args)  # --dataset toy-long: the tier's models and lengths
     training.check_ranges(
         args,
         positive=("epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens"),

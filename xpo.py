@@ -181,8 +181,13 @@ def collate(rows, pad_id, device):
 
 
 def main(args: Args):
+    args = toy.tier_args(args)  # --dataset toy-long: the tier\'s models and lengths
     accelerator = common.setup(args)
-    device, is_toy, gold = accelerator.device, args.dataset == "toy", args.reward_model == "toy-gold"
+    device, is_toy, gold = (
+        accelerator.device,
+        args.dataset in toy.TIERS,
+        args.reward_model in ("toy-gold", "toy-long-gold"),
+    )
     per_process = args.batch_size // accelerator.num_processes
     num_updates = args.total_episodes // args.batch_size
     positive = ("beta", "temperature", "max_new_tokens", "max_prompt_length", "update_epochs", "micro_batch_size")
@@ -195,7 +200,9 @@ def main(args: Args):
             f"(per process) and at most --total-episodes {args.total_episodes}"
         )
     if gold and not is_toy:
-        raise training.UserError("--reward-model toy-gold needs --dataset toy (the gold reward judges the toy task)")
+        raise training.UserError(
+            "--reward-model toy-gold needs --dataset toy or toy-long (the gold reward judges the toy task)"
+        )
     tokenizer = data.load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
     policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
@@ -314,7 +321,7 @@ def main(args: Args):
             "time/samples_per_second": per_process / sum(times.values()),
         }
         if is_toy:  # the gold reward of the policy samples: the smoothest learning curve on the toy task
-            metrics["objective/gold"] = toy.gold_scores(prompt, completion).mean()
+            metrics["objective/gold"] = toy.gold_scores(prompt, completion, args.dataset).mean()
         run.log(metrics, update, show=("objective/scores", "objective/kl", "objective/policy_win_rate"))
         if update % args.eval_every == 0 and update < num_updates:
             evaluate(update)

@@ -26,6 +26,7 @@ import ppo  # noqa: E402
 import rebel  # noqa: E402
 import reward  # noqa: E402
 import sft  # noqa: E402
+import training  # noqa: E402
 import xpo  # noqa: E402
 
 # two updates each; batch sizes divide by 2 processes (and by the minibatch counts per process); two micro-batches
@@ -42,8 +43,10 @@ RUNS = {
         aihf,
         dict(max_steps=2, batch_size=4, demo_batch_size=4, num_demonstrations=32, num_preferences=32, eval_prompts=4),
     ),
-    "aihf-explicit": (aihf_explicit,
-        dict(max_steps=2,
+    "aihf-explicit": (
+        aihf_explicit,
+        dict(
+            max_steps=2,
             policy_steps=1,
             rollout_prompts=4,
             batch_size=4,

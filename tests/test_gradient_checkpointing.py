@@ -46,7 +46,7 @@ def run_counted(name, checkpointing, tmp_path, monkeypatch):
         model = trainable(model, args)
         layer = next(m for m in model.modules() if isinstance(m, GradientCheckpointingLayer))
         c = {"model": 0, "layer": 0}
-        # the backbone: PPO's critic runs it and its head, not its own forward (common.PolicyAndCritic)
+        # the backbone: PPO's critic runs it and its head, not its own forward (PolicyAndCritic in ppo.py)
         model.base_model.register_forward_pre_hook(lambda *_: c.update(model=c["model"] + torch.is_grad_enabled()))
         layer.mlp.register_forward_pre_hook(lambda *_: c.update(layer=c["layer"] + torch.is_grad_enabled()))
         counts.append(c)

@@ -40,8 +40,8 @@ TINY = dict(max_prompt_length=64, eval_prompts=4)  # every script
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
+def hub_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub_files")
     tldr = [{"prompt": tldr_prompt(i), "completion": f" Roommate {i} is late."} for i in range(12)]
     pref = [{"prompt": tldr_prompt(i), "chosen": " Rent is late.", "rejected": " I like dogs."} for i in range(12)]
     uf = {
@@ -65,16 +65,18 @@ def data(tmp_path_factory):
     }
 
 
-def runs(tiny_checkpoints, data):
+def runs(tiny_checkpoints, hub_files):
     """(module, Args) of every script; the table in the module docstring."""
     lm, rm = {a: p[0] for a, p in tiny_checkpoints.items()}, {a: p[1] for a, p in tiny_checkpoints.items()}
     rl = dict(total_episodes=8, batch_size=4, num_minibatches=2, max_new_tokens=4, eval_every=10**9, **TINY)
     return {
-        "sft": sft.Args(model=lm["qwen2"], dataset=data["uf"], max_steps=2, batch_size=4, max_new_tokens=4, **TINY),
+        "sft": sft.Args(
+            model=lm["qwen2"], dataset=hub_files["uf"], max_steps=2, batch_size=4, max_new_tokens=4, **TINY
+        ),
         "reward": reward.Args(
             model=lm["gpt_neox"],
-            dataset=data["pref"],
-            reference_dataset=data["tldr"],
+            dataset=hub_files["pref"],
+            reference_dataset=hub_files["tldr"],
             max_steps=2,
             batch_size=4,
             eval_pairs=4,
@@ -83,22 +85,22 @@ def runs(tiny_checkpoints, data):
         "dpo": dpo.Args(
             model=lm["llama"],
             reward_model=rm["llama"],
-            dataset=data["uf"],
+            dataset=hub_files["uf"],
             max_steps=2,
             batch_size=4,
             eval_pairs=4,
             max_new_tokens=4,
             **TINY,
         ),
-        "ppo": ppo.Args(model=lm["gpt2"], reward_model=rm["gpt2"], dataset=data["tldr"], **rl),
-        "drpo": drpo.Args(model=lm["gpt_neox"], reward_model=rm["gpt_neox"], dataset=data["tldr.parquet"], **rl),
-        "rebel": rebel.Args(model=lm["llama"], reward_model=rm["gpt2"], dataset=data["hh"], **rl),
-        "xpo": xpo.Args(model=lm["qwen2"], reward_model=rm["qwen2"], dataset=data["uf-prompt"], **rl),
+        "ppo": ppo.Args(model=lm["gpt2"], reward_model=rm["gpt2"], dataset=hub_files["tldr"], **rl),
+        "drpo": drpo.Args(model=lm["gpt_neox"], reward_model=rm["gpt_neox"], dataset=hub_files["tldr.parquet"], **rl),
+        "rebel": rebel.Args(model=lm["llama"], reward_model=rm["gpt2"], dataset=hub_files["hh"], **rl),
+        "xpo": xpo.Args(model=lm["qwen2"], reward_model=rm["qwen2"], dataset=hub_files["uf-prompt"], **rl),
         "aihf": aihf.Args(
             model=lm["gpt2"],
             reward_model=rm["gpt2"],
-            dataset=data["hh"],
-            preference_dataset=data["hh"],
+            dataset=hub_files["hh"],
+            preference_dataset=hub_files["hh"],
             max_steps=2,
             batch_size=4,
             demo_batch_size=4,
@@ -113,8 +115,8 @@ SCRIPTS = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "drpo": drpo, "
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
-def test_two_updates_on_a_real_architecture(tiny_checkpoints, data, tmp_path, name):
-    args = runs(tiny_checkpoints, data)[name]
+def test_two_updates_on_a_real_architecture(tiny_checkpoints, hub_files, tmp_path, name):
+    args = runs(tiny_checkpoints, hub_files)[name]
     args.output_dir, args.run_name = str(tmp_path), name
     SCRIPTS[name].main(args)
     run = tmp_path / name
@@ -132,7 +134,7 @@ def test_two_updates_on_a_real_architecture(tiny_checkpoints, data, tmp_path, na
             assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
 
 
-def test_chat_data_without_a_chat_template_is_one_error_line(tiny_checkpoints, data, tmp_path):
+def test_chat_data_without_a_chat_template_is_one_error_line(tiny_checkpoints, hub_files, tmp_path):
     """UltraFeedback's messages for a GPT-2 tokenizer (no chat template): exit 2 and one line, no traceback."""
     script = Path(__file__).resolve().parents[1] / "sft.py"
     cmd = [
@@ -141,26 +143,26 @@ def test_chat_data_without_a_chat_template_is_one_error_line(tiny_checkpoints, d
         "--model",
         tiny_checkpoints["gpt2"][0],
         "--dataset",
-        data["uf"],
+        hub_files["uf"],
         "--output-dir",
         str(tmp_path),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [
-        "error: conversational data (lists of messages) needs a tokenizer with a chat template; this one has none"
+        "error: conversational hub_files (lists of messages) needs a tokenizer with a chat template; this one has none"
     ]
 
 
-def plain_text_runs(lm, rm, data):
-    """Every script on TL;DR-style plain text, which every tokenizer reads (chat data needs a template)."""
+def plain_text_runs(lm, rm, hub_files):
+    """Every script on TL;DR-style plain text, which every tokenizer reads (chat hub_files needs a template)."""
     rl = dict(total_episodes=8, batch_size=4, num_minibatches=2, max_new_tokens=4, eval_every=10**9, **TINY)
     return {
-        "sft": sft.Args(model=lm, dataset=data["tldr"], max_steps=2, batch_size=4, max_new_tokens=4, **TINY),
+        "sft": sft.Args(model=lm, dataset=hub_files["tldr"], max_steps=2, batch_size=4, max_new_tokens=4, **TINY),
         "reward": reward.Args(
             model=lm,
-            dataset=data["pref"],
-            reference_dataset=data["tldr"],
+            dataset=hub_files["pref"],
+            reference_dataset=hub_files["tldr"],
             max_steps=2,
             batch_size=4,
             eval_pairs=4,
@@ -169,22 +171,22 @@ def plain_text_runs(lm, rm, data):
         "dpo": dpo.Args(
             model=lm,
             reward_model=rm,
-            dataset=data["pref"],
+            dataset=hub_files["pref"],
             max_steps=2,
             batch_size=4,
             eval_pairs=4,
             max_new_tokens=4,
             **TINY,
         ),
-        "ppo": ppo.Args(model=lm, reward_model=rm, dataset=data["tldr"], **rl),
-        "drpo": drpo.Args(model=lm, reward_model=rm, dataset=data["tldr"], **rl),
-        "rebel": rebel.Args(model=lm, reward_model=rm, dataset=data["tldr"], **rl),
-        "xpo": xpo.Args(model=lm, reward_model=rm, dataset=data["tldr"], **rl),
+        "ppo": ppo.Args(model=lm, reward_model=rm, dataset=hub_files["tldr"], **rl),
+        "drpo": drpo.Args(model=lm, reward_model=rm, dataset=hub_files["tldr"], **rl),
+        "rebel": rebel.Args(model=lm, reward_model=rm, dataset=hub_files["tldr"], **rl),
+        "xpo": xpo.Args(model=lm, reward_model=rm, dataset=hub_files["tldr"], **rl),
         "aihf": aihf.Args(
             model=lm,
             reward_model=rm,
-            dataset=data["tldr"],
-            preference_dataset=data["pref"],
+            dataset=hub_files["tldr"],
+            preference_dataset=hub_files["pref"],
             max_steps=2,
             batch_size=4,
             demo_batch_size=4,
@@ -197,10 +199,10 @@ def plain_text_runs(lm, rm, data):
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen2"])
 @pytest.mark.parametrize("name", list(SCRIPTS))
-def test_every_script_on_every_architecture(tiny_checkpoints, data, tmp_path, name, arch):
+def test_every_script_on_every_architecture(tiny_checkpoints, hub_files, tmp_path, name, arch):
     """The full matrix: GPT-2 and Llama (no pad token), GPT-NeoX (pad == EOS), Qwen2 (its own pad)."""
     lm, rm = tiny_checkpoints[arch]
-    args = plain_text_runs(lm, rm, data)[name]
+    args = plain_text_runs(lm, rm, hub_files)[name]
     args.output_dir, args.run_name = str(tmp_path), f"{name}-{arch}"
     SCRIPTS[name].main(args)
     run = tmp_path / f"{name}-{arch}"
@@ -210,11 +212,11 @@ def test_every_script_on_every_architecture(tiny_checkpoints, data, tmp_path, na
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
-def test_lr_0_leaves_the_weights_unchanged(tiny_checkpoints, data, tmp_path, name):
+def test_lr_0_leaves_the_weights_unchanged(tiny_checkpoints, hub_files, tmp_path, name):
     """--lr 0 is a legitimate value (parity checks): every script runs, and the saved model holds the weights it
     started from (the reward model: its backbone, whose embedding has one more row, for the pad)."""
     lm, rm = tiny_checkpoints["gpt2"]
-    args = plain_text_runs(lm, rm, data)[name]
+    args = plain_text_runs(lm, rm, hub_files)[name]
     args.output_dir, args.run_name, args.lr = str(tmp_path), name, 0.0
     SCRIPTS[name].main(args)
     before, after = load_file(f"{lm}/model.safetensors"), load_file(tmp_path / name / "model.safetensors")

@@ -70,8 +70,10 @@ TINY = {
             eval_prompts=8,
         ),
     ),
-    "aihf-explicit": (aihf_explicit,
-        dict(max_steps=4,
+    "aihf-explicit": (
+        aihf_explicit,
+        dict(
+            max_steps=4,
             policy_steps=1,
             rollout_prompts=4,
             batch_size=4,
@@ -121,13 +123,13 @@ def stop_at(monkeypatch, step: int):
 
 @pytest.mark.parametrize("name", list(TINY))
 def test_interrupt_and_resume_is_exact(name, toy_cache, tmp_path, monkeypatch):
-    """Ctrl-C at step 3 saves a checkpoint (the --save-every 2 one of step 2 is replaced) and stops;
-    --resume continues to the same end as an uninterrupted run, step for step."""
+    """Ctrl-C at update 3 saves a checkpoint (the --save-every 2 one of update 2 is replaced) and stops;
+    --resume continues to the same end as an uninterrupted run, update for update."""
     module, kw = TINY[name]
     module.main(module.Args(output_dir=str(tmp_path), run_name="full", save_every=2, **kw))
     with monkeypatch.context() as m:
         stop_at(m, 3)
-        with pytest.raises(training.Interrupted, match="at step 3"):
+        with pytest.raises(training.Interrupted, match="at update 3"):
             module.main(module.Args(output_dir=str(tmp_path), run_name="cut", save_every=2, **kw))
     cut = tmp_path / "cut"
     assert json.loads((cut / "checkpoint" / "meta.json").read_text())["step"] == 3
@@ -230,7 +232,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(toy_cache, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("stopped: at step ") and "--resume" in err
+    assert err.strip().splitlines()[-1].startswith("stopped: at update ") and "--resume" in err
     step = json.loads((tmp_path / "r" / "checkpoint" / "meta.json").read_text())["step"]
     assert step >= 1 and not (tmp_path / "r" / "checkpoint.tmp").exists()
     assert max(json.loads(x)["step"] for x in metrics.read_text().splitlines()) == step
@@ -312,8 +314,8 @@ def test_non_finite_loss_or_reward_stops_the_run(name, toy_cache, tmp_path, monk
     with pytest.raises(training.TrainingError) as e:
         module.main(module.Args(output_dir=str(tmp_path), run_name="nan", save_every=1, **kw))
     run_dir = tmp_path / "nan"
-    assert "non-finite" in str(e.value) and "at step 2" in str(e.value)
-    assert f"{run_dir / 'checkpoint'} (step 1)" in str(e.value)
+    assert "non-finite" in str(e.value) and "at update 2" in str(e.value)
+    assert f"{run_dir / 'checkpoint'} (update 1)" in str(e.value)
     assert not (run_dir / "model.safetensors").exists() and not (run_dir / "eval.json").exists()
     assert json.loads((run_dir / "checkpoint" / "meta.json").read_text())["step"] == 1
     assert all(t.isfinite().all() for t in load_file(next((run_dir / "checkpoint").rglob("*.safetensors"))).values())
@@ -331,7 +333,7 @@ def test_non_finite_weights_are_never_checkpointed(toy_cache, tmp_path, monkeypa
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    with pytest.raises(training.TrainingError, match="non-finite weights at step 1: checkpoint not written"):
+    with pytest.raises(training.TrainingError, match="non-finite weights at update 1: no checkpoint"):
         sft.main(sft.Args(output_dir=str(tmp_path), run_name="w", save_every=1, **TINY["sft"][1]))
     assert not (tmp_path / "w" / "checkpoint").exists()
 
@@ -365,7 +367,7 @@ CATALOGUE = [
     ("batch not divisible", ppo, ["--batch-size", "30", "--num-minibatches", "4"], "--num-minibatches"),
     ("batch larger than data", dpo, ["--batch-size", "100000"], "larger than the training set"),
     ("batch larger than episodes", rebel, ["--total-episodes", "16", "--batch-size", "32"], "--total-episodes"),
-    ("reset_prob above 1", drpo, ["--reset-prob", "1.5"], "--reset-prob 1.5 must lie in [0, 1]"),
+    ("reset_prob above 1", drpo, ["--reset-prob", "1.5"], "--reset-prob 1.5 must be in [0, 1]"),
     ("negative beta", dpo, ["--beta", "-0.1"], "--beta -0.1 must be > 0"),
     ("zero eta", rebel, ["--eta", "0"], "--eta 0.0 must be > 0"),
     ("gamma above 1", ppo, ["--gamma", "1.5"], "--gamma 1.5 must be in [0, 1]"),
@@ -478,4 +480,4 @@ def test_checkpoint_loads_with_weights_only(toy_cache, tmp_path):
     assert sorted(p.name for p in ckpt.iterdir()) == ["accelerator_0", "meta.json", "state_0.pt"]
     assert (ckpt / "accelerator_0" / "model.safetensors").exists()  # policy and critic: one module
     torch.load(ckpt / "state_0.pt", weights_only=True)
-    assert not common.TRUST_REMOTE_CODE
+    assert not training.TRUST_REMOTE_CODE

@@ -15,7 +15,7 @@ data makes every toy run take seconds: the other scripts save through the same c
 import pytest
 import torch
 from test_formats import tldr_prompt
-from test_real_models import SCRIPTS, data, plain_text_runs  # noqa: F401 (data: a fixture)
+from test_real_models import SCRIPTS, hub_files, plain_text_runs  # noqa: F401 (hub_files: a fixture)
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
@@ -28,7 +28,7 @@ POLICIES = [("toy", "sft")] + [(family, name) for family in ("gpt2", "llama") fo
 
 
 @pytest.fixture(scope="module")
-def saved(toy_cache, tiny_checkpoints, data, tmp_path_factory):  # noqa: F811
+def saved(toy_cache, tiny_checkpoints, hub_files, tmp_path_factory):  # noqa: F811
     """saved(family, script) -> the directory of that script's run, run once (two updates)."""
     root, done = tmp_path_factory.mktemp("saved"), {}
 
@@ -40,7 +40,7 @@ def saved(toy_cache, tiny_checkpoints, data, tmp_path_factory):  # noqa: F811
             lm, rm = tiny_checkpoints[family]
             lm = lm if name == "sft" else str(run(family, "sft"))
             rm = rm if name in ("sft", "reward") else str(run(family, "reward"))
-            module, args = SCRIPTS[name], plain_text_runs(lm, rm, data)[name]
+            module, args = SCRIPTS[name], plain_text_runs(lm, rm, hub_files)[name]
             for k, v in changes.items():
                 setattr(args, k, v)
             args.output_dir, args.run_name = str(root), f"{name}-{family}-{len(done)}"

@@ -65,7 +65,8 @@ def corpus(seed: int = 0, n: int = 400) -> list[str]:
     lines = []
     for _ in range(n):
         lines.append(
-            f"SUBREDDIT: r/{rng.choice(WORDS)}\n\nTITLE: {sentence(rng)}\n\nPOST: {sentence(rng)} {sentence(rng)}\n\nTL;DR: {sentence(rng)}"
+            f"SUBREDDIT: r/{rng.choice(WORDS)}\n\nTITLE: {sentence(rng)}\n\n"
+            f"POST: {sentence(rng)} {sentence(rng)}\n\nTL;DR: {sentence(rng)}"
         )
         lines.append(f"\n\nHuman: {sentence(rng)}\n\nAssistant: {sentence(rng)}")
     return lines
