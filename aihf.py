@@ -198,7 +198,7 @@ def sample_round(opponent, rows, tokenizer, args, device):
         for r, d, g in zip(batch, opp_demo.tolist(), opp_gen.tolist()):
             r["ref_demo"], r["ref_gen"] = d, g
     stats = {"objective/eos_rate_generated": sum(has_eos) / len(has_eos)}
-    if args.dataset == "toy":
+    if args.dataset in toy.TIERS:
         stats["objective/gold"] = gold(tokenizer, rows, data.pad(generated, pad_id, "right"), has_eos)
     return rows, stats
 
@@ -261,6 +261,7 @@ def evaluate(run, update, policy, tokenizer, test, args, ref_policy, reward_mode
 
 
 def main(args: Args):
+    args = toy.tier_args(args)  # --dataset toy-long: the tier's models and lengths
     check_args(args)
     accelerator = common.setup(args)
     if args.self_play and common.zero_stage() == 3:
@@ -277,7 +278,9 @@ def main(args: Args):
     policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
     ref_policy = common.reference_model(args.model, policy, args.lora_r, device)
     reward_model = None  # frozen, the eval score only; the toy reward model fits the toy task only
-    if args.reward_model is not None and (args.dataset == "toy" or args.reward_model != "toy-rm"):
+    if args.reward_model is not None and (
+        args.dataset in toy.TIERS or args.reward_model not in ("toy-rm", "toy-long-rm")
+    ):
         reward_model = common.load_model(args.reward_model, "reward", tokenizer=tokenizer, frozen=True).to(device)
     demo_rows, pref_rows, test = load_feedback(args, tokenizer)
 

@@ -249,8 +249,11 @@ def evaluate(run, update, policy, tokenizer, test, args, ref_policy, reward_mode
 
 
 def main(args: Args):
+    args = toy.tier_args(args)  # --dataset toy-long: the tier's models and lengths
     # the frozen eval scorer; the toy reward model fits the toy task only
-    scorer_name = args.reward_model if args.dataset == "toy" or args.reward_model != "toy-rm" else None
+    scorer_name = (
+        args.reward_model if args.dataset in toy.TIERS or args.reward_model not in ("toy-rm", "toy-long-rm") else None
+    )
     check_args(args, scorer_name)
     accelerator = common.setup(args)
     device, n_proc, total = accelerator.device, accelerator.num_processes, args.max_steps
@@ -313,7 +316,7 @@ def main(args: Args):
         metrics.update({"objective/rlhf_reward": rewards.mean(), "objective/entropy": -logps.detach().mean()})
         length = (completion != pad_id).sum(1).float().mean()
         metrics.update({"objective/eos_rate": has_eos.float().mean(), "objective/length": length})
-        if args.dataset == "toy":
+        if args.dataset in toy.TIERS:
             metrics["objective/gold"] = gold(tokenizer, rows * args.rloo_k, completion, has_eos)
         # 4. reward phase every K_pol updates, docs/aihf.md (A18): K_rew steps on (A13), then the re-centring (A14)
         if update % args.policy_steps == 0:

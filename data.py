@@ -187,7 +187,9 @@ def chat_text(tokenizer, prompt, completion=None) -> tuple[str, str | None]:
     if not is_conversation(prompt):
         return prompt, completion
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError("conversational data (lists of messages) needs a tokenizer with a chat template; this has none")
+        raise UserError(
+            "conversational data (lists of messages) needs a tokenizer with a chat template; this one has none"
+        )
     text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     if completion is None or isinstance(completion, str):  # a plain-text reply continues the rendered prompt
         return text, completion

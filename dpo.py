@@ -217,7 +217,7 @@ def held_out_metrics(policy, ref_policy, rows, args, pad_id, device, batch_size=
 
 
 def main(args: Args):
-    args = toy.tier_args(args)  # --dataset toy-long: the tier\'s models and lengths
+    args = toy.tier_args(args)  # --dataset toy-long: the tier's models and lengths
     training.check_ranges(
         args,
         positive=("beta", "epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens"),

@@ -186,7 +186,7 @@ def ppo_losses(new_logps, new_values, rollout, args):
 
 
 def main(args: Args):
-    args = toy.tier_args(args)  # --dataset toy-long: the tier\'s models and lengths
+    args = toy.tier_args(args)  # --dataset toy-long: the tier's models and lengths
     accelerator = common.setup(args)
     device, is_toy = accelerator.device, args.dataset in toy.TIERS
     per_process = args.batch_size // accelerator.num_processes

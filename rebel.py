@@ -145,7 +145,7 @@ def rebel_loss(new_logps: torch.Tensor, old_logps: torch.Tensor, rewards: torch.
 
 
 def main(args: Args):
-    args = toy.tier_args(args)  # --dataset toy-long: the tier\'s models and lengths
+    args = toy.tier_args(args)  # --dataset toy-long: the tier's models and lengths
     accelerator = common.setup(args)
     device, is_toy = accelerator.device, args.dataset in toy.TIERS
     per_process = args.batch_size // accelerator.num_processes

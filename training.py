@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import shutil
@@ -42,6 +43,8 @@ def run_cli(args_cls, main):
 
     try:
         args = tyro.cli(args_cls)
+        if getattr(args, "track", False) and importlib.util.find_spec("wandb") is None:  # before anything is written
+            raise UserError("--track needs wandb: pip install wandb")
         main(resume_args(args_cls, args) if getattr(args, "resume", None) else args)
     except (UserError, TrainingError, Interrupted) as e:
         print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
@@ -97,7 +100,7 @@ class Run:
                 raise UserError(f"--resume {self.dir}: the run has finished (eval.json exists)")
             step, self.resume_from = find_checkpoint(self.dir)
         elif (self.dir / "args.json").exists():
-            raise UserError(f"{self.dir} holds a run: continue it with --resume {self.dir}, or use another --run-name")
+            raise UserError(f"{self.dir} already holds a run: continue it with --resume {self.dir} or a new --run-name")
         accelerator.wait_for_everyone()  # every process has checked before the main one writes
         if self.main and args.track:  # before the directory: a failed start (no login, no network) leaves nothing
             try:

@@ -181,7 +181,7 @@ def collate(rows, pad_id, device):
 
 
 def main(args: Args):
-    args = toy.tier_args(args)  # --dataset toy-long: the tier\'s models and lengths
+    args = toy.tier_args(args)  # --dataset toy-long: the tier's models and lengths
     accelerator = common.setup(args)
     device, is_toy, gold = (
         accelerator.device,

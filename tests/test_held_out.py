@@ -7,7 +7,6 @@ import json
 import pytest
 
 import aihf
-import common
 import data
 import dpo
 import drpo
@@ -54,12 +53,12 @@ def test_no_evaluation_prompt_is_trained_on(toy_cache, data_file, tmp_path, monk
     loaded = []
 
     def recording_load_data(dataset, split, columns):
-        data = load_data(dataset, split, columns)
-        loaded.append((dataset, split, data["prompt"]))
-        return data
+        rows = load_data(dataset, split, columns)
+        loaded.append((dataset, split, rows["prompt"]))
+        return rows
 
     load_data = data.load_data
-    monkeypatch.setattr(common, "load_data", recording_load_data)
+    monkeypatch.setattr(data, "load_data", recording_load_data)
     module, kwargs = ARGS[name]
     dataset_args = {"preference_dataset": path} if name == "aihf" else {}
     module.main(module.Args(output_dir=str(tmp_path), run_name=name, dataset=path, **dataset_args, **kwargs))

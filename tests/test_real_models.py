@@ -150,12 +150,12 @@ def test_chat_data_without_a_chat_template_is_one_error_line(tiny_checkpoints, h
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [
-        "error: conversational hub_files (lists of messages) needs a tokenizer with a chat template; this one has none"
+        "error: conversational data (lists of messages) needs a tokenizer with a chat template; this one has none"
     ]
 
 
 def plain_text_runs(lm, rm, hub_files):
-    """Every script on TL;DR-style plain text, which every tokenizer reads (chat hub_files needs a template)."""
+    """Every script on TL;DR-style plain text, which every tokenizer reads (chat data needs a template)."""
     rl = dict(total_episodes=8, batch_size=4, num_minibatches=2, max_new_tokens=4, eval_every=10**9, **TINY)
     return {
         "sft": sft.Args(model=lm, dataset=hub_files["tldr"], max_steps=2, batch_size=4, max_new_tokens=4, **TINY),

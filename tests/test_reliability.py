@@ -287,7 +287,7 @@ NAN_AT = {
     "rebel": (rebel, "rebel_loss"),
     "xpo": (xpo, "xpo_loss"),
     "aihf": (aihf, "aihf_dpo_loss"),
-    "aihf-explicit": (aihf, "rloo_advantages"),
+    "aihf-explicit": (aihf_explicit, "rloo_advantages"),
 }
 
 
