@@ -306,7 +306,7 @@ def generate(model, prompt: torch.Tensor, tokenizer, max_new_tokens: int, temper
 def shared_prompt_forward(model, prompt, completion, pad_id, logits_to_keep=None):
     """The forward of k completions per prompt ([k*B, C] as [all first; all second; ...]) with each prompt run once and
     its KV cache repeated k times: the same computation as k forwards of cat([prompt, completion]). With TL;DR's 512
-    prompt and 53 summary tokens, DPO's pair costs ~55% of two forwards (test_shared_prompt_forward_matches_full_forward
+    prompt and 53 summary tokens, DPO's pair costs ~55% of two forwards (test_shared_prompt_equals_the_prompt_repeated
     checks logits and gradients). Output row r is completion row order[r]. Returns (prompt output, completion output,
     order), or None without a cache to share (no prompt tokens; gradient checkpointing in training mode)."""
     inner = extract_model_from_parallel(model)

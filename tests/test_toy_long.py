@@ -1,0 +1,107 @@
+"""The long toy tier (`--dataset toy-long`): deterministic data, the gold reward on hand values, the ideal summary at
+the ceiling, what the references and preference pairs show, and the tier's defaults. (Whether SFT rarely completes
+the title is a measurement of a trained model, reported in the README, not a unit test.)"""
+
+import pytest
+
+import ppo
+import sft
+import toy
+
+NAMES = toy.NAME_WORDS[:12]
+POST = ["TITLE:", *NAMES, "rain", "very", "cat", "rain", "proud", "bank", "cat", "so", "bank", "maybe"]
+PROMPT = toy.prompt_text(POST)
+IDEAL = "rain cat bank re: " + " ".join(NAMES) + " proud"
+
+
+def test_the_tier_is_deterministic_and_its_splits_disjoint():
+    a, b = toy.sft_dataset("test", tier="toy-long"), toy.sft_dataset("test", tier="toy-long")
+    assert a[:50] == b[:50]
+    assert toy.preference_dataset("test", tier="toy-long")[:20] == toy.preference_dataset("test", tier="toy-long")[:20]
+    assert toy.sft_dataset("test", seed=1, tier="toy-long")["prompt"][:5] != a["prompt"][:5]
+    train = set(toy.sft_dataset("train", tier="toy-long")["prompt"])
+    assert not train & set(a["prompt"])
+
+
+def test_parts_and_ideal_summary():
+    title, topics, mood = toy.long_parts(POST)
+    assert (title, topics, mood) == (NAMES, ["rain", "cat", "bank"], "proud")
+    assert " ".join(toy.long_ideal_summary(POST)) == IDEAL
+    assert 16 <= len(toy.long_ideal_summary(POST)) + 1 <= 32  # tokens, EOS included
+
+
+@pytest.mark.parametrize(
+    "summary, has_eos, expected",
+    [
+        (IDEAL, True, 1.0),
+        (IDEAL, False, 0.5),  # no EOS: -0.5
+        (IDEAL.replace(" proud", ""), True, 0.85),  # no mood: -0.15
+        ("rain cat bank proud", True, 0.6),  # no title: -0.40
+        (IDEAL.replace(NAMES[3], toy.NAME_WORDS[20]), True, 0.4),  # one wrong name: no title, one hallucination
+        (IDEAL.replace(f"{NAMES[3]} {NAMES[4]}", f"{NAMES[4]} {NAMES[3]}"), True, 0.6),  # two names swapped
+        (IDEAL.replace(f" {NAMES[5]}", ""), True, 0.6),  # one name dropped
+        ("rain cat bank very re: " + " ".join(NAMES) + " proud", True, 0.9),  # a filler: -0.1
+        ("rain cat cat bank re: " + " ".join(NAMES) + " proud", True, 0.9),  # a repeat: -0.1
+        ("cat rain bank re: " + " ".join(NAMES) + " proud", True, 0.955),  # topics out of order: 0.45 * 0.9
+        ("rain cat re: " + " ".join(NAMES) + " proud", True, 0.865),  # 2 of 3 topics: 0.45 * (0.6 + 0.1) + 0.55
+    ],
+)
+def test_gold_reward_hand_values(summary, has_eos, expected):
+    assert toy.gold_reward(PROMPT, summary, has_eos) == pytest.approx(expected)
+
+
+def test_the_ideal_summary_scores_the_ceiling_and_beats_every_reference():
+    test = toy.sft_dataset("test", tier="toy-long")
+    ideal = [toy.gold_reward(p, " ".join(toy.long_ideal_summary(toy.post_words(p)))) for p in test["prompt"]]
+    refs = [toy.gold_reward(p, c) for p, c in zip(test["prompt"], test["completion"])]
+    assert min(ideal) == 1.0
+    assert toy.win_rate(ideal, refs) >= 0.85
+
+
+def test_what_the_references_and_the_preferences_show():
+    """The reset source shows the title complete in >= 30% of posts and never the mood; the preference pairs name
+    the mood in some candidates (so a reward model can learn it) and copy the title with slips in others."""
+    test = toy.sft_dataset("test", tier="toy-long")
+    with_title = [p for p, c in zip(test["prompt"], test["completion"]) if " re: " in c]
+    assert len(with_title) / len(test) >= 0.3
+    for p, c in zip(test["prompt"], test["completion"]):
+        title, _, mood = toy.long_parts(toy.post_words(p))
+        assert mood not in c.split()
+        if " re: " in c:
+            assert c.split()[-12:] == title  # an exact copy
+    prefs = toy.preference_dataset("train", tier="toy-long").select(range(2000))
+    moods = sum(any(w in toy.MOOD_WORDS for w in c.split()) for c in list(prefs["chosen"]) + list(prefs["rejected"]))
+    assert 0.05 < moods / 4000 < 0.3
+
+
+def test_skill_pairs_differ_only_in_the_title():
+    for pair in toy.skill_pairs()[:50]:
+        title = toy.long_parts(toy.post_words(pair["prompt"]))[0]
+        chosen, rejected = pair["chosen"].split(), pair["rejected"].split()
+        head = chosen[: chosen.index("re:") + 1]
+        assert rejected[: len(head)] == head and chosen[len(head) :] == title and rejected[len(head) :] != title
+        assert toy.gold_reward(pair["prompt"], pair["chosen"]) > toy.gold_reward(pair["prompt"], pair["rejected"])
+
+
+def test_the_tokenizer_covers_the_tier_within_its_lengths():
+    tok = toy.make_tokenizer(tier="toy-long")
+    test = toy.sft_dataset("test", tier="toy-long")
+    unk = tok.unk_token_id
+    for p in test["prompt"][:200]:
+        ids = tok(p)["input_ids"]
+        ideal = tok(" ".join(toy.long_ideal_summary(toy.post_words(p))), add_special_tokens=False)["input_ids"]
+        assert unk not in ids + ideal and len(ids) <= 64 and len(ideal) + 1 <= toy.LONG_MAX_NEW_TOKENS
+    assert tok.pad_token_id == len(toy.LONG_VOCAB) - 1 == toy.model_config(tier="toy-long").vocab_size
+
+
+def test_tier_args_takes_the_tiers_models_and_lengths_where_flags_kept_their_defaults():
+    args = toy.tier_args(ppo.Args(dataset="toy-long", max_prompt_length=40))
+    assert (args.model, args.reward_model, args.max_new_tokens, args.max_prompt_length) == (
+        "toy-long-sft",
+        "toy-long-rm",
+        48,
+        40,
+    )
+    assert toy.tier_args(ppo.Args(dataset="toy-long", reward_model="toy-gold")).reward_model == "toy-long-gold"
+    assert toy.tier_args(sft.Args(dataset="toy-long")).model == "toy-long"
+    assert toy.tier_args(ppo.Args()) == ppo.Args()  # the short tier: unchanged
