@@ -854,7 +854,8 @@ def trl_worker(trainer: str, policy: str, reward: str, repeats: str, out_json: s
             stamps.append(time.perf_counter())
 
     tmp = tempfile.mkdtemp()
-    # TRL's configs default to gradient checkpointing (less memory, more time); ours do not checkpoint: off, same work
+    # TRL's configs default to gradient checkpointing (less memory, more time) and bf16 (autocast; slow on a CPU
+    # without bf16 matrix units). Ours neither checkpoint nor leave fp32 on CPU: both off, the same work
     common = dict(
         output_dir=tmp,
         report_to=[],
@@ -864,6 +865,7 @@ def trl_worker(trainer: str, policy: str, reward: str, repeats: str, out_json: s
         seed=0,
         disable_tqdm=True,
         gradient_checkpointing=False,
+        bf16=False,
     )
     prompts = datasets.Dataset.from_dict({"prompt": toy.sft_dataset("train")["prompt"][: SPEED_BATCH * (repeats + 2)]})
     if trainer == "ppo":
@@ -1019,7 +1021,8 @@ def speed(a: Args) -> int:
         f"`python benchmark.py {' '.join(sys.argv[1:])}`; median of {a.speed_repeats - 2} updates after 2 warm-up "
         "updates"
         "; peak resident memory of the whole process; "
-        f"trl {has_trl or 'not installed'} (gradient checkpointing off, as in our scripts); one process at a time, "
+        f"trl {has_trl or 'not installed'} (gradient checkpointing and bf16 off: fp32, as in our scripts); "
+        "one process at a time, "
         f"{a.speed_threads} CPU thread(s) each; both sides hold the same {SPEED_BATCH * (a.speed_repeats + 2)} "
         "training rows.\n\n"
         "| model | method | generation (s) | scoring (s) | update (s) | total (s) | peak memory (MiB) | TRL total (s) "
