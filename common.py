@@ -464,13 +464,15 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 @torch.no_grad()
 def evaluate(policy, tokenizer, test, args, ref_policy=None, reward_model=None, batch_size=64):
     """Greedy completions: reward-model score, length, EOS rate and, on the toy task, gold reward and win rate against
-    the references; with `ref_policy`, KL(pi || pi_ref) = mean of sum_t log pi/pi_ref over samples at temperature 1."""
+    the references; with `ref_policy`, KL(pi || pi_ref) = mean of sum_t log pi/pi_ref over samples at temperature 1.
+    toy-long: also how often greedy and temperature-1 completions copy the title / name the mood (toy.long_skills)."""
     was_training = policy.training
     policy.eval()
     pad_id, device = tokenizer.pad_token_id, next(policy.parameters()).device
-    prompts, is_toy = test["prompt"], args.dataset in toy.TIERS
+    prompts, is_toy, is_long = test["prompt"], args.dataset in toy.TIERS, args.dataset == "toy-long"
     references = test["completion"] if is_toy else None
     out, samples = {"score": [], "length": [], "eos": [], "kl": [], "gold": [], "ref_gold": []}, []
+    skills = {f"{part}{how}": [] for part in ("title", "mood") for how in ("", "_t1")}
     for i in range(0, len(prompts), batch_size):
         texts = [chat_text(tokenizer, p)[0] for p in prompts[i : i + batch_size]]  # messages -> text
         prompt = pad(tokenize_prompts(tokenizer, texts, args.max_prompt_length), pad_id, "left").to(device)
@@ -480,10 +482,16 @@ def evaluate(policy, tokenizer, test, args, ref_policy=None, reward_model=None, 
         if reward_model is not None:
             scores = reward_scores(reward_model, prompt, completion, pad_id, has_eos, args.no_eos_score)
             out["score"] += scores.tolist()
-        if ref_policy is not None:  # on samples at temperature 1 (greedy completions would not estimate it)
+        if ref_policy is not None or is_long:  # temperature 1: the KL's estimate, the long tier's skill rates
             sampled, _ = generate(policy, prompt, tokenizer, args.max_new_tokens, temperature=1.0)
+        if ref_policy is not None:
             logp = completion_logprobs(policy, prompt, sampled, pad_id).sum(1)
             out["kl"] += (logp - completion_logprobs(ref_policy, prompt, sampled, pad_id).sum(1)).tolist()
+        if is_long:
+            for how, ids in (("", completion), ("_t1", sampled)):
+                for text, prompt_text in zip(tokenizer.batch_decode(ids, skip_special_tokens=True), texts):
+                    for part, has in toy.long_skills(toy.post_words(prompt_text), text).items():
+                        skills[part + how].append(has)
         for j, text in enumerate(tokenizer.batch_decode(completion, skip_special_tokens=True)):
             sample = {"prompt": texts[j], "completion": text}
             if is_toy:
@@ -494,7 +502,7 @@ def evaluate(policy, tokenizer, test, args, ref_policy=None, reward_model=None, 
                 sample["score"] = out["score"][i + j]
             samples.append(sample)
     policy.train(was_training)
-    metrics = {f"eval/{k}": sum(v) / len(v) for k, v in out.items() if v and k != "ref_gold"}
+    metrics = {f"eval/{k}": sum(v) / len(v) for k, v in (out | skills).items() if v and k != "ref_gold"}
     if is_toy:
         metrics["eval/win_rate"] = toy.win_rate(out["gold"], out["ref_gold"])
     return metrics, samples

@@ -332,14 +332,24 @@ def long_gold_reward(post: list[str], completion: str, has_eos: bool = True) -> 
     present = [w for w in dict.fromkeys(words) if w in topics]
     coverage = len(present) / len(topics)
     order = float(bool(present) and present == [w for w in topics if w in present])
-    n = len(title)
-    copied = any(words[i : i + n] == title for i in range(len(words) - n + 1))
+    copied = long_skills(post, completion)["title"]
     fillers = len({w for w in words if w in post and w not in topics and w not in title and w != mood})
     hallucinated = len({w for w in words if w not in post and w != RE})
     repeats = len(words) - len(set(words))
     score = 0.45 * (0.9 * coverage + 0.1 * order) + 0.4 * copied + 0.15 * (mood in words)
     score -= 0.1 * fillers + 0.2 * hallucinated + 0.1 * repeats + 0.5 * (not has_eos)
     return max(-1.0, min(1.0, score))
+
+
+def long_skills(post: list[str], completion: str) -> dict[str, float]:
+    """Which of the long tier's two hard parts a summary has: the title copied exactly (the skill) and the mood named
+    (the part no demonstration shows). Every script's evaluation logs their rates, greedy and at temperature 1."""
+    title, _, mood = long_parts(post)
+    words, n = completion.split(), len(title)
+    return {
+        "title": float(any(words[i : i + n] == title for i in range(len(words) - n + 1))),
+        "mood": float(mood in words),
+    }
 
 
 def title_slip(title: list[str], rng: random.Random) -> list[str]:

@@ -2,8 +2,12 @@
 the ceiling, what the references and preference pairs show, and the tier's defaults. (Whether SFT rarely completes
 the title is a measurement of a trained model, reported in the README, not a unit test.)"""
 
-import pytest
+from types import SimpleNamespace
 
+import pytest
+import torch
+
+import common
 import ppo
 import sft
 import toy
@@ -105,3 +109,25 @@ def test_tier_args_takes_the_tiers_models_and_lengths_where_flags_kept_their_def
     assert toy.tier_args(ppo.Args(dataset="toy-long", reward_model="toy-gold")).reward_model == "toy-long-gold"
     assert toy.tier_args(sft.Args(dataset="toy-long")).model == "toy-long"
     assert toy.tier_args(ppo.Args()) == ppo.Args()  # the short tier: unchanged
+
+
+def test_long_skills_hand_values():
+    skills = lambda summary: toy.long_skills(POST, summary)  # noqa: E731
+    assert skills(IDEAL) == {"title": 1.0, "mood": 1.0}
+    assert skills(IDEAL.replace(" proud", "")) == {"title": 1.0, "mood": 0.0}
+    assert skills(IDEAL.replace(f" {NAMES[11]}", "")) == {"title": 0.0, "mood": 1.0}  # 11 of 12 names
+    assert skills(" ".join(NAMES[::-1]) + " happy") == {"title": 0.0, "mood": 0.0}  # another post's mood
+
+
+def test_evaluate_logs_the_skill_rates_greedy_and_at_temperature_one():
+    """The rates that measure the tier's premise ("SFT rarely copies the title at temperature 1") come from the
+    scripts' own evaluation: the greedy ones recomputed from its samples, the temperature-1 ones counts of 32."""
+    torch.manual_seed(0)
+    tok, test = toy.make_tokenizer(tier="toy-long"), toy.sft_dataset("test", tier="toy-long").select(range(32))
+    args = SimpleNamespace(dataset="toy-long", max_prompt_length=64, max_new_tokens=48, no_eos_score=-1.0)
+    metrics, samples = common.evaluate(common.load_model("toy-long"), tok, test, args, batch_size=16)
+    for part in ("title", "mood"):
+        greedy = [toy.long_skills(toy.post_words(s["prompt"]), s["completion"])[part] for s in samples]
+        assert metrics[f"eval/{part}"] == pytest.approx(sum(greedy) / 32)
+        assert 0.0 <= metrics[f"eval/{part}_t1"] <= 1.0 and (metrics[f"eval/{part}_t1"] * 32).is_integer()
+    assert "eval/kl" not in metrics  # no reference policy given
