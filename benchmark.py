@@ -17,6 +17,7 @@ Quality modes (`--modes`, all by default):
     gold    the online methods with the gold reward as their RL reward (`--reward-model toy-gold`):
             optimizer quality without reward-model error or over-optimization
     reset   DR-PO's reset probability 0 / 0.5 (1.0 is the main run)
+    alpha   XPO's exploration coefficient (`--alphas`; the main runs are XPO at its default and online DPO at 0)
     aihf    AIHF vs DPO vs SFT -> RM -> PPO as the number of preference pairs shrinks (demonstrations fixed)
 Speed (`--speed`): per-update time (median of repeats) split into generation / scoring / update and peak
 memory of each script at fixed shapes and three model sizes (the third with a 32,000-token vocabulary);
@@ -25,6 +26,7 @@ with trl installed, TRL's trainers on the same shapes and the ratio ours / TRL.
     python benchmark.py                       # everything: 69 runs, 39 minutes on 2 (shared) CPU cores
     python benchmark.py --quick               # 22 runs, 1 seed, 256 samples: a few minutes
     python benchmark.py --modes main --seeds 1 2 --docs
+    python benchmark.py --dataset toy-long --quick   # the long tier: its own SFT / RM, lengths and output folder
     python benchmark.py --speed
 """
 
@@ -44,15 +46,17 @@ from pathlib import Path
 from typing import Literal
 
 HERE = Path(__file__).resolve().parent
-Mode = Literal["main", "gold", "reset", "aihf"]
+Mode = Literal["main", "gold", "reset", "alpha", "aihf"]
 ONLINE = ("ppo", "drpo", "rebel", "xpo", "odpo")
 
 
 @dataclass
 class Args:
     output_dir: str = "runs/benchmark"
-    """where runs, tables and plots go"""
-    modes: tuple[Mode, ...] = ("main", "gold", "reset", "aihf")
+    """where runs, tables and plots go (the long tier's in its `toy-long/` subfolder)"""
+    dataset: Literal["toy", "toy-long"] = "toy"
+    """the toy tier every run uses (`--dataset` of each script); `--docs` writes docs/benchmark_long* for toy-long"""
+    modes: tuple[Mode, ...] = ("main", "gold", "reset", "alpha", "aihf")
     """which comparisons to run (see the module docstring)"""
     methods: tuple[str, ...] = ()
     """restrict the main / gold modes to these (sft dpo ppo drpo rebel xpo odpo aihf); default: all"""
@@ -64,6 +68,8 @@ class Args:
     """evaluate online runs every this many policy samples (a multiple of 64)"""
     eval_prompts: int = 500
     """test prompts per evaluation (greedy win rate; 500 gives a standard error of about 0.02)"""
+    alphas: tuple[float, ...] = (0.001, 0.1)
+    """alpha mode: XPO's alpha values besides its default (0.01) and online DPO's 0"""
     num_preferences: tuple[int, ...] = (100, 1000, 10000)
     """aihf mode: preference pairs available (the toy set has 10,000), demonstrations fixed at 20,000"""
     quick: bool = False
@@ -160,8 +166,16 @@ def plan(a: Args, out: Path) -> list[Job]:
             for p in ("0", "0.5"):
                 script, flags = online_flags("drpo", a)
                 jobs.append(make_job(out, "reset", f"drpo reset_prob={p}", seed, script, [*flags, "--reset-prob", p]))
+        if "alpha" in a.modes:
+            for alpha in a.alphas:
+                script, flags = online_flags("xpo", a)
+                jobs.append(
+                    make_job(out, "alpha", f"xpo alpha={alpha:g}", seed, script, [*flags, "--alpha", f"{alpha:g}"])
+                )
     if "aihf" in a.modes:
         jobs += plan_aihf(a, out)
+    for job in jobs if a.dataset == "toy-long" else []:  # each script then picks the tier's models and lengths
+        job.argv += ["--dataset", "toy-long"]
     return jobs
 
 
@@ -170,7 +184,6 @@ def plan_aihf(a: Args, out: Path) -> list[Job]:
     (AIHF's default; reward.py and dpo.py repeat small sets as needed), then PPO at the sample budget."""
     jobs, steps = [], 32 if a.quick else 100
     for n in a.num_preferences:
-        data = out / "data" / f"preferences_{n}"
         epochs = str(math.ceil(steps / (n // 64)))  # the loaders drop a last partial batch: n // 64 steps per epoch
         for seed in a.seeds[:2]:
             limit = ["--eval-prompts", str(a.eval_prompts), "--num-preferences", str(n)]
@@ -185,25 +198,8 @@ def plan_aihf(a: Args, out: Path) -> list[Job]:
                     [*limit, "--epochs", epochs, "--max-steps", str(steps), "--eval-every", str(steps)],
                 )
             )
-            rm = make_job(
-                out,
-                "aihf",
-                f"rm N={n}",
-                seed,
-                "reward.py",
-                [
-                    "--dataset",
-                    str(data),
-                    "--epochs",
-                    epochs,
-                    "--max-steps",
-                    str(steps),
-                    "--eval-every",
-                    str(steps),
-                    "--batch-size",
-                    str(min(64, n)),
-                ],
-            )
+            rm_flags = ["--num-preferences", str(n), "--epochs", epochs, "--max-steps", str(steps)]
+            rm = make_job(out, "aihf", f"rm N={n}", seed, "reward.py", [*rm_flags, "--eval-every", str(steps)])
             script, flags = online_flags("ppo", a)
             jobs += [
                 rm,
@@ -212,22 +208,6 @@ def plan_aihf(a: Args, out: Path) -> list[Job]:
                 ),
             ]
     return jobs
-
-
-def write_preference_subsets(a: Args, out: Path):
-    """reward.py has no --num-preferences: the first N toy pairs (and the toy test split) saved to disk."""
-    import datasets
-
-    import toy
-
-    datasets.disable_progress_bars()
-    for n in a.num_preferences:
-        path = out / "data" / f"preferences_{n}"
-        if not (path / "dataset_dict.json").exists():
-            train = toy.preference_dataset("train")
-            datasets.DatasetDict(
-                {"train": train.select(range(min(n, len(train)))), "test": toy.preference_dataset("test")}
-            ).save_to_disk(str(path))
 
 
 def run_all(jobs: list[Job], a: Args) -> None:
@@ -374,7 +354,12 @@ NAMES = {
     "drpo reset_prob=0": "DR-PO, reset_prob 0",
     "drpo reset_prob=0.5": "DR-PO, reset_prob 0.5",
     "drpo reset_prob=1": "DR-PO, reset_prob 1 (default)",
+    "xpo alpha=0": "XPO, α 0 (online DPO)",
+    "xpo alpha=0.01": "XPO, α 0.01 (default)",
 }
+
+
+SKILLS = {"title": "title copied", "title_t1": "title, T = 1", "mood": "mood named", "mood_t1": "mood, T = 1"}
 
 
 def command(job: Job) -> str:
@@ -398,9 +383,13 @@ def budget_of(job: Job, run: dict, a: Args) -> str:
 def quality_table(jobs: list[Job], group: str, a: Args, start_row: bool) -> str:
     runs = by_label(jobs, group)
     first = {j.label: j for j in jobs if j.group == group and j.ok}
+    skills = SKILLS if a.dataset == "toy-long" else {}  # the long tier's hard parts, greedy and at temperature 1
     head = (
-        "| method | trains on | gold win rate | gold reward | RM score | KL(π‖π_ref) | length | wall time (s) |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        "| method | trains on | gold win rate | gold reward | RM score | KL(π‖π_ref) | length | wall time (s) |"
+        + "".join(f" {name} |" for name in skills.values())
+        + "\n"
+        + "| --- " * (8 + len(skills))
+        + "|\n"
     )
     lines = []
     if start_row and runs:
@@ -409,6 +398,7 @@ def quality_table(jobs: list[Job], group: str, a: Args, start_row: bool) -> str:
         lines.append(
             f"| SFT checkpoint (start of every run) | | {i['initial/win_rate']:.3f} | {i['initial/gold']:.3f} | "
             f"{i['initial/score']:.3f} | 0 | {i['initial/length']:.2f} | |"
+            + "".join(f" {i.get(f'initial/{k}', math.nan):.3f} |" for k in skills)
         )
     for label, rs in runs.items():
         col = lambda k, rs=rs: fmt([r["final"].get(k, math.nan) for r in rs])  # noqa: E731
@@ -417,6 +407,7 @@ def quality_table(jobs: list[Job], group: str, a: Args, start_row: bool) -> str:
         lines.append(
             f"| {NAMES.get(label, label)} | {budget_of(first[label], rs[0], a)} | {col('eval/win_rate')} | "
             f"{col('eval/gold')} | {score} | {col('eval/kl')} | {length} | {wall} |"
+            + "".join(f" {col(f'eval/{k}')} |" for k in skills)
         )
     return head + "\n".join(lines) + "\n"
 
@@ -624,18 +615,17 @@ def quality(a: Args) -> int:
     unknown = set(a.methods) - set(NAMES)
     if unknown:
         raise SystemExit(f"error: unknown --methods {sorted(unknown)}; choose from {sorted(NAMES)}")
-    out = Path(a.output_dir)
+    out = Path(a.output_dir) / ("toy-long" if a.dataset == "toy-long" else "")
     out.mkdir(parents=True, exist_ok=True)
     plt = None if a.no_plots else pyplot()  # fail before an hour of runs, not after
     jobs = plan(a, out)
-    if "aihf" in a.modes:
-        write_preference_subsets(a, out)
     t0 = time.time()
     run_all(jobs, a)
     wall = time.time() - t0
 
     sections = [
-        f"# Toy-task benchmark\n\n`python benchmark.py {' '.join(sys.argv[1:])}`: seeds {list(a.seeds)}, "
+        f"# Toy-task benchmark{', long tier (`--dataset toy-long`)' if a.dataset == 'toy-long' else ''}\n\n"
+        f"`python benchmark.py {' '.join(sys.argv[1:])}`: seeds {list(a.seeds)}, "
         f"{a.budget:,} policy samples per online run, {a.eval_prompts} test prompts per evaluation, "
         f"{a.jobs} runs at a time; {sum(not j.reused for j in jobs)} runs in {wall / 60:.1f} min"
         f"{f' ({sum(j.reused for j in jobs)} more reused from earlier calls)' if any(j.reused for j in jobs) else ''}; "
@@ -649,7 +639,7 @@ def quality(a: Args) -> int:
             "## All methods\n",
             quality_table(jobs, "main", a, start_row=True),
             "\n## Win rate at each evaluation (policy samples)\n",
-            early_table(jobs, ["main", "gold", "reset"], a),
+            early_table(jobs, ["main", "gold", "reset", "alpha"], a),
             "\n## Cost per update at 64 policy samples (median over updates and seeds; runs shared the CPU)\n",
             cost_table(jobs),
         ]
@@ -664,6 +654,16 @@ def quality(a: Args) -> int:
         sections += [
             "\n## DR-PO reset probability (0 is PPO with the same random stream)\n",
             quality_table(sweep, "reset", a, start_row=False),
+        ]
+    if "alpha" in a.modes:  # the main runs are XPO at its default alpha and online DPO (alpha 0)
+        sweep = jobs + [
+            dataclasses.replace(j, group="alpha", label={"xpo": "xpo alpha=0.01", "odpo": "xpo alpha=0"}[j.label])
+            for j in jobs
+            if j.group == "main" and j.label in ("xpo", "odpo")
+        ]
+        sections += [
+            "\n## XPO exploration coefficient alpha (0 is online DPO)\n",
+            quality_table(sweep, "alpha", a, start_row=False),
         ]
     if "aihf" in a.modes:
         sections += ["\n## Fewer preference pairs, demonstrations fixed\n", aihf_table(jobs, a)]
@@ -712,7 +712,8 @@ def quality(a: Args) -> int:
         docs = HERE / "docs"
         docs.mkdir(exist_ok=True)
         for p in [out / "results.md", *plots]:
-            shutil.copy(p, docs / ("benchmark.md" if p.name == "results.md" else f"benchmark_{p.name}"))
+            stem = "benchmark_long" if a.dataset == "toy-long" else "benchmark"
+            shutil.copy(p, docs / (f"{stem}.md" if p.name == "results.md" else f"{stem}_{p.name}"))
         print(f"[bench] copied the tables and plots into {docs}")
     return 1 if failed else 0
 

@@ -70,6 +70,8 @@ class Args:
     """prompts longer than this keep their last tokens (TL;DR: 512)"""
     max_completion_length: int = 16
     """completions (with EOS) longer than this are cut (TL;DR preferences: 169)"""
+    num_preferences: int | None = None
+    """use only the first N training pairs (default: all)"""
     eval_pairs: int = 1000
     """number of test pairs used for held-out accuracy"""
 
@@ -185,7 +187,7 @@ def main(args: Args):
     args = toy.tier_args(args)  # --dataset toy-long: the tier's models and lengths
     training.check_ranges(
         args,
-        positive=("epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_steps"),
+        positive=("epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_steps", "num_preferences"),
         non_negative=("lr", "save_every"),
     )
     training.check_ranges(args, positive=("micro_batch_size",))
@@ -198,6 +200,7 @@ def main(args: Args):
 
     # ---- step 2: preference pairs (x, y_w, y_l) -> token ids, one prompt for both completions ----
     train = data.load_data(args.dataset, "train", ("prompt", "chosen", "rejected"))
+    train = train.select(range(min(args.num_preferences or len(train), len(train))))
     test = data.load_data(args.dataset, "test", ("prompt", "chosen", "rejected"))
     test = test.select(range(min(args.eval_pairs, len(test))))
     lengths = (args.max_prompt_length, args.max_completion_length)

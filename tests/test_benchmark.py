@@ -42,7 +42,28 @@ def test_online_methods_get_the_same_policy_sample_budget(tmp_path):
         assert job.argv[job.argv.index("--reward-model") + 1] == str(rm.dir) and rm.label == job.label.replace(
             "rm+ppo", "rm"
         )
+    # the alpha mode: XPO at the other alphas, beside the main runs' default 0.01 and online DPO's 0
+    assert {j.argv[j.argv.index("--alpha") + 1] for j in jobs if j.group == "alpha"} == {"0.001", "0.1"}
+    rms = [j for j in jobs if j.script == "reward.py"]  # the RM sees the same first N pairs as DPO and AIHF
+    assert {flag(j.argv, "--num-preferences") for j in rms} == set(args.num_preferences)
     assert len({j.key for j in jobs}) == len(jobs)  # run directories never collide
+    assert not any("--dataset" in j.argv for j in jobs)  # the short tier: every script's default
+
+
+def test_the_long_tier_runs_every_script_on_it(tmp_path):
+    args = benchmark.Args(output_dir=str(tmp_path), dataset="toy-long", seeds=(1,))
+    jobs = benchmark.plan(args, tmp_path)
+    assert {j.script for j in jobs} == {
+        "sft.py",
+        "ppo.py",
+        "drpo.py",
+        "rebel.py",
+        "xpo.py",
+        "dpo.py",
+        "aihf.py",
+        "reward.py",
+    }
+    assert all(j.argv[j.argv.index("--dataset") + 1] == "toy-long" for j in jobs)
 
 
 @pytest.mark.parametrize(
