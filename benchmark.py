@@ -23,8 +23,8 @@ Speed (`--speed`): per-update time (median of repeats) split into generation / s
 memory of each script at fixed shapes and three model sizes (the third with a 32,000-token vocabulary);
 with trl installed, TRL's trainers on the same shapes and the ratio ours / TRL.
 
-    python benchmark.py                       # everything: 69 runs, 39 minutes on 2 (shared) CPU cores
-    python benchmark.py --quick               # 22 runs, 1 seed, 256 samples: a few minutes
+    python benchmark.py                       # everything: 75 runs, about an hour on 2 CPU cores
+    python benchmark.py --quick               # 24 runs, 1 seed, 256 samples: a few minutes
     python benchmark.py --modes main --seeds 1 2 --docs
     python benchmark.py --dataset toy-long --quick   # the long tier: its own SFT / RM, lengths and output folder
     python benchmark.py --speed

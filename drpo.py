@@ -1,10 +1,11 @@
 """DR-PO: "Dataset Reset Policy Optimization for RLHF" (Chang et al. 2024, https://arxiv.org/abs/2404.08495).
 
 ppo.py's PPO (N+ implementation details) except where episodes start: with probability `reset_prob` a rollout is
-reset to a state of the offline data, its prompt and the first h tokens of its reference completion (the SFT data),
-h ~ Uniform{1, ..., L-1} (L: the reference's length with EOS), and the policy continues from there. The prefix counts
-for the reward, the KL penalty and the critic; only the policy-gradient loss masks it (the policy did not choose it).
-Evaluation starts from the bare prompt. The official code (Cornell-RL/drpo) does not mask after EOS; this one does.
+reset to a state of the offline data, its prompt and the first h tokens of its reference completion (the SFT data;
+`--reset-source chosen`: a preference pair's chosen one, the paper's offline data), h ~ Uniform{1, ..., L-1} (L: the
+reference's length with EOS), and the policy continues from there. The prefix counts for the reward, the KL penalty
+and the critic; only the policy-gradient loss masks it (the policy did not choose it). Evaluation starts from the bare
+prompt. The official code (Cornell-RL/drpo) does not mask after EOS; this one does.
 
     python drpo.py                                                 # toy task, CPU, ~2 minutes
     python drpo.py --model vwxyzjn/EleutherAI_pythia-1b-deduped__sft__tldr \
@@ -17,6 +18,7 @@ Evaluation starts from the bare prompt. The official code (Cornell-RL/drpo) does
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from accelerate.utils import extract_model_from_parallel
@@ -93,6 +95,8 @@ class Args:
     """value loss coefficient (N+: 0.1)"""
     reset_prob: float = 1.0
     """fraction of rollouts reset to a prefix of the reference completion (the paper's beta; paper: 1.0)"""
+    reset_source: Literal["references", "chosen"] | None = None
+    """reset to `--dataset`'s SFT references (default, as the official code) or its pairs' `chosen` (toy-long's)"""
     whiten_rewards: bool = False
     """scale the per-token rewards to unit variance over the rollout, mean kept (N+: off; DR-PO's official code: on)"""
 
@@ -231,10 +235,11 @@ def main(args: Args):
     if getattr(reward_model, "retokenize", None) is not None:  # the critic reads the policy's tokens
         raise training.UserError(f"--reward-model {args.reward_model}: the critic needs the policy's tokenizer")
 
-    train = data.load_data(args.dataset, "train", ("prompt", "completion"))
+    column = "chosen" if args.reset_source == "chosen" else "completion"
+    train = data.load_data(args.dataset, "train", ("prompt", column))
     test = data.load_data(args.dataset, "test", ("prompt",)).take(args.eval_prompts)  # the first eval_prompts
     tokenize = lambda x, y: data.tokenize_pair(tokenizer, x, y, args.max_prompt_length, args.max_new_tokens)
-    prompts, reference_ids = zip(*map(tokenize, train["prompt"], train["completion"]))  # x, y_ref of the offline data
+    prompts, reference_ids = zip(*map(tokenize, train["prompt"], train[column]))  # x, y_ref of the offline data
 
     model = PolicyAndCritic(policy, critic)  # one module: trained by one optimizer, one forward for both
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-5)

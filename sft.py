@@ -17,6 +17,7 @@ trains Pythia on reference summaries for 1 epoch, batch 64, lr 3e-6.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers import get_scheduler
@@ -74,7 +75,9 @@ class Args:
 
     # optimization
     lr: float = 1e-3
-    """AdamW learning rate, decayed linearly to 0 (TL;DR Pythia: 3e-6)"""
+    """AdamW learning rate (TL;DR Pythia: 3e-6)"""
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    """linear: decayed to 0 (TL;DR); constant: after a 50-update warm-up (toy-long: the title copy forms sooner)"""
     epochs: int = 1
     """passes over the training data"""
     batch_size: int = 64
@@ -134,7 +137,8 @@ def main(args: Args):
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(examples)})")
     num_updates = min(args.max_steps or 10**12, args.epochs * len(loader))  # one optimizer step per update
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=num_updates)
+    schedule, warmup = ("linear", 0) if args.lr_schedule == "linear" else ("constant_with_warmup", 50)
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=num_updates)
     micro = args.micro_batch_size or per_process
     policy, optimizer, loader = common.prepare(accelerator, policy, optimizer, loader, micro_batch_size=micro)
     run = training.Run(args, accelerator, num_updates)

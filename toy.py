@@ -169,7 +169,7 @@ def reference_summary(post: list[str], rng: random.Random) -> list[str]:
 def gold_reward(prompt: str, completion: str, has_eos: bool = True) -> float:
     """The programmatic judge (see the module docstring). `completion` is decoded text without EOS."""
     post = post_words(prompt)
-    if post and post[0] == TITLE:
+    if TITLE in post:
         return long_gold_reward(post, completion, has_eos)
     important = topic_words(post)
     words = completion.split()
@@ -222,7 +222,7 @@ def make_preference_pair(post: list[str], rng: random.Random) -> dict:
     """Two different candidates labelled by a Bradley-Terry draw on the gold reward (EOS is appended at
     tokenization, as for every dataset in the standard format)."""
     prompt = prompt_text(post)
-    candidate = long_candidate_summary if post[0] == TITLE else candidate_summary
+    candidate = long_candidate_summary if TITLE in post else candidate_summary
     a, b = candidate(post, rng), candidate(post, rng)
     while b == a:  # identical strings carry no preference
         b = candidate(post, rng)
@@ -241,7 +241,7 @@ def sft_dataset(split: str = "train", seed: int = 0, tier: str = "toy") -> datas
     """prompt / completion: reference summaries of distinct posts. Test posts never occur in train."""
     reference = long_reference_summary if tier == "toy-long" else reference_summary
     row = lambda post, rng: {"prompt": prompt_text(post), "completion": _completion(reference(post, rng))}  # noqa: E731
-    return _split(split, seed, row, SFT_TRAIN, SFT_TEST, salt=1, tier=tier)
+    return _split(split, seed, row, LONG_SFT_TRAIN if tier == "toy-long" else SFT_TRAIN, SFT_TEST, salt=1, tier=tier)
 
 
 def preference_dataset(split: str = "train", seed: int = 0, tier: str = "toy") -> datasets.Dataset:
@@ -277,73 +277,71 @@ def _distinct_posts(rng, n, exclude, new_post):
 # ---------------------------------------------------------------------------------------------
 # The long tier, `--dataset toy-long`: a long horizon, a skill SFT rarely completes, a part no data shows
 # ---------------------------------------------------------------------------------------------
-# A post opens with a title of TITLE_LEN name words and has 3-4 topic words, one mood word and fillers. The ideal
-# summary (17-18 tokens, then EOS) is the topics in order, "re:", the title copied word for word, and the mood:
-#     " rain cat bank re: maple cedar ... (12 names) tired"
+# A post has 3-4 topic words, one mood word and fillers, then its title: "TITLE:", a main title of 3-8 names, "-" and
+# a subtitle of the rest of 12 names. The ideal summary (18-19 tokens, then EOS) quotes the whole title, then gives
+# the topics in order and the mood:
+#     " TITLE: maple cedar birch - aspen ... (12 names) rain cat bank tired"
 # gold = 0.45 * (0.9 coverage + 0.1 order)      topics, as in the short tier
-#      + 0.40 * [the title copied exactly]        the hard skill: one wrong, missing or extra word loses it all
-#      + 0.15 * [the post's mood word]            the part to explore: no demonstration ever writes it
+#      + 0.40 * [the whole title, exactly]        the skill: a word missing, wrong or out of place loses it all
+#      + 0.15 * [the post's mood word]            the part to explore: no demonstration or chosen summary shows it
 #      - 0.1 fillers - 0.2 hallucinated - 0.1 repeats - 0.5 [no EOS], clipped to [-1, 1]
-# References (SFT data, DR-PO's reset source, AIHF's demonstrations) keep the short tier's topic habits, copy the
-# title in TITLE_RATE of posts and never name the mood. Preference candidates name it in a quarter of the broad
-# corruptions (so a reward model can learn it) and copy the title with one slip in half of theirs.
+# References (the SFT data, AIHF's demonstrations) keep the short tier's topic habits and quote the title in
+# QUOTE_RATE of posts, the way people quote a long title: the main title only, the whole title in only FULL_RATE of
+# quotes. The preference candidates quote it whole far more often, so the chosen summaries (DR-PO's reset source on
+# this tier) show the skill that the demonstrations rarely do; a quarter of the broad candidates name the mood.
 
-TITLE, RE = "TITLE:", "re:"
+TITLE, BREAK = "TITLE:", "-"
 NAME_WORDS = (
     "maple cedar birch aspen willow alder hazel rowan spruce larch elm oak pine fir yew ash lime poplar holly "
     "laurel myrtle juniper cypress sequoia acacia baobab banyan mango olive lemon cherry plum peach apricot quince "
     "fig date walnut almond pecan cashew acorn chestnut hickory sumac tupelo sassafras"
 ).split()
 MOOD_WORDS = "happy sad angry calm tired proud bored scared".split()
-LONG_VOCAB = VOCAB[:-1] + [TITLE, RE] + NAME_WORDS + MOOD_WORDS + ["<|pad|>"]
-TITLE_LEN, TITLE_RATE = 12, 0.4
+LONG_VOCAB = VOCAB[:-1] + [TITLE, BREAK] + NAME_WORDS + MOOD_WORDS + ["<|pad|>"]
+TITLE_LEN, QUOTE_RATE, FULL_RATE = 12, 0.8, 0.07
+LONG_SFT_TRAIN = 32_000  # 500 SFT updates of 64: the title copy forms after a few hundred
 LONG_MAX_NEW_TOKENS = 48
 
 
 def make_long_post(rng: random.Random) -> list[str]:
-    """TITLE: 12 distinct names, then 3-4 topic words occurring 2-3 times, one mood word and distinct fillers."""
+    """3-4 topic words occurring 2-3 times, one mood word and distinct fillers (16-22 words), then TITLE: and 12
+    distinct names with "-" after the first 3-8."""
     topics = rng.sample(TOPIC_WORDS, rng.choice([3, 4]))
     body = [w for w in topics for _ in range(rng.choice([2, 3]))] + [rng.choice(MOOD_WORDS)]
-    body += rng.sample(FILLER_WORDS, rng.randint(max(0, 16 - len(body)), 26 - len(body)))
+    body += rng.sample(FILLER_WORDS, rng.randint(max(0, 16 - len(body)), 22 - len(body)))
     rng.shuffle(body)
-    return [TITLE, *rng.sample(NAME_WORDS, TITLE_LEN), *body]
+    names, main = rng.sample(NAME_WORDS, TITLE_LEN), rng.randint(3, 8)
+    return [*body, TITLE, *names[:main], BREAK, *names[main:]]
 
 
 def long_parts(post: list[str]) -> tuple[list[str], list[str], str]:
-    """(title, topic words in order of first appearance, mood word) of a long-tier post."""
-    title = post[1 : 1 + TITLE_LEN]
-    return title, topic_words(post), next(w for w in post if w in MOOD_WORDS)
+    """(title with its "-", topic words in order of first appearance, mood word) of a long-tier post."""
+    return post[post.index(TITLE) + 1 :], topic_words(post), next(w for w in post if w in MOOD_WORDS)
+
+
+def main_title(title: list[str]) -> list[str]:
+    """The part of a title before its "-"."""
+    return title[: title.index(BREAK)]
 
 
 def long_ideal_summary(post: list[str]) -> list[str]:
     title, topics, mood = long_parts(post)
-    return [*topics, RE, *title, mood]
+    return [TITLE, *title, *topics, mood]
 
 
 def long_reference_summary(post: list[str], rng: random.Random) -> list[str]:
-    """The short tier's topic habits, then "re:" and the exact title in TITLE_RATE of posts; never the mood."""
+    """A quote of the title in QUOTE_RATE of posts (the main title, or the whole title in FULL_RATE of quotes), then
+    the short tier's topic habits; never the mood."""
+    title = long_parts(post)[0]
     words = reference_summary([w for w in post if w in TOPIC_WORDS or w in FILLER_WORDS], rng)
-    return words + [RE, *long_parts(post)[0]] if rng.random() < TITLE_RATE else words
-
-
-def long_gold_reward(post: list[str], completion: str, has_eos: bool = True) -> float:
-    title, topics, mood = long_parts(post)
-    words = completion.split()
-    present = [w for w in dict.fromkeys(words) if w in topics]
-    coverage = len(present) / len(topics)
-    order = float(bool(present) and present == [w for w in topics if w in present])
-    copied = long_skills(post, completion)["title"]
-    fillers = len({w for w in words if w in post and w not in topics and w not in title and w != mood})
-    hallucinated = len({w for w in words if w not in post and w != RE})
-    repeats = len(words) - len(set(words))
-    score = 0.45 * (0.9 * coverage + 0.1 * order) + 0.4 * copied + 0.15 * (mood in words)
-    score -= 0.1 * fillers + 0.2 * hallucinated + 0.1 * repeats + 0.5 * (not has_eos)
-    return max(-1.0, min(1.0, score))
+    if rng.random() >= QUOTE_RATE:
+        return words
+    return [TITLE, *(title if rng.random() < FULL_RATE else main_title(title)), *words]
 
 
 def long_skills(post: list[str], completion: str) -> dict[str, float]:
-    """Which of the long tier's two hard parts a summary has: the title copied exactly (the skill) and the mood named
-    (the part no demonstration shows). Every script's evaluation logs their rates, greedy and at temperature 1."""
+    """Which of the long tier's two hard parts a summary has: the whole title, exactly (the skill) and the mood
+    (the part no data shows). Every script's evaluation logs their rates, greedy and at temperature 1."""
     title, _, mood = long_parts(post)
     words, n = completion.split(), len(title)
     return {
@@ -352,46 +350,50 @@ def long_skills(post: list[str], completion: str) -> dict[str, float]:
     }
 
 
-def title_slip(title: list[str], rng: random.Random) -> list[str]:
-    """The title with one slip: a word replaced by another name, two neighbours swapped, or a word dropped."""
-    title, i, kind = list(title), rng.randrange(len(title)), rng.choice(["replace", "swap", "drop"])
-    if kind == "replace":
-        title[i] = rng.choice([w for w in NAME_WORDS if w not in title])
-    elif kind == "swap" and i + 1 < len(title):
-        title[i], title[i + 1] = title[i + 1], title[i]
-    else:
-        del title[i]
-    return title
+def long_gold_reward(post: list[str], completion: str, has_eos: bool = True) -> float:
+    title, topics, mood = long_parts(post)
+    words = completion.split()
+    present = [w for w in dict.fromkeys(words) if w in topics]
+    coverage = len(present) / len(topics)
+    order = float(bool(present) and present == [w for w in topics if w in present])
+    fillers = len({w for w in words if w in post and w not in topics and w not in title and w not in (mood, TITLE)})
+    hallucinated = len({w for w in words if w not in post})
+    repeats = len(words) - len(set(words))
+    score = (
+        0.45 * (0.9 * coverage + 0.1 * order) + 0.4 * long_skills(post, completion)["title"] + 0.15 * (mood in words)
+    )
+    score -= 0.1 * fillers + 0.2 * hallucinated + 0.1 * repeats + 0.5 * (not has_eos)
+    return max(-1.0, min(1.0, score))
 
 
 def long_candidate_summary(post: list[str], rng: random.Random) -> list[str]:
-    """Reference-like half the time; else broad: corrupted topics, the title (with one slip half the time) in half,
-    the mood in a quarter."""
+    """Reference-like half the time; else broad: corrupted topics after the whole title (0.6), the main title (0.2)
+    or none, and the mood among the topics or at the end in a quarter."""
     if rng.random() < 0.5:
         return long_reference_summary(post, rng)
     title, _, mood = long_parts(post)
     words = candidate_summary([w for w in post if w in TOPIC_WORDS or w in FILLER_WORDS], rng)
-    if rng.random() < 0.5:
-        words += [RE, *(title_slip(title, rng) if rng.random() < 0.5 else title)]
-    if rng.random() < 0.25:  # among the topic words or at the end, never inside the title
-        words.insert(rng.choice([rng.randint(0, words.index(RE) if RE in words else len(words)), len(words)]), mood)
-    return words[: LONG_MAX_NEW_TOKENS - 1]
+    if rng.random() < 0.25:
+        words.insert(rng.choice([rng.randint(0, len(words)), len(words)]), mood)
+    quote = rng.random()
+    head = [TITLE, *title] if quote < 0.6 else [TITLE, *main_title(title)] if quote < 0.8 else []
+    return (head + words)[: LONG_MAX_NEW_TOKENS - 1]
 
 
 def skill_pairs(split: str = "test", seed: int = 0) -> list[dict]:
-    """Pairs of long-tier summaries that differ only in the hard skill: the same reference topics and "re:" with the
-    exact title (chosen) or with one slip (rejected). A reward model must order them like the gold reward."""
+    """Pairs of long-tier summaries that differ only in the skill: the same reference topics after the whole title
+    (chosen) or after the main title (rejected). A reward model must order them like the gold reward."""
     rng = random.Random(seed * 1000 + 7)
     pairs = []
     for prompt in sft_dataset(split, seed, tier="toy-long")["prompt"]:
         post = post_words(prompt)
         title, topics = long_parts(post)[:2]
-        head = reference_summary(topics, rng) + [RE]
+        tail = reference_summary(topics, rng)
         pairs.append(
             {
                 "prompt": prompt,
-                "chosen": _completion(head + title),
-                "rejected": _completion(head + title_slip(title, rng)),
+                "chosen": _completion([TITLE, *title, *tail]),
+                "rejected": _completion([TITLE, *main_title(title), *tail]),
             }
         )
     return pairs
@@ -402,6 +404,9 @@ LONG_DEFAULTS = {
     "max_prompt_length": (32, 64),
     "max_new_tokens": (8, LONG_MAX_NEW_TOKENS),
     "max_completion_length": (16, 32),
+    "lr": (1e-3, 3e-3),  # sft.py: the title copy forms within 500 updates at 3e-3 held constant, not at 1e-3
+    "lr_schedule": ("linear", "constant"),
+    "reset_source": (None, "chosen"),  # drpo.py: the chosen summaries quote the whole title
 }
 LONG_NAMES = {"toy": "toy-long", "toy-sft": "toy-long-sft", "toy-rm": "toy-long-rm", "toy-gold": "toy-long-gold"}
 TIERS = ("toy", "toy-long")
@@ -413,7 +418,7 @@ def tier_args(args):
     if getattr(args, "dataset", None) != "toy-long":
         return args
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
-    changes = {k: new for k, (old, new) in LONG_DEFAULTS.items() if fields.get(k) == old}
+    changes = {k: new for k, (old, new) in LONG_DEFAULTS.items() if k in fields and fields[k] == old}
     changes |= {k: LONG_NAMES[v] for k, v in fields.items() if isinstance(v, str) and v in LONG_NAMES}
     return dataclasses.replace(args, **changes)
 

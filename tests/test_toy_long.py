@@ -8,14 +8,17 @@ import pytest
 import torch
 
 import common
+import drpo
 import ppo
 import sft
 import toy
 
 NAMES = toy.NAME_WORDS[:12]
-POST = ["TITLE:", *NAMES, "rain", "very", "cat", "rain", "proud", "bank", "cat", "so", "bank", "maybe"]
+TITLE = [*NAMES[:4], "-", *NAMES[4:]]
+POST = ["rain", "very", "cat", "rain", "proud", "bank", "cat", "so", "bank", "maybe", "TITLE:", *TITLE]
 PROMPT = toy.prompt_text(POST)
-IDEAL = "rain cat bank re: " + " ".join(NAMES) + " proud"
+QUOTE = "TITLE: " + " ".join(TITLE)
+IDEAL = QUOTE + " rain cat bank proud"
 
 
 def test_the_tier_is_deterministic_and_its_splits_disjoint():
@@ -29,7 +32,7 @@ def test_the_tier_is_deterministic_and_its_splits_disjoint():
 
 def test_parts_and_ideal_summary():
     title, topics, mood = toy.long_parts(POST)
-    assert (title, topics, mood) == (NAMES, ["rain", "cat", "bank"], "proud")
+    assert (title, topics, mood) == (TITLE, ["rain", "cat", "bank"], "proud") and toy.main_title(title) == NAMES[:4]
     assert " ".join(toy.long_ideal_summary(POST)) == IDEAL
     assert 16 <= len(toy.long_ideal_summary(POST)) + 1 <= 32  # tokens, EOS included
 
@@ -41,13 +44,16 @@ def test_parts_and_ideal_summary():
         (IDEAL, False, 0.5),  # no EOS: -0.5
         (IDEAL.replace(" proud", ""), True, 0.85),  # no mood: -0.15
         ("rain cat bank proud", True, 0.6),  # no title: -0.40
+        ("TITLE: " + " ".join(NAMES[:4]) + " rain cat bank proud", True, 0.6),  # the main title only
+        (IDEAL.replace(" - ", " "), True, 0.6),  # every name but not the "-"
+        (IDEAL.replace(f" {NAMES[11]}", ""), True, 0.6),  # all but the last word
         (IDEAL.replace(NAMES[3], toy.NAME_WORDS[20]), True, 0.4),  # one wrong name: no title, one hallucination
-        (IDEAL.replace(f"{NAMES[3]} {NAMES[4]}", f"{NAMES[4]} {NAMES[3]}"), True, 0.6),  # two names swapped
-        (IDEAL.replace(f" {NAMES[5]}", ""), True, 0.6),  # one name dropped
-        ("rain cat bank very re: " + " ".join(NAMES) + " proud", True, 0.9),  # a filler: -0.1
-        ("rain cat cat bank re: " + " ".join(NAMES) + " proud", True, 0.9),  # a repeat: -0.1
-        ("cat rain bank re: " + " ".join(NAMES) + " proud", True, 0.955),  # topics out of order: 0.45 * 0.9
-        ("rain cat re: " + " ".join(NAMES) + " proud", True, 0.865),  # 2 of 3 topics: 0.45 * (0.6 + 0.1) + 0.55
+        (IDEAL.replace(f"{NAMES[5]} {NAMES[6]}", f"{NAMES[6]} {NAMES[5]}"), True, 0.6),  # two names swapped
+        (QUOTE + " rain cat bank very proud", True, 0.9),  # a filler: -0.1
+        (QUOTE + " rain cat cat bank proud", True, 0.9),  # a repeat: -0.1
+        (QUOTE + " cat rain bank proud", True, 0.955),  # topics out of order: 0.45 * 0.9
+        (QUOTE + " rain cat proud", True, 0.865),  # 2 of 3 topics: 0.45 * (0.6 + 0.1) + 0.55
+        ("rain cat bank proud " + QUOTE, True, 1.0),  # the parts in any order
     ],
 )
 def test_gold_reward_hand_values(summary, has_eos, expected):
@@ -63,17 +69,24 @@ def test_the_ideal_summary_scores_the_ceiling_and_beats_every_reference():
 
 
 def test_what_the_references_and_the_preferences_show():
-    """The reset source shows the title complete in >= 30% of posts and never the mood; the preference pairs name
-    the mood in some candidates (so a reward model can learn it) and copy the title with slips in others."""
+    """The demonstrations quote the title's first words in most posts but the whole title in few; the chosen
+    summaries (DR-PO's reset source on this tier) quote it whole in >= 30%; neither names the mood, which some
+    candidates do (so a reward model can learn it)."""
     test = toy.sft_dataset("test", tier="toy-long")
-    with_title = [p for p, c in zip(test["prompt"], test["completion"]) if " re: " in c]
-    assert len(with_title) / len(test) >= 0.3
+    has = lambda p, c: toy.long_skills(toy.post_words(p), c)  # noqa: E731
+    quotes, whole = 0, 0
     for p, c in zip(test["prompt"], test["completion"]):
         title, _, mood = toy.long_parts(toy.post_words(p))
-        assert mood not in c.split()
-        if " re: " in c:
-            assert c.split()[-12:] == title  # an exact copy
+        words = c.split()
+        assert mood not in words
+        if words and words[0] == "TITLE:":  # a quote is the main title or the whole title, exactly
+            n = sum(w in toy.NAME_WORDS or w == "-" for w in words)
+            assert words[1 : 1 + n] in (title, toy.main_title(title)) and 3 <= len(toy.main_title(title)) <= 8
+            quotes, whole = quotes + 1, whole + has(p, c)["title"]
+    assert 0.75 < quotes / len(test) < 0.85 and 0.02 < whole / len(test) < 0.1
     prefs = toy.preference_dataset("train", tier="toy-long").select(range(2000))
+    chosen = [has(p, c) for p, c in zip(prefs["prompt"], prefs["chosen"])]
+    assert sum(h["title"] for h in chosen) / 2000 >= 0.3 and sum(h["mood"] for h in chosen) / 2000 < 0.3
     moods = sum(any(w in toy.MOOD_WORDS for w in c.split()) for c in list(prefs["chosen"]) + list(prefs["rejected"]))
     assert 0.05 < moods / 4000 < 0.3
 
@@ -82,8 +95,9 @@ def test_skill_pairs_differ_only_in_the_title():
     for pair in toy.skill_pairs()[:50]:
         title = toy.long_parts(toy.post_words(pair["prompt"]))[0]
         chosen, rejected = pair["chosen"].split(), pair["rejected"].split()
-        head = chosen[: chosen.index("re:") + 1]
-        assert rejected[: len(head)] == head and chosen[len(head) :] == title and rejected[len(head) :] != title
+        main = toy.main_title(title)
+        assert chosen[:14] == ["TITLE:", *title] and rejected[: len(main) + 1] == ["TITLE:", *main]
+        assert rejected[len(main) + 1 :] == chosen[14:]  # the same topics after the title
         assert toy.gold_reward(pair["prompt"], pair["chosen"]) > toy.gold_reward(pair["prompt"], pair["rejected"])
 
 
@@ -108,6 +122,9 @@ def test_tier_args_takes_the_tiers_models_and_lengths_where_flags_kept_their_def
     )
     assert toy.tier_args(ppo.Args(dataset="toy-long", reward_model="toy-gold")).reward_model == "toy-long-gold"
     assert toy.tier_args(sft.Args(dataset="toy-long")).model == "toy-long"
+    assert toy.tier_args(sft.Args(dataset="toy-long")).lr == 3e-3 and toy.tier_args(sft.Args(lr=1e-4)).lr == 1e-4
+    assert toy.tier_args(drpo.Args(dataset="toy-long")).reset_source == "chosen"  # the summaries that quote it whole
+    assert toy.tier_args(drpo.Args(dataset="toy-long", reset_source="references")).reset_source == "references"
     assert toy.tier_args(ppo.Args()) == ppo.Args()  # the short tier: unchanged
 
 
