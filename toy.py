@@ -380,7 +380,7 @@ def long_candidate_summary(post: list[str], rng: random.Random) -> list[str]:
     return (head + words)[: LONG_MAX_NEW_TOKENS - 1]
 
 
-def skill_pairs(split: str = "test", seed: int = 0) -> list[dict]:
+def skill_pairs(split: str = "test", seed: int = 0) -> datasets.Dataset:
     """Pairs of long-tier summaries that differ only in the skill: the same reference topics after the whole title
     (chosen) or after the main title (rejected). A reward model must order them like the gold reward."""
     rng = random.Random(seed * 1000 + 7)
@@ -396,7 +396,7 @@ def skill_pairs(split: str = "test", seed: int = 0) -> list[dict]:
                 "rejected": _completion([TITLE, *main_title(title), *tail]),
             }
         )
-    return pairs
+    return datasets.Dataset.from_list(pairs)
 
 
 # The tier's own models and lengths wherever a flag kept the short tier's default

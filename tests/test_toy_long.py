@@ -92,7 +92,7 @@ def test_what_the_references_and_the_preferences_show():
 
 
 def test_skill_pairs_differ_only_in_the_title():
-    for pair in toy.skill_pairs()[:50]:
+    for pair in toy.skill_pairs().select(range(50)):
         title = toy.long_parts(toy.post_words(pair["prompt"]))[0]
         chosen, rejected = pair["chosen"].split(), pair["rejected"].split()
         main = toy.main_title(title)
@@ -148,3 +148,50 @@ def test_evaluate_logs_the_skill_rates_greedy_and_at_temperature_one():
         assert metrics[f"eval/{part}"] == pytest.approx(sum(greedy) / 32)
         assert 0.0 <= metrics[f"eval/{part}_t1"] <= 1.0 and (metrics[f"eval/{part}_t1"] * 32).is_integer()
     assert "eval/kl" not in metrics  # no reference policy given
+
+
+def test_reward_model_on_the_tier_reports_both_gold_agreements(tmp_path):
+    """`reward.py --dataset toy-long` measures the reward model where the tier needs it: on pairs of the SFT policy's
+    samples and on pairs that differ only in the title."""
+    import json
+
+    import reward
+
+    sft.main(
+        sft.Args(
+            model="toy-long",
+            dataset="toy-long",
+            output_dir=str(tmp_path),
+            run_name="sft",
+            max_steps=2,
+            batch_size=16,
+            eval_prompts=8,
+        )
+    )
+    reward.main(
+        reward.Args(
+            model=str(tmp_path / "sft"),
+            dataset="toy-long",
+            output_dir=str(tmp_path),
+            run_name="rm",
+            max_steps=2,
+            batch_size=16,
+            eval_pairs=16,
+        )
+    )
+    final = json.loads((tmp_path / "rm" / "eval.json").read_text())
+    for key in ("eval/gold_agreement_sft_samples", "eval/gold_agreement_skill_pairs"):
+        assert 0.0 <= final[key] <= 1.0
+
+
+@pytest.mark.slow
+def test_sft_learns_the_main_title_but_rarely_completes_the_whole_one(tmp_path):
+    """The tier's premise, as a learning check with a fixed seed: `python sft.py --dataset toy-long` learns to copy
+    the main title (without the copy its greedy win rate stays near 0.02) yet completes the whole title in under
+    10% of its samples at temperature 1 and never greedily. About 3 minutes on one core."""
+    import json
+
+    sft.main(sft.Args(dataset="toy-long", output_dir=str(tmp_path), run_name="sft", eval_prompts=200, eval_every=10**9))
+    final = json.loads((tmp_path / "sft" / "eval.json").read_text())
+    assert final["eval/win_rate"] > 0.2
+    assert final["eval/title"] < 0.05 and final["eval/title_t1"] < 0.1
