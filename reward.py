@@ -209,7 +209,9 @@ def main(args: Args):
     sft_pairs = None
     if is_toy and args.model not in ("toy", "toy-long"):
         sft_pairs = sft_sample_pairs(tokenizer, args.model, test["prompt"][:500], args, device)
-    skill_rows = data.tokenize_pairs(tokenizer, toy.skill_pairs().select(range(500)), *lengths) if args.dataset == "toy-long" else []
+    skill_rows = []  # toy-long: pairs that differ only in the hard skill
+    if args.dataset == "toy-long":
+        skill_rows = data.tokenize_pairs(tokenizer, toy.skill_pairs().select(range(500)), *lengths)
 
     per_process = args.batch_size // accelerator.num_processes
     loader_rng = torch.Generator().manual_seed(args.seed)  # the shuffle; its state is the data position of a checkpoint

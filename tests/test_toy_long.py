@@ -1,6 +1,6 @@
 """The long toy tier (`--dataset toy-long`): deterministic data, the gold reward on hand values, the ideal summary at
-the ceiling, what the references and preference pairs show, and the tier's defaults. (Whether SFT rarely completes
-the title is a measurement of a trained model, reported in the README, not a unit test.)"""
+the ceiling, what the references and preference pairs show, the tier's defaults, the reward model's two agreement
+figures, and (slow) the learning check that SFT rarely completes the whole title."""
 
 from types import SimpleNamespace
 
