@@ -464,15 +464,13 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 @torch.no_grad()
 def evaluate(policy, tokenizer, test, args, ref_policy=None, reward_model=None, batch_size=64):
     """Greedy completions: reward-model score, length, EOS rate and, on the toy task, gold reward and win rate against
-    the references; with `ref_policy`, KL(pi || pi_ref) = mean of sum_t log pi/pi_ref over samples at temperature 1.
-    toy-long: also how often greedy and temperature-1 completions copy the title / name the mood (toy.long_skills)."""
+    the references (toy.score_samples); with `ref_policy`, KL(pi || pi_ref) = mean of sum_t log pi/pi_ref over samples
+    at temperature 1. toy-long: the title / mood rates of the greedy completions and of those samples."""
     was_training = policy.training
     policy.eval()
     pad_id, device = tokenizer.pad_token_id, next(policy.parameters()).device
     prompts, is_toy, is_long = test["prompt"], args.dataset in toy.TIERS, args.dataset == "toy-long"
-    references = test["completion"] if is_toy else None
-    out, samples = {"score": [], "length": [], "eos": [], "kl": [], "gold": [], "ref_gold": []}, []
-    skills = {f"{part}{how}": [] for part in ("title", "mood") for how in ("", "_t1")}
+    out, samples, sampled_texts = {"score": [], "length": [], "eos": [], "kl": []}, [], []
     for i in range(0, len(prompts), batch_size):
         texts = [chat_text(tokenizer, p)[0] for p in prompts[i : i + batch_size]]  # messages -> text
         prompt = pad(tokenize_prompts(tokenizer, texts, args.max_prompt_length), pad_id, "left").to(device)
@@ -484,25 +482,17 @@ def evaluate(policy, tokenizer, test, args, ref_policy=None, reward_model=None, 
             out["score"] += scores.tolist()
         if ref_policy is not None or is_long:  # temperature 1: the KL's estimate, the long tier's skill rates
             sampled, _ = generate(policy, prompt, tokenizer, args.max_new_tokens, temperature=1.0)
+            sampled_texts += tokenizer.batch_decode(sampled, skip_special_tokens=True)
         if ref_policy is not None:
             logp = completion_logprobs(policy, prompt, sampled, pad_id).sum(1)
             out["kl"] += (logp - completion_logprobs(ref_policy, prompt, sampled, pad_id).sum(1)).tolist()
-        if is_long:
-            for how, ids in (("", completion), ("_t1", sampled)):
-                for text, prompt_text in zip(tokenizer.batch_decode(ids, skip_special_tokens=True), texts):
-                    for part, has in toy.long_skills(toy.post_words(prompt_text), text).items():
-                        skills[part + how].append(has)
         for j, text in enumerate(tokenizer.batch_decode(completion, skip_special_tokens=True)):
             sample = {"prompt": texts[j], "completion": text}
-            if is_toy:
-                sample["gold"] = toy.gold_reward(texts[j], text, bool(has_eos[j]))
-                out["gold"].append(sample["gold"])
-                out["ref_gold"].append(toy.gold_reward(texts[j], references[i + j]))
             if out["score"]:
                 sample["score"] = out["score"][i + j]
             samples.append(sample)
     policy.train(was_training)
-    metrics = {f"eval/{k}": sum(v) / len(v) for k, v in (out | skills).items() if v and k != "ref_gold"}
-    if is_toy:
-        metrics["eval/win_rate"] = toy.win_rate(out["gold"], out["ref_gold"])
+    metrics = {f"eval/{k}": sum(v) / len(v) for k, v in out.items() if v}
+    if is_toy:  # each sample's gold reward (added to it), the win rate; toy-long: the skill rates
+        metrics |= toy.score_samples(samples, out["eos"], test["completion"], sampled_texts if is_long else None)
     return metrics, samples

@@ -189,6 +189,24 @@ def win_rate(policy_golds: list[float], reference_golds: list[float]) -> float:
     return sum(wins) / len(wins)
 
 
+def score_samples(samples: list[dict], eos: list[float], references: list[str], sampled: list[str] | None = None):
+    """The toy metrics of an evaluation's greedy `samples` ({"prompt", "completion"}; `eos`: each one's EOS flag):
+    each sample's gold reward (added to it as "gold"), eval/gold and eval/win_rate against the `references`. With
+    `sampled` (toy-long: one completion per prompt at temperature 1), the share of greedy completions that have each
+    of long_skills' parts (eval/title, eval/mood) and of sampled ones (eval/title_t1, eval/mood_t1)."""
+    for sample, has_eos in zip(samples, eos, strict=True):
+        sample["gold"] = gold_reward(sample["prompt"], sample["completion"], bool(has_eos))
+    golds = [s["gold"] for s in samples]
+    reference_golds = [gold_reward(s["prompt"], r) for s, r in zip(samples, references)]
+    metrics = {"eval/gold": sum(golds) / len(golds), "eval/win_rate": win_rate(golds, reference_golds)}
+    if sampled is None:
+        return metrics
+    for how, texts in (("", [s["completion"] for s in samples]), ("_t1", sampled)):
+        skills = [long_skills(post_words(s["prompt"]), t) for s, t in zip(samples, texts, strict=True)]
+        metrics |= {f"eval/{part}{how}": sum(k[part] for k in skills) / len(skills) for part in ("title", "mood")}
+    return metrics
+
+
 # ---------------------------------------------------------------------------------------------
 # Preference pairs
 # ---------------------------------------------------------------------------------------------

@@ -195,3 +195,23 @@ def test_sft_learns_the_main_title_but_rarely_completes_the_whole_one(tmp_path):
     final = json.loads((tmp_path / "sft" / "eval.json").read_text())
     assert final["eval/win_rate"] > 0.2
     assert final["eval/title"] < 0.05 and final["eval/title_t1"] < 0.1
+
+
+def test_score_samples_hand_values():
+    """Each sample's gold (its EOS flag counted), the win rate against the references and, given temperature-1
+    samples, the skill rates of both."""
+    samples = [{"prompt": PROMPT, "completion": IDEAL}, {"prompt": PROMPT, "completion": "rain cat bank proud"}]
+    references = [QUOTE + " rain cat"] * 2  # 0.45 * (0.9 * 2/3 + 0.1) + 0.40 = 0.715
+    metrics = toy.score_samples(samples, [1.0, 0.0], references, sampled=[QUOTE, "cat"])
+    assert [s["gold"] for s in samples] == pytest.approx([1.0, 0.1])  # the second: no title, no EOS
+    assert metrics == pytest.approx(
+        {
+            "eval/gold": 0.55,
+            "eval/win_rate": 0.5,
+            "eval/title": 0.5,
+            "eval/mood": 1.0,
+            "eval/title_t1": 0.5,
+            "eval/mood_t1": 0.0,
+        }
+    )
+    assert set(toy.score_samples(samples, [1.0, 1.0], references)) == {"eval/gold", "eval/win_rate"}  # short tier
