@@ -245,7 +245,8 @@ def make_preference_pair(post: list[str], rng: random.Random) -> dict:
     while b == a:  # identical strings carry no preference
         b = candidate(post, rng)
     ga, gb = gold_reward(prompt, " ".join(a)), gold_reward(prompt, " ".join(b))
-    if rng.random() < 1 / (1 + math.exp(-(ga - gb) / BT_TEMPERATURE)):
+    temperature = LONG_BT_TEMPERATURE if TITLE in post else BT_TEMPERATURE
+    if rng.random() < 1 / (1 + math.exp(-(ga - gb) / temperature)):
         return {"prompt": prompt, "chosen": _completion(a), "rejected": _completion(b)}
     return {"prompt": prompt, "chosen": _completion(b), "rejected": _completion(a)}
 
@@ -264,7 +265,8 @@ def sft_dataset(split: str = "train", seed: int = 0, tier: str = "toy") -> datas
 
 def preference_dataset(split: str = "train", seed: int = 0, tier: str = "toy") -> datasets.Dataset:
     """prompt / chosen / rejected with noisy Bradley-Terry labels on the gold reward."""
-    return _split(split, seed, make_preference_pair, PREF_TRAIN, PREF_TEST, salt=2, tier=tier)
+    n_train = LONG_PREF_TRAIN if tier == "toy-long" else PREF_TRAIN
+    return _split(split, seed, make_preference_pair, n_train, PREF_TEST, salt=2, tier=tier)
 
 
 def _split(split, seed, make_row, n_train, n_test, salt, tier="toy"):
@@ -301,12 +303,16 @@ def _distinct_posts(rng, n, exclude, new_post):
 #     " TITLE: maple cedar birch - aspen ... (12 names) rain cat bank tired"
 # gold = 0.45 * (0.9 coverage + 0.1 order)      topics, as in the short tier
 #      + 0.40 * [the whole title, exactly]        the skill: a word missing, wrong or out of place loses it all
-#      + 0.15 * [the post's mood word]            the part to explore: no demonstration or chosen summary shows it
+#      + 0.15 * [the post's mood word]            the part to explore: no demonstration shows it
 #      - 0.1 fillers - 0.2 hallucinated - 0.1 repeats - 0.5 [no EOS], clipped to [-1, 1]
+# where a name counts only through the title (a slip in a quote spoils the quote, it is not charged again).
 # References (the SFT data, AIHF's demonstrations) keep the short tier's topic habits and quote the title in
-# QUOTE_RATE of posts, the way people quote a long title: the main title only, the whole title in only FULL_RATE of
-# quotes. The preference candidates quote it whole far more often, so the chosen summaries (DR-PO's reset source on
-# this tier) show the skill that the demonstrations rarely do; a quarter of the broad candidates name the mood.
+# QUOTE_RATE of posts, the way people quote a long title: the main title mostly, the whole title in FULL_RATE of
+# quotes. The preference candidates quote it whole more often, so the chosen summaries (DR-PO's reset source on this
+# tier) show the skill more often than the demonstrations; a quarter of the broad candidates name the mood. Candidates
+# carry the slips an SFT policy's samples make (a wrong name, a topic word not in the post, a word said twice), so
+# that a reward model learns to order those samples; the labellers are surer than the short tier's (temperature 0.1
+# against 0.3), as the tier's gold differences are about a third as large.
 
 TITLE, BREAK = "TITLE:", "-"
 NAME_WORDS = (
@@ -316,9 +322,11 @@ NAME_WORDS = (
 ).split()
 MOOD_WORDS = "happy sad angry calm tired proud bored scared".split()
 LONG_VOCAB = VOCAB[:-1] + [TITLE, BREAK] + NAME_WORDS + MOOD_WORDS + ["<|pad|>"]
-TITLE_LEN, QUOTE_RATE, FULL_RATE = 12, 0.8, 0.07
+TITLE_LEN, QUOTE_RATE, FULL_RATE = 12, 0.8, 0.2
 LONG_SFT_TRAIN = 32_000  # 500 SFT updates of 64: the title copy forms after a few hundred
 LONG_MAX_NEW_TOKENS = 48
+LONG_PREF_TRAIN = 20_000  # 312 reward-model updates of 64: checking each word against the post takes that long
+LONG_BT_TEMPERATURE = 0.1  # the tier's gold differences are about a third of the short tier's
 
 
 def make_long_post(rng: random.Random) -> list[str]:
@@ -375,8 +383,9 @@ def long_gold_reward(post: list[str], completion: str, has_eos: bool = True) -> 
     coverage = len(present) / len(topics)
     order = float(bool(present) and present == [w for w in topics if w in present])
     fillers = len({w for w in words if w in post and w not in topics and w not in title and w not in (mood, TITLE)})
-    hallucinated = len({w for w in words if w not in post})
-    repeats = len(words) - len(set(words))
+    others = [w for w in words if w not in NAME_WORDS]  # a name counts only through the title: a slip spoils it
+    hallucinated = len({w for w in others if w not in post})
+    repeats = len(others) - len(set(others))
     score = (
         0.45 * (0.9 * coverage + 0.1 * order) + 0.4 * long_skills(post, completion)["title"] + 0.15 * (mood in words)
     )
@@ -384,18 +393,49 @@ def long_gold_reward(post: list[str], completion: str, has_eos: bool = True) -> 
     return max(-1.0, min(1.0, score))
 
 
-def long_candidate_summary(post: list[str], rng: random.Random) -> list[str]:
-    """Reference-like half the time; else broad: corrupted topics after the whole title (0.6), the main title (0.2)
-    or none, and the mood among the topics or at the end in a quarter."""
+def copy_slips(words: list[str], post: list[str], rng: random.Random) -> list[str]:
+    """The slips of a hurried copy of a title, as an SFT policy makes them: in half the quotes, 1-3 names become
+    another name (not in the post: 0.7, else another of the quote's, a repeat)."""
+    quoted = [i for i, w in enumerate(words) if w in NAME_WORDS]
+    if not quoted or rng.random() < 0.5:
+        return words
+    words, absent = list(words), [w for w in NAME_WORDS if w not in post]
+    for i in rng.sample(quoted, min(len(quoted), rng.randint(1, 3))):
+        words[i] = rng.choice(absent) if rng.random() < 0.7 else words[rng.choice(quoted)]
+    return words
+
+
+def body_slips(words: list[str], post: list[str], rng: random.Random) -> list[str]:
+    """The other slips of a sampled summary: in half of them a topic word that is not in the post (in place of one
+    of the summary's words, or added), in a quarter a word said twice."""
+    words, absent = list(words), [w for w in TOPIC_WORDS if w not in post]
+    tail = [i for i, w in enumerate(words) if w not in NAME_WORDS and w != TITLE]
     if rng.random() < 0.5:
-        return long_reference_summary(post, rng)
-    title, _, mood = long_parts(post)
-    words = candidate_summary([w for w in post if w in TOPIC_WORDS or w in FILLER_WORDS], rng)
-    if rng.random() < 0.25:
-        words.insert(rng.choice([rng.randint(0, len(words)), len(words)]), mood)
-    quote = rng.random()
-    head = [TITLE, *title] if quote < 0.6 else [TITLE, *main_title(title)] if quote < 0.8 else []
-    return (head + words)[: LONG_MAX_NEW_TOKENS - 1]
+        if tail and rng.random() < 0.5:
+            words[rng.choice(tail)] = rng.choice(absent)
+        else:
+            words.insert(rng.randint(len(words) - len(tail), len(words)), rng.choice(absent))
+    tail = [i for i, w in enumerate(words) if w not in NAME_WORDS and w != TITLE]
+    if tail and rng.random() < 0.25:
+        i = rng.choice(tail)
+        words.insert(i, words[i])
+    return words
+
+
+def long_candidate_summary(post: list[str], rng: random.Random) -> list[str]:
+    """Reference-like half the time; else broad: corrupted topics after the whole title (0.75), the main title
+    (0.15) or none, and the mood among the topics or at the end in a quarter. Then the slips of a sampled summary
+    (copy_slips, body_slips), so that the pairs show what an SFT policy's samples get wrong."""
+    if rng.random() < 0.5:
+        words = long_reference_summary(post, rng)
+    else:
+        title, _, mood = long_parts(post)
+        words = candidate_summary([w for w in post if w in TOPIC_WORDS or w in FILLER_WORDS], rng)
+        if rng.random() < 0.25:
+            words.insert(rng.choice([rng.randint(0, len(words)), len(words)]), mood)
+        quote = rng.random()
+        words = ([TITLE, *title] if quote < 0.75 else [TITLE, *main_title(title)] if quote < 0.9 else []) + words
+    return body_slips(copy_slips(words, post, rng), post, rng)[: LONG_MAX_NEW_TOKENS - 1]
 
 
 def skill_pairs(split: str = "test", seed: int = 0) -> datasets.Dataset:

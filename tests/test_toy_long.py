@@ -47,7 +47,9 @@ def test_parts_and_ideal_summary():
         ("TITLE: " + " ".join(NAMES[:4]) + " rain cat bank proud", True, 0.6),  # the main title only
         (IDEAL.replace(" - ", " "), True, 0.6),  # every name but not the "-"
         (IDEAL.replace(f" {NAMES[11]}", ""), True, 0.6),  # all but the last word
-        (IDEAL.replace(NAMES[3], toy.NAME_WORDS[20]), True, 0.4),  # one wrong name: no title, one hallucination
+        (IDEAL.replace(NAMES[3], toy.NAME_WORDS[20]), True, 0.6),  # a wrong name: no title, and nothing more
+        (IDEAL.replace(NAMES[3], NAMES[2]), True, 0.6),  # a name said twice: likewise
+        (QUOTE + " rain cat bank dog proud", True, 0.8),  # a topic word not in the post: -0.2
         (IDEAL.replace(f"{NAMES[5]} {NAMES[6]}", f"{NAMES[6]} {NAMES[5]}"), True, 0.6),  # two names swapped
         (QUOTE + " rain cat bank very proud", True, 0.9),  # a filler: -0.1
         (QUOTE + " rain cat cat bank proud", True, 0.9),  # a repeat: -0.1
@@ -70,8 +72,8 @@ def test_the_ideal_summary_scores_the_ceiling_and_beats_every_reference():
 
 def test_what_the_references_and_the_preferences_show():
     """The demonstrations quote the title's first words in most posts but the whole title in few; the chosen
-    summaries (DR-PO's reset source on this tier) quote it whole in >= 30%; neither names the mood, which some
-    candidates do (so a reward model can learn it)."""
+    summaries (DR-PO's reset source on this tier) quote it whole in >= 30%; no demonstration names the mood, which
+    some candidates do (so a reward model can learn it)."""
     test = toy.sft_dataset("test", tier="toy-long")
     has = lambda p, c: toy.long_skills(toy.post_words(p), c)  # noqa: E731
     quotes, whole = 0, 0
@@ -83,12 +85,36 @@ def test_what_the_references_and_the_preferences_show():
             n = sum(w in toy.NAME_WORDS or w == "-" for w in words)
             assert words[1 : 1 + n] in (title, toy.main_title(title)) and 3 <= len(toy.main_title(title)) <= 8
             quotes, whole = quotes + 1, whole + has(p, c)["title"]
-    assert 0.75 < quotes / len(test) < 0.85 and 0.02 < whole / len(test) < 0.1
+    assert 0.75 < quotes / len(test) < 0.85 and 0.1 < whole / len(test) < 0.22
     prefs = toy.preference_dataset("train", tier="toy-long").select(range(2000))
     chosen = [has(p, c) for p, c in zip(prefs["prompt"], prefs["chosen"])]
     assert sum(h["title"] for h in chosen) / 2000 >= 0.3 and sum(h["mood"] for h in chosen) / 2000 < 0.3
     moods = sum(any(w in toy.MOOD_WORDS for w in c.split()) for c in list(prefs["chosen"]) + list(prefs["rejected"]))
     assert 0.05 < moods / 4000 < 0.3
+
+
+def test_the_candidates_carry_an_sft_policys_slips_and_the_labels_are_surer():
+    """Preference candidates make the slips an SFT policy's samples make (a name not in the post, a topic word not
+    in the post, a word said twice), and the labels are Bradley-Terry draws at the tier's temperature (0.1)."""
+    import math
+
+    prefs = toy.preference_dataset("train", tier="toy-long").select(range(4000))
+    slips = {"name": 0, "topic": 0, "twice": 0}
+    observed, expected = [], []
+    for p, c, r in zip(prefs["prompt"], prefs["chosen"], prefs["rejected"]):
+        post = toy.post_words(p)
+        for words in (c.split(), r.split()):
+            slips["name"] += any(w in toy.NAME_WORDS and w not in post for w in words)
+            slips["topic"] += any(w in toy.TOPIC_WORDS and w not in post for w in words)
+            slips["twice"] += any(a == b and a not in toy.NAME_WORDS for a, b in zip(words, words[1:]))
+        gc, gr = toy.gold_reward(p, c), toy.gold_reward(p, r)
+        observed.append(1.0 if gc > gr else 0.5 if gc == gr else 0.0)
+        expected.append(1 / (1 + math.exp(-abs(gc - gr) / toy.LONG_BT_TEMPERATURE)))
+    assert all(0.1 < n / 8000 < 0.6 for n in slips.values()), slips
+    n = len(observed)
+    stderr = math.sqrt(sum(q * (1 - q) for q in expected)) / n
+    assert abs(sum(observed) / n - sum(expected) / n) < 4 * stderr
+    assert len(toy.preference_dataset("train", tier="toy-long")) == toy.LONG_PREF_TRAIN == 20_000
 
 
 def test_skill_pairs_differ_only_in_the_title():
