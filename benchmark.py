@@ -372,9 +372,16 @@ def command(job: Job) -> str:
     return f"`python {job.script} {' '.join(shown)}`".replace(" `", "`")
 
 
+def demonstrations(a: Args) -> int:
+    """The SFT set's size: the demonstrations of sft.py and of AIHF."""
+    import toy
+
+    return toy.LONG_SFT_TRAIN if a.dataset == "toy-long" else toy.SFT_TRAIN
+
+
 def budget_of(job: Job, run: dict, a: Args) -> str:
     if job.script == "sft.py":
-        return "20,000 demonstrations"
+        return f"{demonstrations(a):,} demonstrations"
     if job.script in ("dpo.py", "aihf.py"):
         return f"{run['curve'][-1][0]:,} pairs"
     return f"{a.budget:,} samples"
@@ -463,7 +470,7 @@ def aihf_table(jobs: list[Job], a: Args) -> str:
     body = []
     for n in a.num_preferences:
         for pipe, name in (
-            ("aihf", "AIHF-DPO (+ 20,000 demonstrations)"),
+            ("aihf", f"AIHF-DPO (+ {demonstrations(a):,} demonstrations)"),
             ("dpo", "DPO"),
             ("rm+ppo", "SFT → RM → PPO"),
         ):
@@ -576,7 +583,7 @@ def plot_aihf(plt, jobs, a: Args, out: Path) -> list[Path]:
         stats = [mean_std([r["final"]["eval/win_rate"] for r in runs[f"{pipe} N={n}"]]) for n in ns]
         ax.errorbar(ns, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=name)
     ax.set_xscale("log")
-    ax.set_xlabel("preference pairs (demonstrations fixed at 20,000)")
+    ax.set_xlabel(f"preference pairs (demonstrations fixed at {demonstrations(a):,})")
     ax.set_ylabel("gold win rate")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -652,7 +659,7 @@ def quality(a: Args) -> int:
             if j.group == "main" and j.label == "drpo"
         ]
         sections += [
-            "\n## DR-PO reset probability (0 is PPO with the same random stream)\n",
+            "\n## DR-PO reset probability (0: no resets; on the short tier PPO with the same random stream)\n",
             quality_table(sweep, "reset", a, start_row=False),
         ]
     if "alpha" in a.modes:  # the main runs are XPO at its default alpha and online DPO (alpha 0)
