@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import benchmark
+import toy
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -64,6 +65,9 @@ def test_the_long_tier_runs_every_script_on_it(tmp_path):
         "reward.py",
     }
     assert all(j.argv[j.argv.index("--dataset") + 1] == "toy-long" for j in jobs)
+    # the tables name each tier's own demonstration set: the SFT data and AIHF's demonstrations
+    assert benchmark.demonstrations(args) == len(toy.sft_dataset("train", tier="toy-long")) == 32_000
+    assert benchmark.demonstrations(benchmark.Args()) == len(toy.sft_dataset("train")) == 20_000
 
 
 @pytest.mark.parametrize(
