@@ -71,7 +71,7 @@ class Args:
     alphas: tuple[float, ...] = (0.001, 0.1)
     """alpha mode: XPO's alpha values besides its default (0.01) and online DPO's 0"""
     num_preferences: tuple[int, ...] = (100, 1000, 10000)
-    """aihf mode: preference pairs available (the toy set has 10,000, toy-long 20,000), demonstrations fixed"""
+    """aihf mode: preference pairs available (the toy set has 10,000, toy-long 12,000), demonstrations fixed"""
     quick: bool = False
     """a few minutes: seed 1 only, budget 256, 200 eval prompts, aihf at 100 / 10,000 pairs, no sft.py runs"""
     jobs: int = max(1, os.cpu_count() or 1)
@@ -151,7 +151,7 @@ def plan(a: Args, out: Path) -> list[Job]:
                 if wanted(m):
                     script, flags = online_flags(m, a)
                     jobs.append(make_job(out, "main", m, seed, script, flags))
-            if wanted("dpo"):  # one epoch over the toy pairs: 156 steps of 64 (toy-long: 312)
+            if wanted("dpo"):  # one epoch over the toy pairs: 156 steps of 64 (toy-long: 187)
                 steps = ["--max-steps", "32"] if a.quick else ["--eval-every", "32"]
                 jobs.append(make_job(out, "main", "dpo", seed, "dpo.py", [*ev, *steps]))
             if wanted("aihf"):  # AIHF-DPO, 100 steps of 64 pairs + 32 demonstrations

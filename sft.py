@@ -76,12 +76,13 @@ class Args:
     # optimization
     lr: float = 1e-3
     """AdamW learning rate (TL;DR Pythia: 3e-6)"""
-    lr_schedule: Literal["linear", "constant"] = "linear"
-    """linear: decayed to 0 (TL;DR); constant: after a 50-update warm-up (toy-long: the title copy forms sooner)"""
+    lr_schedule: Literal["linear", "wsd"] = "linear"
+    """linear: decayed to 0 (TL;DR); wsd: a 50-update warm-up, constant, then linear decay to 0 over the last fifth
+    (toy-long: the title copy forms while the rate is high, the decay settles the rest)"""
     epochs: int = 1
     """passes over the training data"""
     batch_size: int = 64
-    """examples per optimizer step, over all processes (TL;DR: 64)"""
+    """examples per optimizer step, over all processes (TL;DR: 64; toy-long: 16, where the title copy forms sooner)"""
     micro_batch_size: int | None = None
     """examples per forward/backward on each process; gradients accumulate up to --batch-size (default: all at once)"""
     eval_every: int = 100
@@ -97,7 +98,7 @@ def collate(examples, pad_id):
 
 
 def main(args: Args):
-    args = toy.tier_args(args)  # --dataset toy-long: the tier's models and lengths
+    args = toy.tier_args(args, toy.LONG_SFT_DEFAULTS)  # --dataset toy-long: the tier's models, lengths and batch
     training.check_ranges(
         args,
         positive=("epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens"),
@@ -137,8 +138,13 @@ def main(args: Args):
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(examples)})")
     num_updates = min(args.max_steps or 10**12, args.epochs * len(loader))  # one optimizer step per update
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
-    schedule, warmup = ("linear", 0) if args.lr_schedule == "linear" else ("constant_with_warmup", 50)
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=num_updates)
+    if args.lr_schedule == "linear":
+        scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=num_updates)
+    else:
+        decay = {"num_decay_steps": num_updates // 5, "decay_type": "linear"}
+        scheduler = get_scheduler(
+            "warmup_stable_decay", optimizer, 50, num_training_steps=num_updates, scheduler_specific_kwargs=decay
+        )
     micro = args.micro_batch_size or per_process
     policy, optimizer, loader = common.prepare(accelerator, policy, optimizer, loader, micro_batch_size=micro)
     run = training.Run(args, accelerator, num_updates)
@@ -168,7 +174,7 @@ def main(args: Args):
                     run.check_finite(update, loss=micro_loss)
                     accelerator.backward(micro_loss)
                 loss += micro_loss.detach()
-            # ---- step 5: AdamW step, learning rate decayed linearly to 0 ----
+            # ---- step 5: AdamW step, learning rate decayed linearly to 0 (wsd: over the last fifth) ----
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()

@@ -66,7 +66,7 @@ def test_the_long_tier_runs_every_script_on_it(tmp_path):
     }
     assert all(j.argv[j.argv.index("--dataset") + 1] == "toy-long" for j in jobs)
     # the tables name each tier's own demonstration set: the SFT data and AIHF's demonstrations
-    assert benchmark.demonstrations(args) == len(toy.sft_dataset("train", tier="toy-long")) == 32_000
+    assert benchmark.demonstrations(args) == len(toy.sft_dataset("train", tier="toy-long")) == 38_400
     assert benchmark.demonstrations(benchmark.Args()) == len(toy.sft_dataset("train")) == 20_000
 
 

@@ -71,21 +71,21 @@ def test_the_ideal_summary_scores_the_ceiling_and_beats_every_reference():
 
 
 def test_what_the_references_and_the_preferences_show():
-    """The demonstrations quote the title's first words in most posts but the whole title in few; the chosen
+    """Every demonstration quotes the title, the whole title in few; then the topics in order, the last one left out
+    in 70% (and nothing else); the chosen
     summaries (DR-PO's reset source on this tier) quote it whole in >= 30%; no demonstration names the mood, which
     some candidates do (so a reward model can learn it)."""
     test = toy.sft_dataset("test", tier="toy-long")
     has = lambda p, c: toy.long_skills(toy.post_words(p), c)  # noqa: E731
-    quotes, whole = 0, 0
+    whole, short = 0, 0
     for p, c in zip(test["prompt"], test["completion"]):
-        title, _, mood = toy.long_parts(toy.post_words(p))
+        title, topics, mood = toy.long_parts(toy.post_words(p))
         words = c.split()
-        assert mood not in words
-        if words and words[0] == "TITLE:":  # a quote is the main title or the whole title, exactly
-            n = sum(w in toy.NAME_WORDS or w == "-" for w in words)
-            assert words[1 : 1 + n] in (title, toy.main_title(title)) and 3 <= len(toy.main_title(title)) <= 8
-            quotes, whole = quotes + 1, whole + has(p, c)["title"]
-    assert 0.75 < quotes / len(test) < 0.85 and 0.1 < whole / len(test) < 0.22
+        n = sum(w in toy.NAME_WORDS or w == "-" for w in words)
+        assert words[0] == "TITLE:" and words[1 : 1 + n] in (title, toy.main_title(title))  # exactly
+        assert 3 <= len(toy.main_title(title)) <= 8 and words[1 + n :] in (topics, topics[:-1])  # no mood, no slip
+        whole, short = whole + has(p, c)["title"], short + (words[1 + n :] == topics[:-1])
+    assert 0.03 < whole / len(test) < 0.1 and 0.65 < short / len(test) < 0.75
     prefs = toy.preference_dataset("train", tier="toy-long").select(range(2000))
     chosen = [has(p, c) for p, c in zip(prefs["prompt"], prefs["chosen"])]
     assert sum(h["title"] for h in chosen) / 2000 >= 0.3 and sum(h["mood"] for h in chosen) / 2000 < 0.3
@@ -114,7 +114,7 @@ def test_the_candidates_carry_an_sft_policys_slips_and_the_labels_are_surer():
     n = len(observed)
     stderr = math.sqrt(sum(q * (1 - q) for q in expected)) / n
     assert abs(sum(observed) / n - sum(expected) / n) < 4 * stderr
-    assert len(toy.preference_dataset("train", tier="toy-long")) == toy.LONG_PREF_TRAIN == 20_000
+    assert len(toy.preference_dataset("train", tier="toy-long")) == toy.LONG_PREF_TRAIN == 12_000
 
 
 def test_skill_pairs_differ_only_in_the_title():
@@ -148,6 +148,8 @@ def test_tier_args_takes_the_tiers_models_and_lengths_where_flags_kept_their_def
     )
     assert toy.tier_args(ppo.Args(dataset="toy-long", reward_model="toy-gold")).reward_model == "toy-long-gold"
     assert toy.tier_args(sft.Args(dataset="toy-long")).model == "toy-long"
+    assert toy.tier_args(sft.Args(dataset="toy-long"), toy.LONG_SFT_DEFAULTS).batch_size == 32  # sft.py's own
+    assert toy.tier_args(ppo.Args(dataset="toy-long")).batch_size == 64
     assert toy.tier_args(sft.Args(dataset="toy-long")).lr == 3e-3 and toy.tier_args(sft.Args(lr=1e-4)).lr == 1e-4
     assert toy.tier_args(drpo.Args(dataset="toy-long")).reset_source == "chosen"  # the summaries that quote it whole
     assert toy.tier_args(drpo.Args(dataset="toy-long", reset_source="references")).reset_source == "references"
@@ -213,13 +215,20 @@ def test_reward_model_on_the_tier_reports_both_gold_agreements(tmp_path):
 @pytest.mark.slow
 def test_sft_learns_the_main_title_but_rarely_completes_the_whole_one(tmp_path):
     """The tier's premise, as a learning check with a fixed seed: `python sft.py --dataset toy-long` learns to copy
-    the main title (without the copy its greedy win rate stays near 0.02) yet completes the whole title in under
-    10% of its samples at temperature 1 and never greedily. About 3 minutes on one core."""
+    the main title (greedy quotes are the post's main title, exactly) yet completes the whole title in under 10% of
+    its samples at temperature 1 and never greedily, and leaves headroom (win rate at most 0.4). About 5 minutes on
+    one core."""
     import json
 
     sft.main(sft.Args(dataset="toy-long", output_dir=str(tmp_path), run_name="sft", eval_prompts=200, eval_every=10**9))
     final = json.loads((tmp_path / "sft" / "eval.json").read_text())
-    assert final["eval/win_rate"] > 0.2
+    samples = [json.loads(line) for line in (tmp_path / "sft" / "samples.jsonl").read_text().splitlines()]
+    copied = 0
+    for s in samples:
+        main = ["TITLE:", *toy.main_title(toy.long_parts(toy.post_words(s["prompt"]))[0])]
+        copied += s["completion"].split()[: len(main)] == main
+    assert copied / len(samples) > 0.9  # the copy has formed
+    assert 0.2 < final["eval/win_rate"] <= 0.4
     assert final["eval/title"] < 0.05 and final["eval/title_t1"] < 0.1
 
 
