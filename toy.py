@@ -459,7 +459,6 @@ def skill_pairs(split: str = "test", seed: int = 0) -> datasets.Dataset:
     return datasets.Dataset.from_list(pairs)
 
 
-
 def title_after_reset(model: str = "toy-long-sft", n: int = 400, seed: int = 0) -> dict[str, float]:
     """DR-PO's premise, measured on a long-tier policy (a path, or `toy-long-sft`) over the first `n` test posts:
     `dash`, its mean probability of "-" right after the main title (the one step to the whole title), and
@@ -490,6 +489,7 @@ def title_after_reset(model: str = "toy-long-sft", n: int = 400, seed: int = 0) 
     texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
     done = [long_skills(post_words(p), " ".join([*w, t]))["title"] for p, w, t in zip(prompts, starts, texts)]
     return {"dash": dash, "finish": sum(done) / n}
+
 
 # The tier's own models and lengths wherever a flag kept the short tier's default
 LONG_DEFAULTS = {

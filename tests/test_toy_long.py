@@ -1,6 +1,7 @@
 """The long toy tier (`--dataset toy-long`): deterministic data, the gold reward on hand values, the ideal summary at
 the ceiling, what the references and preference pairs show, the tier's defaults, the reward model's two agreement
-figures, and (slow) the learning check that SFT rarely completes the whole title."""
+figures, DR-PO's premise measured on a policy, and (slow) the learning check that SFT rarely completes the whole
+title."""
 
 from types import SimpleNamespace
 
@@ -212,12 +213,45 @@ def test_reward_model_on_the_tier_reports_both_gold_agreements(tmp_path):
         assert 0.0 <= final[key] <= 1.0
 
 
+def test_title_after_reset_matches_the_policys_own_log_probs(tmp_path):
+    """toy.title_after_reset: `dash` is the mean of exp(log pi("-" | post, "TITLE:" + main title)) computed the way
+    the trainers compute log-probs, and `finish` a share of samples."""
+    import data
+
+    sft.main(
+        sft.Args(
+            model="toy-long",
+            dataset="toy-long",
+            output_dir=str(tmp_path),
+            run_name="sft",
+            max_steps=1,
+            batch_size=16,
+            eval_prompts=8,
+        )
+    )
+    path = str(tmp_path / "sft")
+    premise = toy.title_after_reset(path, n=16)
+    tokenizer, policy = data.load_tokenizer(path), common.load_model(path, frozen=True)
+    prompts = toy.sft_dataset("test", tier="toy-long")["prompt"][:16]
+    quotes = [["TITLE:", *toy.main_title(toy.long_parts(toy.post_words(p))[0]), "-"] for p in prompts]
+    prompt = data.pad(data.tokenize_prompts(tokenizer, prompts, 64), tokenizer.pad_token_id, "left")
+    completion = data.pad(
+        [tokenizer(" ".join(q), add_special_tokens=False)["input_ids"] for q in quotes], tokenizer.pad_token_id, "right"
+    )
+    with torch.no_grad():
+        logps = common.completion_logprobs(policy, prompt, completion, tokenizer.pad_token_id)
+    last = torch.tensor([len(q) - 1 for q in quotes])
+    assert premise["dash"] == pytest.approx(logps[torch.arange(16), last].exp().mean().item(), abs=1e-5)
+    assert premise["finish"] * 16 == round(premise["finish"] * 16) and 0 <= premise["finish"] <= 1
+
+
 @pytest.mark.slow
 def test_sft_learns_the_main_title_but_rarely_completes_the_whole_one(tmp_path):
     """The tier's premise, as a learning check with a fixed seed: `python sft.py --dataset toy-long` learns to copy
     the main title (greedy quotes are the post's main title, exactly) yet completes the whole title in under 10% of
-    its samples at temperature 1 and never greedily, and leaves headroom (win rate at most 0.4). About 5 minutes on
-    one core."""
+    its samples at temperature 1 and never greedily, and leaves headroom (win rate at most 0.4); the step to the
+    whole title is rare ("-" after the main title) and the rest follows (DR-PO's premise). About 5 minutes on one
+    core."""
     import json
 
     sft.main(sft.Args(dataset="toy-long", output_dir=str(tmp_path), run_name="sft", eval_prompts=200, eval_every=10**9))
@@ -230,6 +264,8 @@ def test_sft_learns_the_main_title_but_rarely_completes_the_whole_one(tmp_path):
     assert copied / len(samples) > 0.9  # the copy has formed
     assert 0.2 < final["eval/win_rate"] <= 0.4
     assert final["eval/title"] < 0.05 and final["eval/title_t1"] < 0.1
+    premise = toy.title_after_reset(str(tmp_path / "sft"), n=200)
+    assert premise["dash"] < 0.15 and premise["finish"] > 0.8
 
 
 def test_score_samples_hand_values():
