@@ -82,7 +82,7 @@ class Args:
     epochs: int = 1
     """passes over the training data"""
     batch_size: int = 64
-    """examples per optimizer step, over all processes (TL;DR: 64; toy-long: 16, where the title copy forms sooner)"""
+    """examples per optimizer step, over all processes (TL;DR: 64; toy-long: 32, where the title copy forms sooner)"""
     micro_batch_size: int | None = None
     """examples per forward/backward on each process; gradients accumulate up to --batch-size (default: all at once)"""
     eval_every: int = 100

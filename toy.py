@@ -311,11 +311,11 @@ def _distinct_posts(rng, n, exclude, new_post):
 # Every reference quotes, so that SFT learns the copy within a few hundred updates (a copy in fewer demonstrations
 # forms later, at some seeds not within 800 updates). After the main title the SFT policy writes "-" about as often as
 # the references do, and from there it copies the rest: the skill is one rare step away. The preference candidates
-# quote the whole title more often, so the chosen summaries (DR-PO's reset source on this tier) show it five times as
-# often as the demonstrations; a quarter of the broad candidates name the mood. Candidates carry the slips an SFT
-# policy's samples make (a wrong name, a topic word not in the post, a word said twice), so that a reward model learns
-# to order those samples; the labellers are surer than the short tier's (temperature 0.1 against 0.3), as the tier's
-# gold differences are about a third as large.
+# quote the whole title more often, so the chosen summaries (DR-PO's reset source on this tier) show it about five
+# times as often as the demonstrations; a quarter of the broad candidates name the mood. Candidates carry the slips an
+# SFT policy's samples make (a wrong name, a topic word not in the post, a word said twice), so that a reward model
+# learns to order those samples; the labellers are surer than the short tier's (temperature 0.1 against 0.3), as the
+# tier's gold differences are about a third as large.
 
 TITLE, BREAK = "TITLE:", "-"
 NAME_WORDS = (
@@ -326,7 +326,7 @@ NAME_WORDS = (
 MOOD_WORDS = "happy sad angry calm tired proud bored scared".split()
 LONG_VOCAB = VOCAB[:-1] + [TITLE, BREAK] + NAME_WORDS + MOOD_WORDS + ["<|pad|>"]
 TITLE_LEN, FULL_RATE = 12, 0.06
-LONG_SFT_TRAIN = 38_400  # 1,200 SFT updates of 32: the title copy forms after 250-800 of them, when depends on the seed
+LONG_SFT_TRAIN = 38_400  # 1,200 SFT updates of 32: the title copy forms after 200-700 of them, when depends on the seed
 LONG_MAX_NEW_TOKENS = 48
 LONG_PREF_TRAIN = 12_000  # 187 reward-model updates of 64
 LONG_BT_TEMPERATURE = 0.1  # the tier's gold differences are about a third of the short tier's
