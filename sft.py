@@ -77,8 +77,8 @@ class Args:
     lr: float = 1e-3
     """AdamW learning rate (TL;DR Pythia: 3e-6)"""
     lr_schedule: Literal["linear", "wsd"] = "linear"
-    """linear: decayed to 0 (TL;DR); wsd: a 50-update warm-up, constant, then linear decay to 0 over the last fifth
-    (toy-long: the title copy forms while the rate is high, the decay settles the rest)"""
+    """linear: decayed to 0 (TL;DR); wsd: a 50-update warm-up (a tenth of a shorter run), constant, then linear decay
+    to 0 over the last fifth (toy-long: the title copy forms while the rate is high, the decay settles the rest)"""
     epochs: int = 1
     """passes over the training data"""
     batch_size: int = 64
@@ -141,9 +141,9 @@ def main(args: Args):
     if args.lr_schedule == "linear":
         scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=num_updates)
     else:
-        decay = {"num_decay_steps": num_updates // 5, "decay_type": "linear"}
+        warmup, decay = min(50, num_updates // 10), {"num_decay_steps": num_updates // 5, "decay_type": "linear"}
         scheduler = get_scheduler(
-            "warmup_stable_decay", optimizer, 50, num_training_steps=num_updates, scheduler_specific_kwargs=decay
+            "warmup_stable_decay", optimizer, warmup, num_training_steps=num_updates, scheduler_specific_kwargs=decay
         )
     micro = args.micro_batch_size or per_process
     policy, optimizer, loader = common.prepare(accelerator, policy, optimizer, loader, micro_batch_size=micro)

@@ -471,9 +471,13 @@ def title_after_reset(model: str = "toy-long-sft", n: int = 400, seed: int = 0) 
     import common
     import data
 
+    if not 1 <= n <= SFT_TEST:
+        raise ValueError(f"n must be 1-{SFT_TEST} (the tier's test posts), not {n}")
     torch.manual_seed(seed)
     path = resolve_model(model)
     tokenizer, policy = data.load_tokenizer(path), common.load_model(path, frozen=True)
+    if BREAK not in tokenizer.get_vocab():
+        raise ValueError(f"{model} is not a long-tier model: its tokenizer has no {BREAK!r}")
     prompts = sft_dataset("test", tier="toy-long")["prompt"][:n]
     titles = [long_parts(post_words(p))[0] for p in prompts]
     starts = [[TITLE, *t[: t.index(BREAK) + 1]] for t in titles]  # the quote up to and with its "-"

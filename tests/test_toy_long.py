@@ -179,6 +179,22 @@ def test_evaluate_logs_the_skill_rates_greedy_and_at_temperature_one():
     assert "eval/kl" not in metrics  # no reference policy given
 
 
+def small_sft(tmp_path, steps: int) -> str:
+    """A fresh toy-long model after `steps` SFT updates of 16 (a policy to measure, not a good one); its path."""
+    sft.main(
+        sft.Args(
+            model="toy-long",
+            dataset="toy-long",
+            output_dir=str(tmp_path),
+            run_name="sft",
+            max_steps=steps,
+            batch_size=16,
+            eval_prompts=8,
+        )
+    )
+    return str(tmp_path / "sft")
+
+
 def test_reward_model_on_the_tier_reports_both_gold_agreements(tmp_path):
     """`reward.py --dataset toy-long` measures the reward model where the tier needs it: on pairs of the SFT policy's
     samples and on pairs that differ only in the title."""
@@ -186,17 +202,7 @@ def test_reward_model_on_the_tier_reports_both_gold_agreements(tmp_path):
 
     import reward
 
-    sft.main(
-        sft.Args(
-            model="toy-long",
-            dataset="toy-long",
-            output_dir=str(tmp_path),
-            run_name="sft",
-            max_steps=2,
-            batch_size=16,
-            eval_prompts=8,
-        )
-    )
+    small_sft(tmp_path, steps=2)
     reward.main(
         reward.Args(
             model=str(tmp_path / "sft"),
@@ -218,18 +224,7 @@ def test_title_after_reset_matches_the_policys_own_log_probs(tmp_path):
     the trainers compute log-probs, and `finish` a share of samples."""
     import data
 
-    sft.main(
-        sft.Args(
-            model="toy-long",
-            dataset="toy-long",
-            output_dir=str(tmp_path),
-            run_name="sft",
-            max_steps=1,
-            batch_size=16,
-            eval_prompts=8,
-        )
-    )
-    path = str(tmp_path / "sft")
+    path = small_sft(tmp_path, steps=1)
     premise = toy.title_after_reset(path, n=16)
     tokenizer, policy = data.load_tokenizer(path), common.load_model(path, frozen=True)
     prompts = toy.sft_dataset("test", tier="toy-long")["prompt"][:16]
@@ -243,6 +238,8 @@ def test_title_after_reset_matches_the_policys_own_log_probs(tmp_path):
     last = torch.tensor([len(q) - 1 for q in quotes])
     assert premise["dash"] == pytest.approx(logps[torch.arange(16), last].exp().mean().item(), abs=1e-5)
     assert premise["finish"] * 16 == round(premise["finish"] * 16) and 0 <= premise["finish"] <= 1
+    with pytest.raises(ValueError, match="n must be"):
+        toy.title_after_reset(path, n=0)
 
 
 @pytest.mark.slow
