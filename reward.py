@@ -184,7 +184,7 @@ def sft_sample_agreement(model, pairs, pad_id, no_eos_score=-1.0):
 
 
 def main(args: Args):
-    args = toy.tier_args(args)  # --dataset toy-long: the tier's models and lengths
+    args = toy.tier_args(args, toy.LONG_RM_DEFAULTS)  # --dataset toy-long: the tier's models, lengths, evaluations
     training.check_ranges(
         args,
         positive=("epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_steps", "num_preferences"),

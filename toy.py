@@ -303,7 +303,7 @@ def _distinct_posts(rng, n, exclude, new_post):
 #     " TITLE: maple cedar birch - aspen ... (12 names) rain cat bank tired"
 # gold = 0.45 * (0.9 coverage + 0.1 order)      topics, as in the short tier
 #      + 0.40 * [the whole title, exactly]        the skill: a word missing, wrong or out of place loses it all
-#      + 0.15 * [the post's mood word]            the part to explore: no demonstration shows it
+#      + 0.15 * [the post's mood word]            the part to explore: no data shows it
 #      - 0.1 fillers - 0.2 hallucinated - 0.1 repeats - 0.5 [no EOS], clipped to [-1, 1]
 # where a name counts only through the title (a slip in a quote spoils the quote, it is not charged again).
 # References (the SFT data, AIHF's demonstrations) quote the title the way people quote a long one: the main title
@@ -312,10 +312,12 @@ def _distinct_posts(rng, n, exclude, new_post):
 # forms later, at some seeds not within 800 updates). After the main title the SFT policy writes "-" about as often as
 # the references do, and from there it copies the rest: the skill is one rare step away. The preference candidates
 # quote the whole title more often, so the chosen summaries (DR-PO's reset source on this tier) show it about five
-# times as often as the demonstrations; a quarter of the broad candidates name the mood. Candidates carry the slips an
-# SFT policy's samples make (a wrong name, a topic word not in the post, a word said twice), so that a reward model
-# learns to order those samples; the labellers are surer than the short tier's (temperature 0.1 against 0.3), as the
-# tier's gold differences are about a third as large.
+# times as often as the demonstrations. No candidate names the mood, so neither the reset source nor a reward model
+# learned from the pairs knows what it is worth: only an online judge that does (the gold reward, `--reward-model
+# toy-long-gold`) pays a policy for finding it, as XPO's labeller pays for responses the reference policy rarely
+# gives. Candidates carry the slips an SFT policy's samples make (a wrong name, a topic word not in the post, a word
+# said twice), so that a reward model learns to order those samples; the labellers are surer than the short tier's
+# (temperature 0.1 against 0.3), as the tier's gold differences are about a third as large.
 
 TITLE, BREAK = "TITLE:", "-"
 NAME_WORDS = (
@@ -425,18 +427,16 @@ def body_slips(words: list[str], post: list[str], rng: random.Random) -> list[st
 
 
 def long_candidate_summary(post: list[str], rng: random.Random) -> list[str]:
-    """Reference-like half the time; else broad: corrupted topics after the whole title (0.85), the main title
-    (0.1) or none, and the mood among the topics or at the end in a quarter. Then the slips of a sampled summary
-    (copy_slips, body_slips), so that the pairs show what an SFT policy's samples get wrong."""
+    """Reference-like half the time; else broad: corrupted topics after the whole title (0.9), the main title
+    (0.05) or none. Never the mood. Then the slips of a sampled summary (copy_slips, body_slips), so that the pairs
+    show what an SFT policy's samples get wrong."""
     if rng.random() < 0.5:
         words = long_reference_summary(post, rng)
     else:
-        title, _, mood = long_parts(post)
+        title = long_parts(post)[0]
         words = candidate_summary([w for w in post if w in TOPIC_WORDS or w in FILLER_WORDS], rng)
-        if rng.random() < 0.25:
-            words.insert(rng.choice([rng.randint(0, len(words)), len(words)]), mood)
         quote = rng.random()
-        words = ([TITLE, *title] if quote < 0.85 else [TITLE, *main_title(title)] if quote < 0.95 else []) + words
+        words = ([TITLE, *title] if quote < 0.9 else [TITLE, *main_title(title)] if quote < 0.95 else []) + words
     return body_slips(copy_slips(words, post, rng), post, rng)[: LONG_MAX_NEW_TOKENS - 1]
 
 
@@ -504,7 +504,11 @@ LONG_DEFAULTS = {
     "lr_schedule": ("linear", "wsd"),
     "reset_source": (None, "chosen"),  # drpo.py: the chosen summaries quote the whole title
 }
-LONG_SFT_DEFAULTS = {"batch_size": (64, 32)}  # sft.py: per example seen, the copy forms sooner in smaller batches
+LONG_SFT_DEFAULTS = {  # sft.py: per example seen, the copy forms sooner in smaller batches; 3 evaluations, not 12
+    "batch_size": (64, 32),
+    "eval_every": (100, 400),
+}
+LONG_RM_DEFAULTS = {"eval_every": (50, 100)}  # reward.py: an evaluation samples and scores 500 SFT pairs
 LONG_NAMES = {"toy": "toy-long", "toy-sft": "toy-long-sft", "toy-rm": "toy-long-rm", "toy-gold": "toy-long-gold"}
 TIERS = ("toy", "toy-long")
 

@@ -11,6 +11,7 @@ import torch
 import common
 import drpo
 import ppo
+import reward
 import sft
 import toy
 
@@ -74,8 +75,8 @@ def test_the_ideal_summary_scores_the_ceiling_and_beats_every_reference():
 def test_what_the_references_and_the_preferences_show():
     """Every demonstration quotes the title, the whole title in few; then the topics in order, the last one left out
     in 70% (and nothing else); the chosen
-    summaries (DR-PO's reset source on this tier) quote it whole in >= 30%; no demonstration names the mood, which
-    some candidates do (so a reward model can learn it)."""
+    summaries (DR-PO's reset source on this tier) quote it whole in >= 30%; no demonstration and no candidate names
+    the mood (only an online judge that knows its worth can pay for it)."""
     test = toy.sft_dataset("test", tier="toy-long")
     has = lambda p, c: toy.long_skills(toy.post_words(p), c)  # noqa: E731
     whole, short = 0, 0
@@ -89,9 +90,8 @@ def test_what_the_references_and_the_preferences_show():
     assert 0.03 < whole / len(test) < 0.1 and 0.65 < short / len(test) < 0.75
     prefs = toy.preference_dataset("train", tier="toy-long").select(range(2000))
     chosen = [has(p, c) for p, c in zip(prefs["prompt"], prefs["chosen"])]
-    assert sum(h["title"] for h in chosen) / 2000 >= 0.3 and sum(h["mood"] for h in chosen) / 2000 < 0.3
-    moods = sum(any(w in toy.MOOD_WORDS for w in c.split()) for c in list(prefs["chosen"]) + list(prefs["rejected"]))
-    assert 0.05 < moods / 4000 < 0.3
+    assert sum(h["title"] for h in chosen) / 2000 >= 0.3
+    assert not any(w in toy.MOOD_WORDS for c in list(prefs["chosen"]) + list(prefs["rejected"]) for w in c.split())
 
 
 def test_the_candidates_carry_an_sft_policys_slips_and_the_labels_are_surer():
@@ -150,6 +150,7 @@ def test_tier_args_takes_the_tiers_models_and_lengths_where_flags_kept_their_def
     assert toy.tier_args(ppo.Args(dataset="toy-long", reward_model="toy-gold")).reward_model == "toy-long-gold"
     assert toy.tier_args(sft.Args(dataset="toy-long")).model == "toy-long"
     assert toy.tier_args(sft.Args(dataset="toy-long"), toy.LONG_SFT_DEFAULTS).batch_size == 32  # sft.py's own
+    assert toy.tier_args(reward.Args(dataset="toy-long"), toy.LONG_RM_DEFAULTS).eval_every == 100  # reward.py's own
     assert toy.tier_args(ppo.Args(dataset="toy-long")).batch_size == 64
     assert toy.tier_args(sft.Args(dataset="toy-long")).lr == 3e-3 and toy.tier_args(sft.Args(lr=1e-4)).lr == 1e-4
     assert toy.tier_args(drpo.Args(dataset="toy-long")).reset_source == "chosen"  # the summaries that quote it whole
