@@ -97,9 +97,11 @@ def load_model(name: str, kind: str = "causal", dtype=torch.float32, tokenizer=N
         return model.eval().requires_grad_(False)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     extra = {} if kind == "causal" else {"num_labels": 1}
-    if name in ("toy-gold", "toy-long-gold") and kind == "reward":  # the gold oracle: the RM's network (a critic
-        model = load_model(name.replace("gold", "rm"), kind, dtype)  # starts from it), scores replaced by the gold
-        model.config.toy_gold = name.removesuffix("-gold")  # reward in reward_scores()
+    if name in ("toy-gold", "toy-long-gold") and kind == "reward":  # the gold oracle: the RM's network, its scores
+        model = load_model(name.replace("gold", "rm"), kind, dtype)  # replaced by the gold reward in reward_scores()
+        model.config.toy_gold, model.config.reward_bias = name.removesuffix("-gold"), 0.0
+        with gathered_weights(model.score, modifier_rank=0):  # head at 0: a critic started from it predicts 0, not the
+            torch.nn.init.zeros_(model.score.weight)  # RM's scores, which are on another scale than the gold reward
         return model
     if name in ("toy", "toy-tiny", "toy-long"):
         config = toy.model_config("tiny" if name == "toy-tiny" else "small", "toy-long" if "long" in name else "toy")

@@ -53,7 +53,8 @@ class Args:
     model: str = "toy-sft"
     """SFT policy to start from; also the frozen reference (Hub id or local dir; `toy-sft`: the cached toy SFT)"""
     reward_model: str = "toy-rm"
-    """reward model; the critic starts as a copy of it, head and bias included (`toy-rm`: the cached toy RM)"""
+    """reward model; the critic starts as a copy of it, head and bias included (`toy-rm`: the cached toy RM;
+    `toy-gold`: the toy gold reward, and the critic toy-rm's network with its head at 0)"""
     lora_r: int = 0
     """LoRA rank of the policy's adapters (peft; 0: full fine-tuning); the reference is the adapter-disabled policy"""
     lora_alpha: float = 16.0

@@ -917,7 +917,8 @@ def test_evaluate_on_the_toy_task():
 
 def test_toy_gold_reward_model_scores_with_the_gold_reward(toy_cache):
     """`--reward-model toy-gold`: reward_scores gives toy.gold_reward of the decoded texts (then the usual
-    missing-EOS rule); the network is toy-rm's (a PPO critic starts from it); it refuses to be trained."""
+    missing-EOS rule); the network is toy-rm's with its head at 0 and no bias, so a PPO critic started from it
+    predicts 0, not toy-rm's scores (another scale than the gold reward's); it refuses to be trained."""
     tokenizer = toy.make_tokenizer()
     gold_model = common.load_model("toy-gold", "reward").eval().requires_grad_(False)
     prompts = toy.sft_dataset("test")["prompt"][:3]
@@ -941,6 +942,9 @@ def test_toy_gold_reward_model_scores_with_the_gold_reward(toy_cache):
     torch.testing.assert_close(scores, torch.tensor(expected))
     assert scores[0] == 1.0 and penalized[2] == -1.0 and penalized[1] == scores[1]
     rm = common.load_model("toy-rm", "reward")
-    assert all(torch.equal(a, b) for a, b in zip(gold_model.state_dict().values(), rm.state_dict().values()))
+    body = [k for k in rm.state_dict() if not k.startswith("score.")]
+    assert body and all(torch.equal(gold_model.state_dict()[k], rm.state_dict()[k]) for k in body)
+    assert rm.score.weight.abs().sum() > 0 and getattr(rm.config, "reward_bias", 0.0) != 0.0
+    assert not gold_model.score.weight.any() and gold_model.config.reward_bias == 0.0
     with pytest.raises(training.UserError, match="toy-gold"):
         common.reward_scores(gold_model, prompt, completion, tokenizer.pad_token_id)  # gradients on: a training step

@@ -88,6 +88,18 @@ def test_critic_starts_at_the_reward_score(module, toy_cache):
 
 
 @pytest.mark.parametrize("module", [ppo, drpo], ids=["ppo", "drpo"])
+def test_a_critic_started_from_the_gold_oracle_predicts_zero(module, toy_cache):
+    """`--reward-model toy-gold`: the critic is toy-rm's network with its head at 0, so its values start at 0 at
+    every position instead of at toy-rm's scores, which are on another scale than the gold reward that trains it."""
+    tokenizer = data.load_tokenizer("toy-sft")
+    prompt, completion = toy_batch(tokenizer)
+    model = module.PolicyAndCritic(common.load_model("toy-sft"), common.load_model("toy-gold", "reward"))
+    with torch.no_grad():
+        _, values = module.logprobs_and_values(model, prompt, completion, tokenizer.pad_token_id, 1.0)
+    assert values.shape == completion.shape and not values.any()
+
+
+@pytest.mark.parametrize("module", [ppo, drpo], ids=["ppo", "drpo"])
 def test_whiten_rewards_hand_values(module):
     """--whiten-rewards: rewards [0, 0, 4] on the completion tokens keep their mean 4/3 and are divided by their
     standard deviation sqrt(16/3) (unbiased): (0 - 4/3) / 2.3094 + 4/3 = 0.75598; padding stays 0."""
