@@ -461,9 +461,9 @@ def skill_pairs(split: str = "test", seed: int = 0) -> datasets.Dataset:
 
 def title_after_reset(model: str = "toy-long-sft", n: int = 400, seed: int = 0) -> dict[str, float]:
     """DR-PO's premise, measured on a long-tier policy (a path, or `toy-long-sft`) over the first `n` test posts:
-    `dash`, its mean probability of "-" right after the main title (the one step to the whole title), and
-    `finish`, the share of its temperature-1 samples that finish the whole title when they start just past the "-"
-    (as after a reset into a chosen summary that quotes it).
+    `dash`, its mean probability of "-" right after the main title (the step to the whole title), `first`, that of
+    the subtitle's first word right after the "-", and `finish`, the share of its temperature-1 samples that finish
+    the whole title when they start just past the "-" (as after a reset into a chosen summary that quotes it).
         python -c "import toy; print(toy.title_after_reset())"
     """
     import torch
@@ -486,13 +486,51 @@ def title_after_reset(model: str = "toy-long-sft", n: int = 400, seed: int = 0) 
         for p, w in zip(prompts, starts)
     ]
     x = data.pad(ids, tokenizer.pad_token_id, "left")
-    with torch.no_grad():  # the last position of x[:, :-1] has just written the main title
-        logits = common.forward(policy, x[:, :-1], tokenizer.pad_token_id).logits[:, -1].float()
-    dash = logits.softmax(-1)[:, tokenizer.convert_tokens_to_ids(BREAK)].mean().item()
+    with torch.no_grad():  # position -2 has just written the main title, -1 the "-"
+        probs = common.forward(policy, x, tokenizer.pad_token_id).logits[:, -2:].float().softmax(-1)
+    dash = probs[:, 0, tokenizer.convert_tokens_to_ids(BREAK)].mean().item()
+    firsts = tokenizer.convert_tokens_to_ids([t[t.index(BREAK) + 1] for t in titles])
+    first = probs[torch.arange(n), 1, torch.tensor(firsts)].mean().item()
     completion, _ = common.generate(policy, x, tokenizer, LONG_MAX_NEW_TOKENS, temperature=1.0)
     texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
     done = [long_skills(post_words(p), " ".join([*w, t]))["title"] for p, w, t in zip(prompts, starts, texts)]
-    return {"dash": dash, "finish": sum(done) / n}
+    return {"dash": dash, "first": first, "finish": sum(done) / n}
+
+
+def mood_scores(model: str = "toy-long-rm", n: int = 500) -> dict[str, float]:
+    """What a long-tier reward model (a path, or `toy-long-rm`) learned of the mood, which no preference pair names:
+    over the first `n` test posts, the share where it scores the ideal summary above the same summary without its
+    mood word (the gold reward: always, by 0.15), and its mean score of each.
+        python -c "import toy; print(toy.mood_scores())"
+    """
+    import torch
+
+    import common
+    import data
+
+    if not 1 <= n <= SFT_TEST:
+        raise ValueError(f"n must be 1-{SFT_TEST} (the tier's test posts), not {n}")
+    path = resolve_model(model)
+    tokenizer = data.load_tokenizer(path)
+    if BREAK not in tokenizer.get_vocab():
+        raise ValueError(f"{model} is not a long-tier model: its tokenizer has no {BREAK!r}")
+    reward_model = common.load_model(path, "reward", tokenizer=tokenizer, frozen=True)
+    prompts = sft_dataset("test", tier="toy-long")["prompt"][:n]
+    prompt = data.pad(data.tokenize_prompts(tokenizer, prompts, 64), tokenizer.pad_token_id, "left")
+    ideal = [long_ideal_summary(post_words(p)) for p in prompts]
+
+    def score(summaries):
+        pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+        ids = [tokenizer(" ".join(w), add_special_tokens=False)["input_ids"] + [eos] for w in summaries]
+        with torch.no_grad():
+            return common.reward_scores(reward_model, prompt, data.pad(ids, pad, "right"), pad)
+
+    with_mood, without = score(ideal), score([w[:-1] for w in ideal])  # the mood is the ideal summary's last word
+    return {
+        "prefers_mood": (with_mood > without).float().mean().item(),
+        "with": with_mood.mean().item(),
+        "without": without.mean().item(),
+    }
 
 
 # The tier's own models and lengths wherever a flag kept the short tier's default

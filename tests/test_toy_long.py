@@ -1,6 +1,6 @@
 """The long toy tier (`--dataset toy-long`): deterministic data, the gold reward on hand values, the ideal summary at
 the ceiling, what the references and preference pairs show, the tier's defaults, the reward model's two agreement
-figures, DR-PO's premise measured on a policy, and (slow) the learning check that SFT rarely completes the whole
+figures and what it learned of the mood, DR-PO's premise measured on a policy, and (slow) the learning check that SFT rarely completes the whole
 title."""
 
 from types import SimpleNamespace
@@ -218,11 +218,33 @@ def test_reward_model_on_the_tier_reports_both_gold_agreements(tmp_path):
     final = json.loads((tmp_path / "rm" / "eval.json").read_text())
     for key in ("eval/gold_agreement_sft_samples", "eval/gold_agreement_skill_pairs"):
         assert 0.0 <= final[key] <= 1.0
+    # toy.mood_scores: the model's own scores of the ideal summary with and without its mood word
+    import data
+
+    path = str(tmp_path / "rm")
+    mood = toy.mood_scores(path, n=8)
+    tokenizer = data.load_tokenizer(path)
+    rm = common.load_model(path, "reward", tokenizer=tokenizer, frozen=True)
+    prompts = toy.sft_dataset("test", tier="toy-long")["prompt"][:8]
+    ideal = [toy.long_ideal_summary(toy.post_words(p)) for p in prompts]
+    pad = tokenizer.pad_token_id
+    prompt = data.pad(data.tokenize_prompts(tokenizer, prompts, 64), pad, "left")
+    scores = []
+    for words in (ideal, [[w for w in i if w not in toy.MOOD_WORDS] for i in ideal]):
+        ids = [tokenizer(" ".join(w), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for w in words]
+        with torch.no_grad():
+            scores.append(common.reward_scores(rm, prompt, data.pad(ids, pad, "right"), pad))
+    assert mood["with"] == pytest.approx(scores[0].mean().item(), abs=1e-5)
+    assert mood["without"] == pytest.approx(scores[1].mean().item(), abs=1e-5)
+    assert mood["prefers_mood"] == (scores[0] > scores[1]).float().mean().item()
+    with pytest.raises(ValueError, match="not a long-tier model"):
+        toy.mood_scores("toy-rm", n=1)
 
 
 def test_title_after_reset_matches_the_policys_own_log_probs(tmp_path):
     """toy.title_after_reset: `dash` is the mean of exp(log pi("-" | post, "TITLE:" + main title)) computed the way
-    the trainers compute log-probs, and `finish` a share of samples."""
+    the trainers compute log-probs, `first` that of the subtitle's first word after the "-", `finish` a share of
+    samples."""
     import data
 
     path = small_sft(tmp_path, steps=1)
@@ -238,6 +260,15 @@ def test_title_after_reset_matches_the_policys_own_log_probs(tmp_path):
         logps = common.completion_logprobs(policy, prompt, completion, tokenizer.pad_token_id)
     last = torch.tensor([len(q) - 1 for q in quotes])
     assert premise["dash"] == pytest.approx(logps[torch.arange(16), last].exp().mean().item(), abs=1e-5)
+    firsts = [toy.long_parts(toy.post_words(p))[0][len(q) - 1] for p, q in zip(prompts, quotes)]  # after the "-"
+    with_first = data.pad(
+        [tokenizer(" ".join([*q, f]), add_special_tokens=False)["input_ids"] for q, f in zip(quotes, firsts)],
+        tokenizer.pad_token_id,
+        "right",
+    )
+    with torch.no_grad():
+        logps = common.completion_logprobs(policy, prompt, with_first, tokenizer.pad_token_id)
+    assert premise["first"] == pytest.approx(logps[torch.arange(16), last + 1].exp().mean().item(), abs=1e-5)
     assert premise["finish"] * 16 == round(premise["finish"] * 16) and 0 <= premise["finish"] <= 1
     with pytest.raises(ValueError, match="n must be"):
         toy.title_after_reset(path, n=0)
