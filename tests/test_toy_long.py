@@ -1,7 +1,7 @@
 """The long toy tier (`--dataset toy-long`): deterministic data, the gold reward on hand values, the ideal summary at
 the ceiling, what the references and preference pairs show, the tier's defaults, the reward model's two agreement
-figures and what it learned of the mood, DR-PO's premise measured on a policy, and (slow) the learning check that SFT rarely completes the whole
-title."""
+figures and what it learned of the mood, DR-PO's premise measured on a policy, and (slow) the learning check that SFT
+rarely completes the whole title."""
 
 from types import SimpleNamespace
 
