@@ -459,6 +459,20 @@ def skill_pairs(split: str = "test", seed: int = 0) -> datasets.Dataset:
     return datasets.Dataset.from_list(pairs)
 
 
+def _long_tier_check(model: str, n: int):
+    """(path, tokenizer, the first `n` test prompts) for a premise check of a long-tier model; a clear error for `n`
+    outside the test posts or a model whose tokenizer lacks the tier's words."""
+    import data
+
+    if not 1 <= n <= SFT_TEST:
+        raise ValueError(f"n must be 1-{SFT_TEST} (the tier's test posts), not {n}")
+    path = resolve_model(model)
+    tokenizer = data.load_tokenizer(path)
+    if BREAK not in tokenizer.get_vocab():
+        raise ValueError(f"{model} is not a long-tier model: its tokenizer has no {BREAK!r}")
+    return path, tokenizer, sft_dataset("test", tier="toy-long")["prompt"][:n]
+
+
 def title_after_reset(model: str = "toy-long-sft", n: int = 400, seed: int = 0) -> dict[str, float]:
     """DR-PO's premise, measured on a long-tier policy (a path, or `toy-long-sft`) over the first `n` test posts:
     `dash`, its mean probability of "-" right after the main title (the step to the whole title), `first`, that of
@@ -471,14 +485,9 @@ def title_after_reset(model: str = "toy-long-sft", n: int = 400, seed: int = 0) 
     import common
     import data
 
-    if not 1 <= n <= SFT_TEST:
-        raise ValueError(f"n must be 1-{SFT_TEST} (the tier's test posts), not {n}")
     torch.manual_seed(seed)
-    path = resolve_model(model)
-    tokenizer, policy = data.load_tokenizer(path), common.load_model(path, frozen=True)
-    if BREAK not in tokenizer.get_vocab():
-        raise ValueError(f"{model} is not a long-tier model: its tokenizer has no {BREAK!r}")
-    prompts = sft_dataset("test", tier="toy-long")["prompt"][:n]
+    path, tokenizer, prompts = _long_tier_check(model, n)
+    policy = common.load_model(path, frozen=True)
     titles = [long_parts(post_words(p))[0] for p in prompts]
     starts = [[TITLE, *t[: t.index(BREAK) + 1]] for t in titles]  # the quote up to and with its "-"
     ids = [
@@ -508,14 +517,8 @@ def mood_scores(model: str = "toy-long-rm", n: int = 500) -> dict[str, float]:
     import common
     import data
 
-    if not 1 <= n <= SFT_TEST:
-        raise ValueError(f"n must be 1-{SFT_TEST} (the tier's test posts), not {n}")
-    path = resolve_model(model)
-    tokenizer = data.load_tokenizer(path)
-    if BREAK not in tokenizer.get_vocab():
-        raise ValueError(f"{model} is not a long-tier model: its tokenizer has no {BREAK!r}")
+    path, tokenizer, prompts = _long_tier_check(model, n)
     reward_model = common.load_model(path, "reward", tokenizer=tokenizer, frozen=True)
-    prompts = sft_dataset("test", tier="toy-long")["prompt"][:n]
     prompt = data.pad(data.tokenize_prompts(tokenizer, prompts, 64), tokenizer.pad_token_id, "left")
     ideal = [long_ideal_summary(post_words(p)) for p in prompts]
 

@@ -239,6 +239,8 @@ def test_reward_model_on_the_tier_reports_both_gold_agreements(tmp_path):
     assert mood["prefers_mood"] == (scores[0] > scores[1]).float().mean().item()
     with pytest.raises(ValueError, match="not a long-tier model"):
         toy.mood_scores("toy-rm", n=1)
+    with pytest.raises(ValueError, match="n must be"):
+        toy.mood_scores(path, n=0)
 
 
 def test_title_after_reset_matches_the_policys_own_log_probs(tmp_path):
@@ -280,7 +282,7 @@ def test_sft_learns_the_main_title_but_rarely_completes_the_whole_one(tmp_path):
     the main title (greedy quotes are the post's main title, exactly) yet completes the whole title in under 10% of
     its samples at temperature 1 and never greedily, and leaves headroom (win rate at most 0.4); the step to the
     whole title is rare ("-" after the main title). Whether the rest then follows (`finish`) depends on the build:
-    the float order of the machine decides which copy forms (README). About 5 minutes on one core."""
+    which copy forms depends on the seed and on the machine (README). About 5 minutes on one core."""
     import json
 
     sft.main(sft.Args(dataset="toy-long", output_dir=str(tmp_path), run_name="sft", eval_prompts=200, eval_every=10**9))
