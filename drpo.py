@@ -190,25 +190,31 @@ def sample_resets(lengths: torch.Tensor, reset_prob: float, generator: torch.Gen
     return use * (1 + (torch.rand(len(lengths), generator=generator) * (lengths - 1).clamp(min=1)).long())
 
 
-def ppo_losses(new_logps, new_values, rollout, args):
-    """PPO's clipped surrogate and N+'s clipped value loss on a minibatch of the rollout (its old_logps,
-    old_values, advantages, returns, mask and, DR-PO, `free`: the surrogate skips a reset's prefix); masked means."""
+def ppo_losses(new_logps, new_values, rollout, args, n_tokens, n_free):
+    """PPO's clipped surrogate and N+'s clipped value loss on a micro-batch of the rollout (its old_logps,
+    old_values, advantages, returns, mask and, DR-PO, `free`: the surrogate skips a reset's prefix), and their
+    statistics: sums over the micro-batch's tokens divided by those of its whole minibatch (`n_tokens` completion
+    tokens, `n_free` of them after the prefixes). The micro-batches add up to the minibatch's token means whatever
+    their size and reset points. (N+ and DR-PO's code take each micro-batch's own token mean; with a micro-batch of
+    one sequence, that is a mean over sequences of each one's token mean.)"""
     old_logps, old_values, mask, free = rollout["old_logps"], rollout["old_values"], rollout["mask"], rollout["free"]
+    mean = lambda x: (x * mask).sum() / n_tokens  # noqa: E731  this micro-batch's share of the minibatch token mean
+    free_mean = lambda x: (x * free).sum() / n_free  # noqa: E731  the same over the tokens after the prefix
     advantages, returns = rollout["advantages"], rollout["returns"]
     ratio = torch.exp(new_logps - old_logps)
     pg_losses = -advantages * ratio  # PPO Eq. (7) (Schulman et al. 2017), negated to be minimized
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1 - args.cliprange, 1 + args.cliprange)  # PPO Eq. (7)
-    pg_loss = common.masked_mean(torch.max(pg_losses, pg_losses_clipped), free)  # PPO Eq. (7): the min of the two
+    pg_loss = free_mean(torch.max(pg_losses, pg_losses_clipped))  # PPO Eq. (7): the min of the two
     values_clipped = old_values + torch.clamp(new_values - old_values, -args.cliprange_value, args.cliprange_value)
     vf_unclipped, vf_clipped = (new_values - returns) ** 2, (values_clipped - returns) ** 2
-    vf_loss = 0.5 * common.masked_mean(torch.max(vf_unclipped, vf_clipped), mask)  # N+ clipped value loss
+    vf_loss = 0.5 * mean(torch.max(vf_unclipped, vf_clipped))  # N+ clipped value loss
     stats = {
         "loss/policy": pg_loss,
         "loss/value": vf_loss,
-        "policy/clipfrac": common.masked_mean((pg_losses_clipped > pg_losses).float(), free),
-        "policy/approxkl": 0.5 * common.masked_mean((new_logps - old_logps) ** 2, free),
-        "val/clipfrac": common.masked_mean((vf_unclipped < vf_clipped).float(), mask),
-        "val/ratio": common.masked_mean(ratio, mask),
+        "policy/clipfrac": free_mean((pg_losses_clipped > pg_losses).float()),
+        "policy/approxkl": 0.5 * free_mean((new_logps - old_logps) ** 2),
+        "val/clipfrac": mean((vf_unclipped < vf_clipped).float()),
+        "val/ratio": mean(ratio),
     }
     return pg_loss, vf_loss, stats
 
@@ -302,18 +308,21 @@ def main(args: Args):
             for _ in range(args.update_epochs):
                 perm = torch.randperm(per_process, generator=generator).to(device)
                 for minibatch in perm.split(per_process // args.num_minibatches):
-                    micro_batches = minibatch.split(args.micro_batch_size)
+                    micro_batches, totals = minibatch.split(args.micro_batch_size), {}
+                    n_tokens = mask[minibatch].sum().clamp(min=1)  # each loss is a token mean over the minibatch
+                    n_free = rollout["free"][minibatch].sum().clamp(min=1)
                     for i, idx in enumerate(micro_batches):
                         with common.accumulate(accelerator, model, last=i == len(micro_batches) - 1):
                             new_logps, new_values = logprobs_and_values(
                                 model, prompt[idx], completion[idx], pad_id, args.temperature
                             )
                             part = {k: v[idx] for k, v in rollout.items()}
-                            pg_loss, vf_loss, s = ppo_losses(new_logps, new_values, part, args)  # PPO Eq. (7), N+
+                            pg_loss, vf_loss, s = ppo_losses(new_logps, new_values, part, args, n_tokens, n_free)
                             loss = pg_loss + args.vf_coef * vf_loss  # N+ total loss: policy + vf_coef * value
                             run.check_finite(update, loss=loss)
-                            accelerator.backward(loss * len(idx) / len(minibatch))
-                        stats.append({k: v.item() for k, v in s.items()})
+                            accelerator.backward(loss)
+                        totals = {k: totals.get(k, 0.0) + v.item() for k, v in s.items()}  # the minibatch's means
+                    stats.append(totals)
                     optimizer.step()
                     optimizer.zero_grad()
             scheduler.step()

@@ -163,25 +163,29 @@ def logprobs_and_values(model, prompt, completion, pad_id, temperature):
     return logps, out["critic_values"][:, P - 1 : -1].float() - bias
 
 
-def ppo_losses(new_logps, new_values, rollout, args):
-    """PPO's clipped surrogate and N+'s clipped value loss on a minibatch of the rollout (its old_logps,
-    old_values, advantages, returns and mask), masked means over completion tokens; and their statistics."""
+def ppo_losses(new_logps, new_values, rollout, args, n_tokens):
+    """PPO's clipped surrogate and N+'s clipped value loss on a micro-batch of the rollout (its old_logps,
+    old_values, advantages, returns and mask), and their statistics: sums over the micro-batch's completion tokens
+    divided by `n_tokens`, those of its whole minibatch. The micro-batches add up to the minibatch's token mean
+    whatever their size. (N+ takes each micro-batch's own token mean; with its micro-batch of one sequence, that
+    is a mean over sequences of each one's token mean, in which a short completion's tokens weigh more.)"""
     old_logps, old_values, mask = rollout["old_logps"], rollout["old_values"], rollout["mask"]
+    mean = lambda x: (x * mask).sum() / n_tokens  # noqa: E731  this micro-batch's share of the minibatch token mean
     advantages, returns = rollout["advantages"], rollout["returns"]
     ratio = torch.exp(new_logps - old_logps)
     pg_losses = -advantages * ratio  # PPO Eq. (7) (Schulman et al. 2017), negated to be minimized
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1 - args.cliprange, 1 + args.cliprange)  # PPO Eq. (7)
-    pg_loss = common.masked_mean(torch.max(pg_losses, pg_losses_clipped), mask)  # PPO Eq. (7): the min of the two
+    pg_loss = mean(torch.max(pg_losses, pg_losses_clipped))  # PPO Eq. (7): the min of the two
     values_clipped = old_values + torch.clamp(new_values - old_values, -args.cliprange_value, args.cliprange_value)
     vf_unclipped, vf_clipped = (new_values - returns) ** 2, (values_clipped - returns) ** 2
-    vf_loss = 0.5 * common.masked_mean(torch.max(vf_unclipped, vf_clipped), mask)  # N+ clipped value loss
+    vf_loss = 0.5 * mean(torch.max(vf_unclipped, vf_clipped))  # N+ clipped value loss
     stats = {
         "loss/policy": pg_loss,
         "loss/value": vf_loss,
-        "policy/clipfrac": common.masked_mean((pg_losses_clipped > pg_losses).float(), mask),
-        "policy/approxkl": 0.5 * common.masked_mean((new_logps - old_logps) ** 2, mask),
-        "val/clipfrac": common.masked_mean((vf_unclipped < vf_clipped).float(), mask),
-        "val/ratio": common.masked_mean(ratio, mask),
+        "policy/clipfrac": mean((pg_losses_clipped > pg_losses).float()),
+        "policy/approxkl": 0.5 * mean((new_logps - old_logps) ** 2),
+        "val/clipfrac": mean((vf_unclipped < vf_clipped).float()),
+        "val/ratio": mean(ratio),
     }
     return pg_loss, vf_loss, stats
 
@@ -267,18 +271,20 @@ def main(args: Args):
             for _ in range(args.update_epochs):
                 perm = torch.randperm(per_process, generator=generator).to(device)
                 for minibatch in perm.split(per_process // args.num_minibatches):
-                    micro_batches = minibatch.split(args.micro_batch_size)
+                    micro_batches, totals = minibatch.split(args.micro_batch_size), {}
+                    n_tokens = mask[minibatch].sum().clamp(min=1)  # each loss is a token mean over the minibatch
                     for i, idx in enumerate(micro_batches):
                         with common.accumulate(accelerator, model, last=i == len(micro_batches) - 1):
                             new_logps, new_values = logprobs_and_values(
                                 model, prompt[idx], completion[idx], pad_id, args.temperature
                             )
                             part = {k: v[idx] for k, v in rollout.items()}
-                            pg_loss, vf_loss, s = ppo_losses(new_logps, new_values, part, args)  # PPO Eq. (7), N+
+                            pg_loss, vf_loss, s = ppo_losses(new_logps, new_values, part, args, n_tokens)  # PPO (7)
                             loss = pg_loss + args.vf_coef * vf_loss  # N+ total loss: policy + vf_coef * value
                             run.check_finite(update, loss=loss)
-                            accelerator.backward(loss * len(idx) / len(minibatch))
-                        stats.append({k: v.item() for k, v in s.items()})
+                            accelerator.backward(loss)
+                        totals = {k: totals.get(k, 0.0) + v.item() for k, v in s.items()}  # the minibatch's means
+                    stats.append(totals)
                     optimizer.step()
                     optimizer.zero_grad()
             scheduler.step()

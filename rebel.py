@@ -216,7 +216,7 @@ def main(args: Args):
             for _ in range(args.update_epochs):
                 epoch = {"delta_logratio": [], "target": []}  # pair statistics: last epoch (each pair once)
                 for minibatch in pair_minibatches(per_process, args.num_minibatches, args.micro_batch_size, generator):
-                    n_rows = sum(len(idx) for idx in minibatch)
+                    n_rows, totals = sum(len(idx) for idx in minibatch), {}
                     for i, idx in enumerate(minibatch):
                         idx = idx.to(device)
                         pair_prompt = prompt[idx[: len(idx) // 2]]  # idx = [pairs, pairs + n]: y and y' share it
@@ -227,15 +227,16 @@ def main(args: Args):
                             loss, s = rebel_loss(new_logps, old_seq_logps[idx], rewards[idx], args.eta)  # REBEL Alg. 1
                             run.check_finite(update, loss=loss)
                             accelerator.backward(loss * len(idx) / n_rows)
-                        stats.append(
-                            {
-                                "loss/policy": loss.item(),
-                                "rebel/residual": s["residual"].mean().item(),
-                                "rebel/residual_abs": s["residual"].abs().mean().item(),
-                            }
-                        )
+                        residual, share = s["residual"], len(idx) / n_rows  # statistics: means over the minibatch
+                        now = {
+                            "loss/policy": loss,
+                            "rebel/residual": residual.mean(),
+                            "rebel/residual_abs": residual.abs(),
+                        }
+                        totals = {k: totals.get(k, 0.0) + share * v.mean().item() for k, v in now.items()}
                         epoch["delta_logratio"].append(s["delta_logratio"])
                         epoch["target"].append(s["target"])
+                    stats.append(totals)
                     optimizer.step()
                     optimizer.zero_grad()
             scheduler.step()

@@ -268,7 +268,7 @@ def main(args: Args):
             for _ in range(args.update_epochs):
                 perm = torch.randperm(len(buffer), generator=generator)[:per_process]  # replay: uniform over D_t
                 for mb in perm.split(per_process // args.num_minibatches):
-                    micro_batches = mb.split(args.micro_batch_size)
+                    micro_batches, totals = mb.split(args.micro_batch_size), {}
                     for i, idx in enumerate(micro_batches):
                         with common.accumulate(accelerator, policy, last=i == len(micro_batches) - 1):
                             mb_prompt, mb_completion, b = collate([buffer[j] for j in idx], pad_id, device)
@@ -284,20 +284,20 @@ def main(args: Args):
                             loss = losses.mean()
                             run.check_finite(update, loss=loss)  # lower --lr or --alpha
                             accelerator.backward(loss * len(idx) / len(mb))
-                        stats.append(
-                            {
-                                "loss/dpo": dpo_losses.mean().item(),
-                                "loss/xpo": bonus.mean().item(),
-                                "loss/total": loss.item(),
-                                "rewards/chosen": r_c.mean().item(),
-                                "rewards/rejected": r_r.mean().item(),
-                                "rewards/margins": (r_c - r_r).mean().item(),
-                                "rewards/accuracies": (r_c > r_r).float().mean().item(),
-                                "logps/chosen": chosen.mean().item(),
-                                "logps/rejected": rejected.mean().item(),
-                                "logps/tilde": logps_tilde.mean().item(),
-                            }
-                        )
+                        now = {
+                            "loss/dpo": dpo_losses,
+                            "loss/xpo": bonus,
+                            "loss/total": losses,
+                            "rewards/chosen": r_c,
+                            "rewards/rejected": r_r,
+                            "rewards/margins": r_c - r_r,
+                            "rewards/accuracies": (r_c > r_r).float(),
+                            "logps/chosen": chosen,
+                            "logps/rejected": rejected,
+                            "logps/tilde": logps_tilde,
+                        }  # statistics: means over the minibatch
+                        totals = {k: totals.get(k, 0.0) + v.sum().item() / len(mb) for k, v in now.items()}
+                    stats.append(totals)
                     optimizer.step()
                     optimizer.zero_grad()
             scheduler.step()

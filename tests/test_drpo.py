@@ -74,7 +74,7 @@ def test_policy_gradient_ignores_forced_tokens_only():
     advantages, returns = torch.ones(1, 5), torch.full((1, 5), 0.1)
     zeros = torch.zeros(1, 5)
     rollout = dict(old_logps=zeros, old_values=zeros, advantages=advantages, returns=returns, mask=mask)
-    pg, vf, _ = drpo.ppo_losses(new_logps, new_values, {**rollout, "free": mask & ~forced}, args)
+    pg, vf, _ = drpo.ppo_losses(new_logps, new_values, {**rollout, "free": mask & ~forced}, args, 4, 2)
     pg.backward()
     assert new_logps.grad[0].tolist() == [0.0, 0.0, -0.5, -0.5, 0.0]  # -A / n_free on the two free tokens
     vf.backward()

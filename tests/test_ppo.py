@@ -149,7 +149,7 @@ def test_ratio_is_one_at_the_first_minibatch():
     new_logps, new_values = ppo.logprobs_and_values(model, prompt[idx], completion[idx], pad_id, 0.7)
     advantages = torch.randn(8, completion.shape[1]).masked_fill(~mask[idx], 0)
     rollout = rollout_batch(old_logps[idx], old_values[idx], advantages, old_values[idx], mask[idx])
-    pg_loss, vf_loss, stats = ppo.ppo_losses(new_logps, new_values, rollout, args)
+    pg_loss, vf_loss, stats = ppo.ppo_losses(new_logps, new_values, rollout, args, mask[idx].sum())
     ratio = torch.exp(new_logps - old_logps[idx])[mask[idx]]
     torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
     assert stats["policy/clipfrac"].item() == 0.0 and stats["policy/approxkl"].item() < 1e-10
@@ -166,7 +166,7 @@ def test_clipping_hand_values():
     adv = torch.tensor([[1.0, -1.0]])
     zeros = torch.zeros(1, 2)
     rollout = rollout_batch(old, zeros, adv, zeros, torch.ones(1, 2, dtype=torch.bool))
-    pg, _, stats = ppo.ppo_losses(new, zeros, rollout, args)
+    pg, _, stats = ppo.ppo_losses(new, zeros, rollout, args, n_tokens=2)
     # per-token max(-A r, -A clip(r)): token 0 -> max(-1.5, -1.2) = -1.2; token 1 -> max(0.5, 0.8) = 0.8
     torch.testing.assert_close(pg, torch.tensor((-1.2 + 0.8) / 2))
     assert stats["policy/clipfrac"].item() == 1.0
@@ -177,7 +177,8 @@ def test_value_clipping_hand_values():
     mask = torch.ones(1, 1, dtype=torch.bool)
     zero = torch.zeros(1, 1)
     # V_old 0, V_new 1, R 1: unclipped error 0, clipped V = 0.2 -> error 0.64; loss = 0.5 * max = 0.32
-    _, vf, stats = ppo.ppo_losses(zero, torch.ones(1, 1), rollout_batch(zero, zero, zero, torch.ones(1, 1), mask), args)
+    rollout = rollout_batch(zero, zero, zero, torch.ones(1, 1), mask)
+    _, vf, stats = ppo.ppo_losses(zero, torch.ones(1, 1), rollout, args, n_tokens=1)
     torch.testing.assert_close(vf, torch.tensor(0.32))
     assert stats["val/clipfrac"].item() == 1.0 and stats["loss/value"] is vf
 
@@ -273,3 +274,25 @@ def test_one_forward_gives_the_policy_log_probs_and_the_critic_values():
     torch.testing.assert_close(logps, expected_logps, rtol=0, atol=1e-5)
     expected = common.token_scores(value, prompt, completion, pad_id)[:, P - 1 : -1]
     torch.testing.assert_close(values, expected, rtol=0, atol=1e-5)
+
+
+def test_losses_of_micro_batches_add_up_to_the_minibatch_token_mean():
+    """Rows of 3 and 1 completion tokens split into two micro-batches: each one's loss is its token sum over the 4
+    tokens of the minibatch, so the two add up to the minibatch's token mean (a mean of the micro-batch means, as
+    N+ takes, would give the lone token of the short row a weight of 1/2 instead of 1/4)."""
+    args = ppo.Args()
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    new = torch.tensor([[0.1, -0.2, 0.3], [0.05, 0.0, 0.0]])
+    adv, returns = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.0, 0.0]]), torch.tensor([[0.3, 0.1, -0.2], [1.0, 0.0, 0.0]])
+    rollout = rollout_batch(torch.zeros(2, 3), torch.zeros(2, 3), adv, returns, mask)
+    whole = ppo.ppo_losses(new, torch.zeros(2, 3), rollout, args, n_tokens=4)
+    parts = [
+        ppo.ppo_losses(new[i : i + 1], torch.zeros(1, 3), {k: v[i : i + 1] for k, v in rollout.items()}, args, 4)
+        for i in range(2)
+    ]
+    for j in range(2):  # the policy and the value loss
+        torch.testing.assert_close(parts[0][j] + parts[1][j], whole[j])
+    ratio = new.exp()
+    surrogate = torch.max(-adv * ratio, -adv * ratio.clamp(0.8, 1.2))  # PPO Eq. (7), by hand
+    torch.testing.assert_close(whole[0], surrogate[mask].mean())
+    torch.testing.assert_close(whole[1], 0.5 * ((0 - returns) ** 2)[mask].mean())  # V = V_old = 0: no clipping
