@@ -35,16 +35,18 @@ transformers.logging.disable_progress_bar()
 
 def setup(args) -> Accelerator:
     """The Accelerator: one process on CPU or one GPU; DDP or DeepSpeed ZeRO-2/3 under `accelerate launch` or
-    `torchrun`. bf16 autocast on CUDA (weights stay fp32), fp32 on CPU; a seed per process."""
+    `torchrun`; a seed per process. The precision is accelerate's: `accelerate launch --mixed_precision`, its config
+    file or ACCELERATE_MIXED_PRECISION (bf16 works on CPU too), else bf16 autocast on a GPU that has bf16 (weights
+    stay fp32) and fp32 elsewhere. `autocast()` applies it to every forward, from sampling to evaluation."""
     training.TRUST_REMOTE_CODE = getattr(args, "trust_remote_code", False)  # read by every from_pretrained
     cuda = torch.cuda.is_available()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"  # set by accelerate launch
     # without CUDA, cpu=True makes torchrun's ranks one DDP job, but would silently replace DeepSpeed by DDP:
     # DeepSpeed on CPU needs the gloo backend named instead
     handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and not cuda else []
-    accelerator = Accelerator(
-        cpu=not (cuda or deepspeed), mixed_precision="bf16" if cuda else "no", kwargs_handlers=handlers
-    )
+    default = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    precision = None if os.environ.get("ACCELERATE_MIXED_PRECISION") else default  # None: accelerate reads it
+    accelerator = Accelerator(cpu=not (cuda or deepspeed), mixed_precision=precision, kwargs_handlers=handlers)
     set_seed(args.seed + 100003 * accelerator.process_index)
     n, kind = accelerator.num_processes, {DistributedType.FSDP: "FSDP", DistributedType.NO: "single process"}
     how = f"DeepSpeed ZeRO-{zero_stage()}" if zero_stage() else kind.get(accelerator.distributed_type, "DDP")
@@ -52,6 +54,25 @@ def setup(args) -> Accelerator:
     if accelerator.is_main_process:  # e.g. `[setup] 2 processes, DeepSpeed ZeRO-3, cpu, fp32`
         print(f"[setup] {n} process{'es' * (n > 1)}, {how}, {accelerator.device.type}, {precision}", flush=True)
     return accelerator
+
+
+def mixed_dtype() -> torch.dtype | None:
+    """bf16 or fp16 when the run computes in mixed precision (accelerate's setting), else None."""
+    from accelerate.state import AcceleratorState
+
+    precision = AcceleratorState().mixed_precision if AcceleratorState._shared_state else "no"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def autocast():
+    """The run's mixed precision around a forward: sampling, scoring, the update and evaluation all run in the same
+    numerics (a prepared model's forward is wrapped already; generation, frozen models and a PolicyAndCritic's inner
+    policy are not). DeepSpeed casts the weights itself, without autocast."""
+    from accelerate.state import PartialState
+
+    if mixed_dtype() is None or zero_stage():
+        return contextlib.nullcontext()
+    return torch.autocast(PartialState().device.type, dtype=mixed_dtype())
 
 
 def zero_stage() -> int:
@@ -90,10 +111,12 @@ def accumulate(accelerator: Accelerator, model, last: bool):
 def load_model(name: str, kind: str = "causal", dtype=torch.float32, tokenizer=None, frozen=False):
     """A causal LM or a 1-label sequence classifier ("reward"; a new head gets std 1/sqrt(H+1), N+), dropout off;
     `toy` / `toy-long` / `toy-tiny`: a fresh ~1M / ~1M / ~0.1M-parameter Llama. `frozen` (reference, reward model):
-    bf16 on GPU, eval, no gradients, never sharded. A reward model with its own tokenizer scores re-tokenized text."""
+    bf16 weights in a bf16 run, eval, no gradients, not sharded. A reward model with its own tokenizer scores
+    re-tokenized text."""
     if frozen:
+        bf16 = mixed_dtype() == torch.bfloat16
         with whole_weights():
-            model = load_model(name, kind, torch.bfloat16 if torch.cuda.is_available() else torch.float32, tokenizer)
+            model = load_model(name, kind, torch.bfloat16 if bf16 else torch.float32, tokenizer)
         return model.eval().requires_grad_(False)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     extra = {} if kind == "causal" else {"num_labels": 1}
@@ -259,7 +282,10 @@ def forward(model, ids: torch.Tensor, pad_id: int, **kwargs):
     """Forward with attention mask and position ids from `ids != pad_id`; pad ids are never embedded."""
     mask = ids != pad_id
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    return model(input_ids=ids.masked_fill(~mask, 0), attention_mask=mask.long(), position_ids=position_ids, **kwargs)
+    with autocast():
+        return model(
+            input_ids=ids.masked_fill(~mask, 0), attention_mask=mask.long(), position_ids=position_ids, **kwargs
+        )
 
 
 def truncate_after_eos(completion: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,7 +315,7 @@ def generate(model, prompt: torch.Tensor, tokenizer, max_new_tokens: int, temper
     default, model.generation_config, was_training = model.generation_config, GenerationConfig(), model.training
     model.eval()  # gradient checkpointing turns the KV cache off in training mode
     try:
-        with gathered_weights(model):
+        with gathered_weights(model), autocast():
             out = model.generate(
                 input_ids=prompt.masked_fill(~mask, 0),
                 attention_mask=mask.long(),
@@ -329,14 +355,15 @@ def shared_prompt_forward(model, prompt, completion, pad_id, logits_to_keep=None
     completion, comp_mask = completion[order], comp_mask[order]
     full_mask = torch.cat([mask.repeat_interleave(k, 0), comp_mask], 1)  # completions see the real prompt tokens
     position_ids = (full_mask.cumsum(1) - 1).clamp(min=0)[:, prompt.shape[1] :]
-    second = model(
-        input_ids=completion.masked_fill(~comp_mask, 0),
-        attention_mask=full_mask.long(),
-        position_ids=position_ids,
-        use_cache=True,
-        **{name: cache},
-        **keep(logits_to_keep),
-    )
+    with autocast():
+        second = model(
+            input_ids=completion.masked_fill(~comp_mask, 0),
+            attention_mask=full_mask.long(),
+            position_ids=position_ids,
+            use_cache=True,
+            **{name: cache},
+            **keep(logits_to_keep),
+        )
     return first, second, order
 
 
