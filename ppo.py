@@ -126,10 +126,12 @@ class PolicyAndCritic(torch.nn.Module):
 
 def per_token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """r_t = -kl_coef * (log pi_t - log pi_ref) on completion tokens, plus the score at the last one (the
-    EOS, or the final token when there is none); 0 after it."""
+    EOS, or the final token when there is none); 0 after it. The score sits on the EOS itself, as in DR-PO's code;
+    N+ adds it one slot later, on the first padding position, and trains the value there too; here the value is
+    trained up to the EOS and is 0 past it."""
     rewards = (-kl_coef * kl).masked_fill(~mask, 0)  # N+ per-token KL penalty
     end = mask.sum(1) - 1
-    rewards[torch.arange(len(end), device=rewards.device), end] += scores  # N+: the score at the EOS token
+    rewards[torch.arange(len(end), device=rewards.device), end] += scores  # the score at the EOS (DR-PO's code)
     return rewards
 
 
@@ -159,7 +161,8 @@ def logprobs_and_values(model, prompt, completion, pad_id, temperature):
     keep = torch.arange(P - 1, P + C - 1, device=completion.device)  # the positions that predict y_1..y_C
     out = common.forward(model, torch.cat([prompt, completion], 1), pad_id, logits_to_keep=keep)
     logps = common.token_logprobs(out.logits, completion, pad_id, temperature)
-    bias = getattr(extract_model_from_parallel(model).critic.config, "reward_bias", 0.0)  # N+: V(after EOS) = score
+    # the critic starts as the reward model (N+), so its values take the bias that reward_scores() removes
+    bias = getattr(extract_model_from_parallel(model).critic.config, "reward_bias", 0.0)
     return logps, out["critic_values"][:, P - 1 : -1].float() - bias
 
 
