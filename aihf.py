@@ -34,6 +34,7 @@ import common
 import data
 import toy
 import training
+from training import Finite, NonNegative, Positive
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -43,7 +44,7 @@ class Args:
     # common
     exp_name: str = "aihf"
     """name of the experiment (prefix of the run directory)"""
-    seed: int = 1
+    seed: NonNegative[int] = 1
     """random seed"""
     output_dir: str = "runs"
     """parent directory of the run directory"""
@@ -53,7 +54,7 @@ class Args:
     """log to Weights & Biases"""
     wandb_project: str = "rlhf"
     """wandb project name"""
-    save_every: int = 0
+    save_every: NonNegative[int] = 0
     """write a checkpoint to <run>/checkpoint every this many updates (0: only on Ctrl-C / SIGTERM)"""
     resume: str | None = None
     """continue the run in this directory (runs/<run>) from its checkpoint, with its saved arguments"""
@@ -65,9 +66,9 @@ class Args:
     """SFT policy to start from; also the frozen reference pi_ref (Hub id or local dir; `toy-sft`: the toy SFT model)"""
     reward_model: str | None = "toy-rm"
     """frozen reward model of the eval score, never trained (`toy-rm`: toy dataset only; None: no score)"""
-    lora_r: int = 0
+    lora_r: NonNegative[int] = 0
     """LoRA rank of the policy's adapters (peft; 0 = full fine-tuning); pi_ref is then the adapter-disabled policy"""
-    lora_alpha: float = 16.0
+    lora_alpha: Positive[float] = 16.0
     """LoRA alpha: the adapters' scale is alpha / r (DR-PO and REBEL TL;DR: r 1024, alpha 2048)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass of trained models: less memory, more compute"""
@@ -77,48 +78,50 @@ class Args:
     """demonstrations, prompt/completion (the SFT data): `toy`, a Hub id (trl-lib/tldr), a save_to_disk dir or a file"""
     preference_dataset: str = "toy"
     """preference pairs, prompt/chosen/rejected: `toy`, a Hub id (trl-lib/tldr-preference), save_to_disk dir or file"""
-    num_demonstrations: int | None = None
+    num_demonstrations: Positive[int] | None = None
     """use only the first N demonstrations (default: all)"""
-    num_preferences: int | None = None
+    num_preferences: Positive[int] | None = None
     """use only the first N preference pairs (default: all); AIHF's claim is about few preferences"""
-    max_prompt_length: int = 32
+    max_prompt_length: Positive[int] = 32
     """prompts longer than this keep their last tokens (TL;DR: 512)"""
-    max_completion_length: int = 16
+    max_completion_length: Positive[int] = 16
     """demonstration / chosen / rejected completions (with EOS) longer than this are cut (TL;DR: 53 / 169)"""
-    max_new_tokens: int = 8
+    max_new_tokens: Positive[int] = 8
     """length of generated completions (TL;DR: 53)"""
-    eval_prompts: int = 500
+    eval_prompts: Positive[int] = 500
     """test prompts of --dataset used at each evaluation (greedy decoding)"""
-    eval_every: int = 50
-    """evaluate every this many updates (and before the first and after the last)"""
+    eval_every: NonNegative[int] = 50
+    """evaluate every this many updates, before the first and after the last (0: only those)"""
 
     # algorithm
-    w_pref: float = 1.0
+    w_pref: NonNegative[float] = 1.0
     """w_pref: weight of the preference term, a mean over preference pairs (docs/aihf.md (A8); paper: not available)"""
-    w_demo: float = 1.0
+    w_demo: NonNegative[float] = 1.0
     """w_demo: weight of the demonstration term, a mean over demonstrations (docs/aihf.md (A8); paper: not available)"""
-    beta: float = 0.1
+    beta: Positive[float] = 0.1
     """KL strength of the implicit reward beta*log(pi/pi_ref), as DPO's beta, not PPO's --kl-coef (IRFT, TRL: 0.1)"""
     self_play: bool = False
     """Self-Play AIHF: y_gen re-sampled from the current iterate each round, the previous iterate as reference"""
-    rounds: int = 3
+    rounds: Positive[int] = 3
     """--self-play: number of rounds (SPIN iterations); the updates are split evenly between them"""
     pref_reference: Literal["previous", "sft"] = "previous"
     """--self-play: reference of the preference term, the previous iterate or the SFT model (paper: not specified)"""
-    temperature: float = 1.0
+    temperature: Positive[float] = 1.0
     """sampling temperature tau_s of y_gen; log-probs are scored at 1, as DPO's"""
-    no_eos_score: float = -1.0
+    no_eos_score: Finite[float] = -1.0
     """eval score of a completion without EOS, in place of the reward model's (N+: -1)"""
 
     # optimization and batch sizes
-    lr: float = 1e-4
+    lr: NonNegative[float] = 1e-4
     """AdamW learning rate of the policy, decayed linearly to 0 (IRFT: 5e-7; TRL DPO: 1e-6)"""
-    max_steps: int = 100
+    max_steps: Positive[int] = 100
     """updates: policy optimizer steps, each on one preference batch and one demonstration batch"""
-    batch_size: int = 64
+    batch_size: Positive[int] = 64
     """preference pairs per update, over all processes"""
-    demo_batch_size: int = 32
+    demo_batch_size: Positive[int] = 32
     """demonstrations per update, each with one generated completion; a per-source mean, so it sets noise, not weight"""
+    micro_batch_size: Positive[int] | None = None
+    """pairs per forward/backward on each process; gradients accumulate up to the update's batches (default: all)"""
 
 
 class Draws:
@@ -248,21 +251,14 @@ def aihf_dpo_loss(pref_logps, demo_logps, beta, w_pref, w_demo):
     return loss, stats
 
 
-def check_args(args):
-    if not (args.w_pref or args.w_demo):
-        raise training.UserError("--w-pref and --w-demo are both 0: nothing to learn from")
-    positive = ("beta", "temperature", "max_steps", "rounds", "max_prompt_length", "max_completion_length")
-    positive += ("max_new_tokens", "num_demonstrations", "num_preferences")
-    training.check_ranges(args, positive, non_negative=("lr", "w_pref", "w_demo", "save_every"))
-
-
 def evaluate(run, update, policy, tokenizer, test, args, ref_policy, reward_model):
     return run.log_eval(update, *common.evaluate(policy, tokenizer, test, args, ref_policy, reward_model))
 
 
 def main(args: Args):
     args = toy.tier_args(args)  # --dataset toy-long: the tier's models and lengths
-    check_args(args)
+    if not (args.w_pref or args.w_demo):
+        raise training.UserError("--w-pref and --w-demo are both 0: nothing to learn from")
     accelerator = common.setup(args)
     if args.self_play and common.zero_stage() == 3:
         raise training.UserError("--self-play copies the policy into its opponent: ZeRO-3 shards it; use ZeRO-2")
@@ -286,7 +282,8 @@ def main(args: Args):
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / total)  # linear to 0
-    policy, optimizer = common.prepare(accelerator, policy, optimizer, micro_batch_size=2 * max(per_pref, per_demo))
+    micro = args.micro_batch_size or max(per_pref, per_demo)  # pairs: 2 sequences each
+    policy, optimizer = common.prepare(accelerator, policy, optimizer, micro_batch_size=2 * micro)
     unwrapped = accelerator.unwrap_model(policy)
     run = training.Run(args, accelerator, total)
     # Self-Play AIHF: each round's frozen opponent and reference is the iterate the previous round ended at
@@ -312,16 +309,22 @@ def main(args: Args):
             with training.timer(times, "time/generation"):
                 round_rows, metrics = sample_round(opp, demos.take(steps_per_round * per_demo), tokenizer, args, device)
         with training.timer(times, "time/update"):
-            pref_logps = demo_logps = None
-            if args.w_pref:  # 3. a preference batch: y_w against y_l, docs/aihf.md (A6)
-                pref_logps = preference_logps(policy, pref_ref, prefs.take(per_pref), pad_id, device)
-            if args.w_demo:  # 4. a demonstration batch: y_E against its y_gen, docs/aihf.md (A7)
-                rows = round_rows[j * per_demo : (j + 1) * per_demo]
-                demo_logps = demonstration_logps(policy, rows, pad_id, device)
+            # 3. y_w against y_l, docs/aihf.md (A6), 4. y_E against its y_gen, (A7): micro-batches of one source each
+            demo_batch = (round_rows or [])[j * per_demo : (j + 1) * per_demo]  # none at w_demo = 0
+            batches = [(prefs.take(per_pref * bool(args.w_pref)), args.w_pref, 0.0), (demo_batch, 0.0, args.w_demo)]
+            jobs = [(b[i : i + micro], wp, wd) for b, wp, wd in batches for i in range(0, len(b), micro)]
+            loss, stats = 0.0, {"w_pref": args.w_pref, "w_demo": args.w_demo}
+            for i, (rows, w_pref, w_demo) in enumerate(jobs):
+                with common.accumulate(accelerator, policy, last=i == len(jobs) - 1):
+                    pref = preference_logps(policy, pref_ref, rows, pad_id, device) if w_pref else None
+                    demo = demonstration_logps(policy, rows, pad_id, device) if w_demo else None
+                    mb_loss, mb_stats = aihf_dpo_loss(pref, demo, args.beta, w_pref, w_demo)
+                    run.check_finite(update, loss=mb_loss)  # lower --lr
+                    share = len(rows) / (per_pref if w_pref else per_demo)  # per-source means over whole batches, (A8)
+                    accelerator.backward(mb_loss * share)
+                loss += mb_loss.detach() * share
+                stats.update({k: stats.get(k, 0.0) + v * share for k, v in mb_stats.items() if not k.startswith("w_")})
             # 5. one AdamW step on L = w_pref * L_pref + w_demo * L_demo, docs/aihf.md (A8); (A10) in self-play
-            loss, stats = aihf_dpo_loss(pref_logps, demo_logps, args.beta, args.w_pref, args.w_demo)
-            run.check_finite(update, loss=loss)  # lower --lr
-            accelerator.backward(loss)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
@@ -329,7 +332,7 @@ def main(args: Args):
         metrics.update({"loss": loss.detach(), **stats, "round": rnd, "lr": scheduler.get_last_lr()[0], **times})
         metrics["time/samples_per_second"] = sequences / times["time/update"]
         run.log(metrics, update, show=("loss/pref", "loss/demo"))
-        if update % args.eval_every == 0 and update < total:
+        if args.eval_every and update % args.eval_every == 0 and update < total:
             evaluate(run, update, unwrapped, tokenizer, test, args, ref_policy, reward_model)
         drawn = {"demos": demos.drawn, "prefs": prefs.drawn}
         run.step_done(update, {"initial": initial, "drawn": drawn, "round_rows": round_rows})

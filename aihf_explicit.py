@@ -28,6 +28,7 @@ import common
 import data
 import toy
 import training
+from training import Finite, NonNegative, Positive, Range
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -37,7 +38,7 @@ class Args:
     # common
     exp_name: str = "aihf_explicit"
     """name of the experiment (prefix of the run directory)"""
-    seed: int = 1
+    seed: NonNegative[int] = 1
     """random seed"""
     output_dir: str = "runs"
     """parent directory of the run directory"""
@@ -47,7 +48,7 @@ class Args:
     """log to Weights & Biases"""
     wandb_project: str = "rlhf"
     """wandb project name"""
-    save_every: int = 0
+    save_every: NonNegative[int] = 0
     """write a checkpoint to <run>/checkpoint every this many updates (0: only on Ctrl-C / SIGTERM)"""
     resume: str | None = None
     """continue the run in this directory (runs/<run>) from its checkpoint, with its saved arguments"""
@@ -61,9 +62,9 @@ class Args:
     """r_phi starts from it (unless --reward-init); a frozen copy gives the eval score (`toy-rm`: toy dataset only)"""
     reward_init: str | None = None
     """start r_phi from this instead (a causal LM such as `toy-sft` gets a fresh scalar head)"""
-    lora_r: int = 0
+    lora_r: NonNegative[int] = 0
     """LoRA rank of the policy's adapters (peft; 0 = full fine-tuning); pi_ref is then the adapter-disabled policy"""
-    lora_alpha: float = 16.0
+    lora_alpha: Positive[float] = 16.0
     """LoRA alpha: the adapters' scale is alpha / r (DR-PO and REBEL TL;DR: r 1024, alpha 2048)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass of trained models: less memory, more compute"""
@@ -73,54 +74,56 @@ class Args:
     """demonstrations, prompt/completion (the SFT data): `toy`, a Hub id (trl-lib/tldr), a save_to_disk dir or a file"""
     preference_dataset: str = "toy"
     """preference pairs, prompt/chosen/rejected: `toy`, a Hub id (trl-lib/tldr-preference), save_to_disk dir or file"""
-    num_demonstrations: int | None = None
+    num_demonstrations: Positive[int] | None = None
     """use only the first N demonstrations (default: all)"""
-    num_preferences: int | None = None
+    num_preferences: Positive[int] | None = None
     """use only the first N preference pairs (default: all); AIHF's claim is about few preferences"""
-    max_prompt_length: int = 32
+    max_prompt_length: Positive[int] = 32
     """prompts longer than this keep their last tokens (TL;DR: 512)"""
-    max_completion_length: int = 16
+    max_completion_length: Positive[int] = 16
     """demonstration / chosen / rejected completions (with EOS) longer than this are cut (TL;DR: 53 / 169)"""
-    max_new_tokens: int = 8
+    max_new_tokens: Positive[int] = 8
     """length of generated completions (TL;DR: 53)"""
-    eval_prompts: int = 500
+    eval_prompts: Positive[int] = 500
     """test prompts of --dataset used at each evaluation (greedy decoding)"""
-    eval_every: int = 50
-    """evaluate every this many updates (and before the first and after the last)"""
+    eval_every: NonNegative[int] = 50
+    """evaluate every this many updates, before the first and after the last (0: only those)"""
 
     # algorithm
-    w_pref: float = 1.0
+    w_pref: NonNegative[float] = 1.0
     """w_pref: weight of the preference term of r_phi's loss, docs/aihf.md (A13) (paper: not available)"""
-    w_demo: float = 1.0
+    w_demo: NonNegative[float] = 1.0
     """w_demo: weight of the demonstration term of r_phi's loss, 1/beta folded in, docs/aihf.md (A13)"""
-    temperature: float = 1.0
+    temperature: Positive[float] = 1.0
     """sampling temperature tau_s of the policy's samples, and of their log-probs"""
-    kl_coef: float = 0.05
+    kl_coef: NonNegative[float] = 0.05
     """beta_KL of the policy reward s(x, y) - beta_KL * sum_t log(pi/pi_ref), docs/aihf.md (A15) (N+: 0.05)"""
-    rloo_k: int = 4
+    rloo_k: Range(2)[int] = 4
     """samples per prompt in a policy update (k >= 2, leave-one-out baseline)"""
-    no_eos_score: float = -1.0
+    no_eos_score: Finite[float] = -1.0
     """score of a completion without EOS in the policy reward and the eval score, in place of the model's (N+: -1)"""
-    policy_steps: int = 4
+    policy_steps: Positive[int] = 4
     """K_pol, policy updates between two reward phases, docs/aihf.md (A18) (paper: not available)"""
-    reward_steps: int = 1
+    reward_steps: Positive[int] = 1
     """K_rew, r_phi's steps per reward phase, docs/aihf.md (A18) (paper: not available)"""
-    reward_lr: float = 2e-5
+    reward_lr: NonNegative[float] = 2e-5
     """AdamW learning rate of r_phi, kept small (the demonstration term is linear, unbounded)"""
-    center_demos: int = 128
+    center_demos: Positive[int] = 128
     """demonstrations whose mean score is re-centred to 0 after each reward phase, docs/aihf.md (A14)"""
 
     # optimization and batch sizes
-    lr: float = 1e-4
+    lr: NonNegative[float] = 1e-4
     """AdamW learning rate of the policy, decayed linearly to 0"""
-    max_steps: int = 100
+    max_steps: Positive[int] = 100
     """updates: one policy optimizer step each (and a reward phase every --policy-steps)"""
-    batch_size: int = 64
+    batch_size: Positive[int] = 64
     """preference pairs per reward step, over all processes"""
-    demo_batch_size: int = 32
+    demo_batch_size: Positive[int] = 32
     """demonstrations per reward step, each with one fresh policy sample, over all processes"""
-    rollout_prompts: int = 16
+    rollout_prompts: Positive[int] = 16
     """prompts per policy update, rloo_k samples each, over all processes"""
+    micro_batch_size: Positive[int] | None = None
+    """prompts per forward/backward on each process; gradients accumulate up to the whole batches (default: all)"""
 
 
 class Draws:
@@ -187,21 +190,19 @@ def reward_loss(chosen, rejected, demo, policy, w_pref, w_demo):
     return loss, stats
 
 
-def reward_phase_loss(reward_model, policy, tokenizer, pairs, rows, args):
-    """docs/aihf.md (A13) on a preference batch and on demonstrations against FRESH samples of the policy for the same
-    prompts (drawn only when w_demo > 0: with w_demo = 0 no policy sample reaches r_phi)."""
-    chosen = rejected = demo = fresh = None
-    pad_id, device = tokenizer.pad_token_id, policy.device
-    if args.w_pref:
-        batch = collate(pairs, "chosen", "rejected", pad_id, device)
-        chosen, rejected = common.reward_scores(reward_model, *batch, pad_id).chunk(2)
-    if args.w_demo:
-        prompt = data.pad([r["prompt"] for r in rows], pad_id, "left").to(device)
-        completion, _ = common.generate(policy, prompt, tokenizer, args.max_new_tokens, args.temperature)
-        rows = [dict(r, gen=c[c != pad_id].tolist()) for r, c in zip(rows, completion.cpu())]
-        batch = collate(rows, "demo", "gen", pad_id, device)
-        demo, fresh = common.reward_scores(reward_model, *batch, pad_id).chunk(2)
-    return reward_loss(chosen, rejected, demo, fresh, args.w_pref, args.w_demo)
+def sample(policy, tokenizer, rows, k, args):
+    """k samples y ~ pi_theta at tau_s of each row's prompt, [all first; all second; ...], cut after EOS, and has_eos;
+    with the prompts, each once (common.completion_logprobs shares a prompt's forward with its k samples)."""
+    prompt = data.pad([r["prompt"] for r in rows], tokenizer.pad_token_id, "left").to(policy.device)
+    return prompt, *common.generate(policy, prompt.repeat(k, 1), tokenizer, args.max_new_tokens, args.temperature)
+
+
+def reward_phase_loss(reward_model, rows, pref: bool, args, pad_id, device):
+    """docs/aihf.md (A13) on a micro-batch of one source: preference pairs (`pref`), or demonstrations against fresh
+    policy samples "gen", drawn for the whole batch (only when w_demo > 0: with w_demo = 0 none reaches r_phi)."""
+    first, second = ("chosen", "rejected") if pref else ("demo", "gen")
+    a, b = common.reward_scores(reward_model, *collate(rows, first, second, pad_id, device), pad_id).chunk(2)
+    return reward_loss(a, b, None, None, args.w_pref, 0.0) if pref else reward_loss(None, None, a, b, 0.0, args.w_demo)
 
 
 @torch.no_grad()
@@ -222,7 +223,8 @@ def prepare_reward_model(args, tokenizer, pairs_per_step):
     """r_phi, trained, from --reward-init, else --reward-model, with its AdamW, prepared by an Accelerator of its own
     (DeepSpeed trains one model per Accelerator; same processes). It must read the policy's tokens."""
     name = args.reward_init or args.reward_model
-    reward_model = common.trainable(common.load_model(name, "reward", tokenizer=tokenizer), args)
+    new_head = args.reward_init is not None  # --reward-init: a causal LM gets a fresh head on purpose
+    reward_model = common.trainable(common.load_model(name, "reward", tokenizer=tokenizer, new_head=new_head), args)
     if getattr(reward_model, "retokenize", None) is not None:
         raise training.UserError(f"{name} has its own tokenizer: r_phi is trained on the policy's tokens, use its own")
     reward_optimizer = torch.optim.AdamW(reward_model.parameters(), lr=args.reward_lr, eps=1e-5)
@@ -232,16 +234,10 @@ def prepare_reward_model(args, tokenizer, pairs_per_step):
 
 
 def check_args(args, eval_reward_model):
-    if args.rloo_k < 2 or min(args.policy_steps, args.reward_steps) < 1:
-        raise training.UserError("--rloo-k must be >= 2, --policy-steps and --reward-steps >= 1")
     if (args.reward_init or eval_reward_model) is None:
         raise training.UserError("--reward-model or --reward-init is needed: the starting point of r_phi")
     if not (args.w_pref or args.w_demo):
         raise training.UserError("--w-pref and --w-demo are both 0: nothing to learn from")
-    positive = ("temperature", "max_steps", "max_prompt_length", "max_completion_length", "max_new_tokens")
-    positive += ("num_demonstrations", "num_preferences")
-    non_negative = ("lr", "w_pref", "w_demo", "kl_coef", "reward_lr", "center_demos", "save_every")
-    training.check_ranges(args, positive, non_negative)
 
 
 def evaluate(run, update, policy, tokenizer, test, args, ref_policy, reward_model):
@@ -272,8 +268,10 @@ def main(args: Args):
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / total)  # linear to 0
-    policy, optimizer = common.prepare(accelerator, policy, optimizer, micro_batch_size=2 * max(per_pref, per_demo))
-    reward_accelerator, reward_model, reward_optimizer = prepare_reward_model(args, tokenizer, max(per_pref, per_demo))
+    # prompts per forward/backward: with their rloo_k samples in a policy update, their pair in a reward step
+    micro_pol, micro_rew = (min(args.micro_batch_size or n, n) for n in (per_prompts, max(per_pref, per_demo)))
+    policy, optimizer = common.prepare(accelerator, policy, optimizer, micro_batch_size=args.rloo_k * micro_pol)
+    reward_accelerator, reward_model, reward_optimizer = prepare_reward_model(args, tokenizer, micro_rew)
     unwrapped, r_phi = accelerator.unwrap_model(policy), reward_accelerator.unwrap_model(reward_model)
     run = training.Run(args, accelerator, total)
     state = run.resume(reward_accelerator, scheduler=scheduler)
@@ -292,27 +290,31 @@ def main(args: Args):
         # 1. policy phase, docs/aihf.md (A15): k samples y_1..y_k ~ pi_theta at tau_s of each of the update's prompts
         with training.timer(times, "time/generation"), torch.no_grad():
             rows = demos.take(per_prompts)
-            prompt = data.pad([r["prompt"] for r in rows] * args.rloo_k, pad_id, "left").to(device)
-            completion, has_eos = common.generate(unwrapped, prompt, tokenizer, args.max_new_tokens, args.temperature)
-        unique = prompt[: len(rows)]  # each prompt once: its forward is shared by its k samples
+            unique, completion, has_eos = sample(unwrapped, tokenizer, rows, args.rloo_k, args)
         # 2. score: s(x, y) of r_phi at EOS (--no-eos-score without), and log pi_ref(y|x) at tau_s
         with training.timer(times, "time/scoring"), torch.no_grad():
             ref_logps = common.completion_logprobs(ref_policy, unique, completion, pad_id, args.temperature).sum(1)
             scores = common.reward_scores(r_phi, unique, completion, pad_id, has_eos, args.no_eos_score)
             run.check_finite(update, reward=scores)
-        # 3. one RLOO step, docs/aihf.md (A15)-(A17)
+        # 3. one RLOO step, docs/aihf.md (A15)-(A17), in micro-batches of whole prompts: a baseline is a prompt's own
+        xs, parts = torch.arange(len(rows), device=device).split(micro_pol), []
+        for i, x in enumerate(xs):  # prompts x and their k samples y: sample j of prompt i at row j * n + i
+            y = (x + len(rows) * torch.arange(args.rloo_k, device=device)[:, None]).flatten()
+            with training.timer(times, "time/update"), common.accumulate(accelerator, policy, last=i == len(xs) - 1):
+                logps = common.completion_logprobs(policy, unique[x], completion[y], pad_id, args.temperature).sum(1)
+                kl = logps.detach() - ref_logps[y]  # on-policy: log pi_theta is also the sampler's log-prob
+                rewards = scores[y] - args.kl_coef * kl  # docs/aihf.md (A15): R = s(x, y) - beta_KL * log(pi/pi_ref)
+                advantages = rloo_advantages(rewards.view(args.rloo_k, -1)).flatten()  # docs/aihf.md (A16)
+                policy_loss = -(advantages * logps).mean()  # docs/aihf.md (A17): REINFORCE, leave-one-out baseline
+                run.check_finite(update, loss=policy_loss)
+                accelerator.backward(policy_loss * len(x) / len(rows))  # the mean over all the update's samples
+            parts.append((logps.detach(), kl, rewards, policy_loss.detach().expand(len(y))))  # loss per sample
         with training.timer(times, "time/update"):
-            logps = common.completion_logprobs(policy, unique, completion, pad_id, args.temperature).sum(1)
-            kl = logps.detach() - ref_logps  # on-policy: log pi_theta is also the sampler's log-prob
-            rewards = scores - args.kl_coef * kl  # docs/aihf.md (A15): R = s(x, y) - beta_KL * log(pi/pi_ref)
-            advantages = rloo_advantages(rewards.view(args.rloo_k, -1)).flatten()  # docs/aihf.md (A16)
-            policy_loss = -(advantages * logps).mean()  # docs/aihf.md (A17): REINFORCE, leave-one-out baseline
-            run.check_finite(update, loss=policy_loss)
-            accelerator.backward(policy_loss)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-        metrics = {"objective/scores": scores.mean(), "objective/kl": kl.mean(), "loss/policy": policy_loss.detach()}
+        logps, kl, rewards, policy_loss = (torch.cat(x) for x in zip(*parts))
+        metrics = {"objective/scores": scores.mean(), "objective/kl": kl.mean(), "loss/policy": policy_loss.mean()}
         metrics.update({"objective/rlhf_reward": rewards.mean(), "objective/entropy": -logps.detach().mean()})
         length = (completion != pad_id).sum(1).float().mean()
         metrics.update({"objective/eos_rate": has_eos.float().mean(), "objective/length": length})
@@ -323,18 +325,26 @@ def main(args: Args):
             with training.timer(times, "time/reward"):
                 for _ in range(args.reward_steps):
                     pairs, rows = prefs.take(per_pref * bool(args.w_pref)), demos.take(per_demo * bool(args.w_demo))
-                    loss, stats = reward_phase_loss(reward_model, unwrapped, tokenizer, pairs, rows, args)
-                    run.check_finite(update, reward_loss=loss)
-                    reward_accelerator.backward(loss)
+                    if args.w_demo:  # FRESH samples y_pi for the same prompts, all before the first micro-batch
+                        fresh = sample(unwrapped, tokenizer, rows, 1, args)[1].cpu()
+                        rows = [dict(r, gen=c[c != pad_id].tolist()) for r, c in zip(rows, fresh)]
+                    jobs, stats = [(b, i) for b in (pairs, rows) for i in range(0, len(b), micro_rew)], {}
+                    for n, (b, i) in enumerate(jobs):  # micro-batches of one source each
+                        mb, share = b[i : i + micro_rew], min(micro_rew, len(b) - i) / len(b)
+                        with common.accumulate(reward_accelerator, reward_model, last=n == len(jobs) - 1):
+                            loss, part = reward_phase_loss(reward_model, mb, b is pairs, args, pad_id, device)
+                            run.check_finite(update, reward_loss=loss)
+                            reward_accelerator.backward(loss * share)  # a source's mean over its whole batch, (A13)
+                        stats.update({k: stats.get(k, 0.0) + v * share for k, v in part.items()})
                     reward_optimizer.step()
                     reward_optimizer.zero_grad()
-                    metrics.update(stats)
+                    metrics.update({**stats, "w_pref": args.w_pref, "w_demo": args.w_demo})
                 recentre(r_phi, demo_rows[: args.center_demos], pad_id, device)
             metrics["rm/bias"] = r_phi.config.reward_bias
         metrics.update({"lr": scheduler.get_last_lr()[0], **times})
         metrics["time/samples_per_second"] = len(completion) / sum(times.values())
         run.log(metrics, update, show=("objective/scores", "objective/kl"))
-        if update % args.eval_every == 0 and update < total:
+        if args.eval_every and update % args.eval_every == 0 and update < total:
             evaluate(run, update, unwrapped, tokenizer, test, args, ref_policy, eval_reward_model)
         drawn = {"demos": demos.drawn, "prefs": prefs.drawn}
         bias = getattr(r_phi.config, "reward_bias", None)

@@ -222,54 +222,6 @@ def test_reward_normalization_centers_the_references(reward_run):
 # ---------------------------------------------------------------------------------------------
 
 
-def same_weights_and_last_loss(tmp_path):
-    from safetensors.torch import load_file
-
-    a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("whole", "micro"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    last = [[r for r in read_jsonl(tmp_path / n / "metrics.jsonl") if "loss" in r][-1] for n in ("whole", "micro")]
-    assert last[0]["loss"] == pytest.approx(last[1]["loss"], abs=1e-5)
-    return last
-
-
-def test_sft_micro_batches_accumulate_to_the_full_batch_step(tmp_path):
-    """--micro-batch-size 3 over a batch of 8 examples (3 + 3 + 2, of different completion lengths) takes the
-    step that 8 at once takes: each micro-batch's loss is its token sum over the whole batch's token count
-    (the mean of the micro-batch means would weight a token of a short micro-batch more)."""
-    for name, micro in (("whole", None), ("micro", 3)):
-        sft.main(
-            sft.Args(
-                model="toy-tiny",
-                output_dir=str(tmp_path),
-                run_name=name,
-                micro_batch_size=micro,
-                max_steps=2,
-                batch_size=8,
-                eval_prompts=4,
-                lr=1e-3,
-            )
-        )
-    same_weights_and_last_loss(tmp_path)
-
-
-def test_reward_micro_batches_accumulate_to_the_full_batch_step(toy_cache, tmp_path):
-    for name, micro in (("whole", None), ("micro", 3)):
-        reward.main(
-            reward.Args(
-                output_dir=str(tmp_path),
-                run_name=name,
-                micro_batch_size=micro,
-                max_steps=2,
-                batch_size=8,
-                eval_pairs=8,
-                lr=1e-3,
-            )
-        )
-    last = same_weights_and_last_loss(tmp_path)
-    assert last[0]["scores/margin"] == pytest.approx(last[1]["scores/margin"], abs=1e-5)
-
-
 def test_reward_micro_batches_keep_chosen_and_rejected_together():
     rows = [{"prompt": [3, i], "chosen": [5, 1], "rejected": [6, 7, 1]} for i in range(5)]
     parts = list(reward.micro_batches(*reward.collate(rows, pad_id=45), 2))
