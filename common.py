@@ -38,6 +38,7 @@ def setup(args) -> Accelerator:
     `torchrun`; a seed per process. The precision is accelerate's: `accelerate launch --mixed_precision`, its config
     file or ACCELERATE_MIXED_PRECISION (bf16 works on CPU too), else bf16 autocast on a GPU that has bf16 (weights
     stay fp32) and fp32 elsewhere. `autocast()` applies it to every forward, from sampling to evaluation."""
+    training.check_args(args)  # every numeric flag in the range its type declares, before anything uses it
     training.TRUST_REMOTE_CODE = getattr(args, "trust_remote_code", False)  # read by every from_pretrained
     cuda = torch.cuda.is_available()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"  # set by accelerate launch
@@ -108,8 +109,9 @@ def accumulate(accelerator: Accelerator, model, last: bool):
 # ---- models and tokenizers ----
 
 
-def load_model(name: str, kind: str = "causal", dtype=torch.float32, tokenizer=None, frozen=False):
-    """A causal LM or a 1-label sequence classifier ("reward"; a new head gets std 1/sqrt(H+1), N+), dropout off;
+def load_model(name: str, kind: str = "causal", dtype=torch.float32, tokenizer=None, frozen=False, new_head=False):
+    """A causal LM or a 1-label sequence classifier ("reward"; `new_head`: a fresh head, std 1/sqrt(H+1), N+; without
+    it a checkpoint with no head is an error, not a random reward), dropout off;
     `toy` / `toy-long` / `toy-tiny`: a fresh ~1M / ~1M / ~0.1M-parameter Llama. `frozen` (reference, reward model):
     bf16 weights in a bf16 run, eval, no gradients, not sharded. A reward model with its own tokenizer scores
     re-tokenized text."""
@@ -134,6 +136,10 @@ def load_model(name: str, kind: str = "causal", dtype=torch.float32, tokenizer=N
         model, info = data.from_pretrained(cls, toy.resolve_model(name), dtype=dtype, output_loading_info=True, **extra)
         missing = info["missing_keys"]
     if kind == "reward" and any(k.startswith("score.") for k in missing):  # a fresh head: N+'s init
+        if not new_head:
+            raise UserError(
+                f"{name} has no score head: it looks like a policy, not a reward model (reward.py makes one)"
+            )
         with gathered_weights(model.score, modifier_rank=0):  # ZeRO-3 loads it sharded
             torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
     for module in model.modules():

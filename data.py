@@ -16,6 +16,7 @@ import training
 from training import UserError
 
 HH_ASSISTANT = "\n\nAssistant:"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 PAD_TOKEN = "<|pad|>"  # the pad load_tokenizer adds, and the toy tokenizer's: the same id at every stage
 
 
@@ -28,7 +29,13 @@ def load_tokenizer(name: str):
         tokenizer = toy.make_tokenizer(tier=tier)
         tokenizer.without_added_pad = toy.make_tokenizer(pad=False, tier=tier)
         return tokenizer
-    tokenizer = from_pretrained(AutoTokenizer, toy.resolve_model(name))
+    path = toy.resolve_model(name)
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise UserError(
+            f"{name} has a model but no tokenizer: save the tokenizer it was trained with into it "
+            f"(AutoTokenizer.from_pretrained(BASE).save_pretrained({path!r}))"
+        )
+    tokenizer = from_pretrained(AutoTokenizer, path)
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer of {name!r} has no EOS token; set one (tokenizer.eos_token) before training")
     tokenizer.padding_side = "left"

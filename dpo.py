@@ -35,7 +35,7 @@ import common
 import data
 import toy
 import training
-from training import UserError
+from training import Finite, NonNegative, Positive, Range, UserError
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -45,7 +45,7 @@ class Args:
     # common
     exp_name: str = "dpo"
     """name of the experiment (prefix of the run directory)"""
-    seed: int = 1
+    seed: NonNegative[int] = 1
     """random seed"""
     output_dir: str = "runs"
     """parent directory of the run directory"""
@@ -55,7 +55,7 @@ class Args:
     """log to Weights & Biases"""
     wandb_project: str = "rlhf"
     """wandb project name"""
-    save_every: int = 0
+    save_every: NonNegative[int] = 0
     """write a checkpoint to <run>/checkpoint every this many updates (0: only on Ctrl-C / SIGTERM)"""
     resume: str | None = None
     """continue the run in this directory (runs/<run>) from its checkpoint, with its saved arguments"""
@@ -70,10 +70,10 @@ class Args:
     reward_model: str | None = "toy-rm"
     """reward model scored at evaluation only (DPO never trains on it; another tokenizer than --model's is
     re-tokenized); `toy-rm` applies to the toy dataset only; None: no RM score"""
-    lora_r: int = 0
+    lora_r: NonNegative[int] = 0
     """LoRA rank of the policy's adapters (peft; 0 = full fine-tuning); without --ref-model the reference is then
     the adapter-disabled policy"""
-    lora_alpha: float = 16.0
+    lora_alpha: Positive[float] = 16.0
     """LoRA alpha: the adapters' scale is alpha / r (DR-PO and REBEL TL;DR: r 1024, alpha 2048)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass of trained models: less memory, more compute"""
@@ -82,27 +82,27 @@ class Args:
     dataset: str = "toy"
     """preference data with prompt/chosen/rejected columns: `toy`, a Hub id (trl-lib/tldr-preference), a
     save_to_disk dir or a file"""
-    max_prompt_length: int = 32
+    max_prompt_length: Positive[int] = 32
     """prompts longer than this keep their last tokens (TL;DR: 512)"""
-    max_completion_length: int = 16
+    max_completion_length: Positive[int] = 16
     """chosen/rejected completions (with EOS) longer than this are cut (TL;DR preferences: 169)"""
-    max_new_tokens: int = 8
+    max_new_tokens: Positive[int] = 8
     """tokens generated at evaluation (TL;DR: 53)"""
-    eval_prompts: int = 500
+    eval_prompts: Positive[int] = 500
     """test prompts generated from at each evaluation (toy: the SFT test split, whose reference summaries the
     win rate compares with; else the preference test split)"""
-    num_preferences: int | None = None
+    num_preferences: Positive[int] | None = None
     """use only the first N training pairs (default: all)"""
-    eval_pairs: int = 1000
+    eval_pairs: Positive[int] = 1000
     """held-out preference pairs for the implicit-reward accuracy"""
-    no_eos_score: float = -1.0
+    no_eos_score: Finite[float] = -1.0
     """RM score of an evaluation completion without EOS (N+: -1); training never reads the reward model"""
 
     # algorithm
-    beta: float = 0.1
+    beta: Positive[float] = 0.1
     """beta, the KL strength of the implicit reward beta*log(pi/pi_ref), not PPO's --kl-coef (N+ and DR-PO TL;DR:
     0.05; TRL: 0.1)"""
-    label_smoothing: float = 0.0
+    label_smoothing: Range(0, 0.5, open_high=True)[float] = 0.0
     """eps, the assumed share of flipped labels (conservative DPO); 0 = plain DPO"""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     """`sigmoid` (DPO Eq. 7) or `ipo` (Azar et al. 2023 Eq. 17, on summed log-probs)"""
@@ -110,17 +110,17 @@ class Args:
     """compute log pi_ref of every training pair once before training (saves a forward per step)"""
 
     # optimization
-    lr: float = 1e-4
+    lr: NonNegative[float] = 1e-4
     """AdamW learning rate, decayed linearly to 0 (N+ / DR-PO TL;DR: 3e-6 with cosine decay; TRL: 1e-6)"""
-    epochs: int = 1
+    epochs: Positive[int] = 1
     """passes over the preference data (TL;DR: 1)"""
-    batch_size: int = 64
+    batch_size: Positive[int] = 64
     """pairs per optimizer step, over all processes (TL;DR: 64)"""
-    micro_batch_size: int | None = None
+    micro_batch_size: Positive[int] | None = None
     """pairs per forward/backward on each process; gradients accumulate up to --batch-size (default: all at once)"""
-    eval_every: int = 50
-    """evaluate every this many updates (optimizer steps), and before the first and after the last"""
-    max_steps: int | None = None
+    eval_every: NonNegative[int] = 50
+    """evaluate every this many updates (optimizer steps); 0: only before the first and after the last"""
+    max_steps: Positive[int] | None = None
     """stop after this many updates (optimizer steps; default: --epochs passes over the data)"""
 
 
@@ -130,7 +130,7 @@ def dpo_loss(
     ref_chosen_logps,
     ref_rejected_logps,
     beta: float,
-    label_smoothing: float = 0.0,
+    label_smoothing: Range(0, 0.5, open_high=True)[float] = 0.0,
     loss_type: str = "sigmoid",
 ):
     """Per-pair DPO loss from summed completion log-probs, and the implicit rewards beta*l_theta(y) of the
@@ -218,14 +218,6 @@ def held_out_metrics(policy, ref_policy, rows, args, pad_id, device, batch_size=
 
 def main(args: Args):
     args = toy.tier_args(args)  # --dataset toy-long: the tier's models and lengths
-    training.check_ranges(
-        args,
-        positive=("beta", "epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens"),
-        non_negative=("lr", "save_every"),
-    )
-    training.check_ranges(args, positive=("max_steps", "num_preferences", "micro_batch_size"))
-    if not 0 <= args.label_smoothing < 0.5:
-        raise UserError(f"--label-smoothing {args.label_smoothing} must be in [0, 0.5): the share of flipped labels")
     accelerator = common.setup(args)
     device, is_toy = accelerator.device, args.dataset in toy.TIERS
     tokenizer = data.load_tokenizer(args.model)
@@ -334,7 +326,7 @@ def main(args: Args):
         if update % 10 == 0 or update == num_updates:
             metrics = pair_metrics(*(torch.cat(x) for x in zip(*parts)))
             run.log({**metrics, "lr": scheduler.get_last_lr()[0], **times}, update, show=("loss", "rewards/accuracies"))
-        if update % args.eval_every == 0 and update < num_updates:
+        if args.eval_every and update % args.eval_every == 0 and update < num_updates:
             evaluate(update)
         run.step_done(update, {"initial": initial, "position": position})
 

@@ -28,6 +28,7 @@ import common
 import data
 import toy
 import training
+from training import Finite, Fraction, NonNegative, Positive
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Args:
     # common
     exp_name: str = "drpo"
     """name of the experiment (prefix of the run directory)"""
-    seed: int = 1
+    seed: NonNegative[int] = 1
     """random seed"""
     output_dir: str = "runs"
     """parent directory of the run directory"""
@@ -45,7 +46,7 @@ class Args:
     """log to Weights & Biases"""
     wandb_project: str = "rlhf"
     """wandb project name"""
-    save_every: int = 0
+    save_every: NonNegative[int] = 0
     """write a checkpoint to <run>/checkpoint every this many updates (0: only on Ctrl-C / SIGTERM)"""
     resume: str | None = None
     """continue the run in this directory (runs/<run>) from its checkpoint, with its saved arguments"""
@@ -58,9 +59,9 @@ class Args:
     reward_model: str = "toy-rm"
     """reward model; the critic starts as a copy of it, head and bias included (`toy-rm`: the cached toy RM;
     `toy-gold`: the toy gold reward, and the critic toy-rm's network with its head at 0)"""
-    lora_r: int = 0
+    lora_r: NonNegative[int] = 0
     """LoRA rank of the policy's adapters (peft; 0: full fine-tuning); the reference is the adapter-disabled policy"""
-    lora_alpha: float = 16.0
+    lora_alpha: Positive[float] = 16.0
     """LoRA alpha: the adapters' scale is alpha / r (DR-PO and REBEL TL;DR: r 1024, alpha 2048)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass of trained models: less memory, more compute"""
@@ -68,33 +69,33 @@ class Args:
     # data
     dataset: str = "toy"
     """prompts with reference completions (`prompt`, `completion`: the SFT data): `toy`, a Hub id, a dir or a file"""
-    max_prompt_length: int = 32
+    max_prompt_length: Positive[int] = 32
     """prompts longer than this keep their last tokens (TL;DR: 512)"""
-    max_new_tokens: int = 8
+    max_new_tokens: Positive[int] = 8
     """completion length in tokens (TL;DR: 53)"""
-    eval_prompts: int = 500
+    eval_prompts: Positive[int] = 500
     """test prompts used at each evaluation (greedy decoding)"""
-    eval_every: int = 16
-    """evaluate every this many updates (and before the first and after the last)"""
+    eval_every: NonNegative[int] = 16
+    """evaluate every this many updates, before the first and after the last (0: only those)"""
 
     # algorithm
-    kl_coef: float = 0.05
+    kl_coef: NonNegative[float] = 0.05
     """beta_KL: per-token KL penalty coefficient (N+: 0.05)"""
-    temperature: float = 0.7
+    temperature: Positive[float] = 0.7
     """sampling temperature tau_s; every log-prob is computed from logits / tau_s (N+: 0.7)"""
-    no_eos_score: float = -1.0
+    no_eos_score: Finite[float] = -1.0
     """score that replaces the reward-model score of a completion without EOS (N+: -1)"""
-    gamma: float = 1.0
+    gamma: Fraction[float] = 1.0
     """GAE discount (N+: 1)"""
-    lam: float = 0.95
+    lam: Fraction[float] = 0.95
     """GAE lambda (N+: 0.95)"""
-    cliprange: float = 0.2
+    cliprange: Positive[float] = 0.2
     """policy ratio clip epsilon (N+: 0.2)"""
-    cliprange_value: float = 0.2
+    cliprange_value: Positive[float] = 0.2
     """value clip around the rollout values (N+: 0.2)"""
-    vf_coef: float = 0.1
+    vf_coef: NonNegative[float] = 0.1
     """value loss coefficient (N+: 0.1)"""
-    reset_prob: float = 1.0
+    reset_prob: Fraction[float] = 1.0
     """fraction of rollouts reset to a prefix of the reference completion (the paper's beta; paper: 1.0)"""
     reset_source: Literal["references", "chosen"] | None = None
     """reset to `--dataset`'s SFT references (default, as the official code) or its pairs' `chosen` (toy-long's)"""
@@ -102,17 +103,17 @@ class Args:
     """scale the per-token rewards to unit variance over the rollout, mean kept (N+: off; DR-PO's official code: on)"""
 
     # optimization and batch sizes
-    lr: float = 3e-5
+    lr: NonNegative[float] = 3e-5
     """AdamW learning rate for policy and critic, decayed linearly to 0 (N+ TL;DR: 3e-6)"""
-    total_episodes: int = 4096
+    total_episodes: Positive[int] = 4096
     """completions sampled over the whole run (N+: 1,000,000)"""
-    batch_size: int = 64
+    batch_size: Positive[int] = 64
     """prompts per rollout (one completion each), over all processes (N+: 512)"""
-    num_minibatches: int = 2
+    num_minibatches: Positive[int] = 2
     """optimizer steps per epoch over a rollout (N+: 1)"""
-    update_epochs: int = 4
+    update_epochs: Positive[int] = 4
     """epochs over each rollout (N+: 4)"""
-    micro_batch_size: int = 64
+    micro_batch_size: Positive[int] = 64
     """rows per forward/backward; gradients accumulate up to a minibatch"""
 
 
@@ -228,13 +229,10 @@ def main(args: Args):
     device, is_toy = accelerator.device, args.dataset in toy.TIERS
     per_process = args.batch_size // accelerator.num_processes
     num_updates = args.total_episodes // args.batch_size
-    positive = ("temperature", "max_new_tokens", "max_prompt_length", "update_epochs", "micro_batch_size", "cliprange")
-    non_negative, unit = ("lr", "kl_coef", "vf_coef", "save_every"), ("gamma", "lam", "reset_prob")
-    training.check_ranges(args, (*positive, "cliprange_value"), non_negative, unit)
-    if per_process == 0 or per_process % args.num_minibatches or num_updates == 0:
+    if args.batch_size % (accelerator.num_processes * args.num_minibatches) or num_updates == 0:
         raise training.UserError(
-            f"--batch-size {args.batch_size} must be a multiple of --num-minibatches {args.num_minibatches} "
-            f"(per process) and at most --total-episodes {args.total_episodes}"
+            f"--batch-size {args.batch_size} must be a multiple of {accelerator.num_processes} process(es) x "
+            f"--num-minibatches {args.num_minibatches} and at most --total-episodes {args.total_episodes}"
         )
     tokenizer = data.load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
@@ -353,7 +351,7 @@ def main(args: Args):
         if is_toy:  # the gold reward of the training samples: the smoothest learning curve on the toy task
             metrics["objective/gold"] = toy.gold_scores(prompt, completion, args.dataset).mean()
         run.log(metrics, update, show=("objective/scores", "objective/kl"))
-        if update % args.eval_every == 0 and update < num_updates:
+        if args.eval_every and update % args.eval_every == 0 and update < num_updates:
             evaluate(update)
         loop = {"initial": initial, "cursor": cursor, "order": order, "generator": generator.get_state()}
         loop["reset_generator"] = reset_generator.get_state()

@@ -26,6 +26,7 @@ import common
 import data
 import toy
 import training
+from training import Finite, NonNegative, Positive
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Args:
     # common
     exp_name: str = "rebel"
     """name of the experiment (prefix of the run directory)"""
-    seed: int = 1
+    seed: NonNegative[int] = 1
     """random seed"""
     output_dir: str = "runs"
     """parent directory of the run directory"""
@@ -43,7 +44,7 @@ class Args:
     """log to Weights & Biases"""
     wandb_project: str = "rlhf"
     """wandb project name"""
-    save_every: int = 0
+    save_every: NonNegative[int] = 0
     """write a checkpoint to <run>/checkpoint every this many updates (0: only on Ctrl-C / SIGTERM)"""
     resume: str | None = None
     """continue the run in this directory (runs/<run>) from its checkpoint, with its saved arguments"""
@@ -56,10 +57,10 @@ class Args:
     model)"""
     reward_model: str = "toy-rm"
     """reward model (`toy-rm` = the cached toy reward model; `toy-gold` = the toy task's gold reward, an oracle)"""
-    lora_r: int = 0
+    lora_r: NonNegative[int] = 0
     """LoRA rank of the policy's adapters (peft; 0 = full fine-tuning); the reference is then the adapter-disabled
     policy, not a second copy"""
-    lora_alpha: float = 16.0
+    lora_alpha: Positive[float] = 16.0
     """LoRA alpha: the adapters' scale is alpha / r (DR-PO and REBEL TL;DR: r 1024, alpha 2048)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass of trained models: less memory, more compute"""
@@ -68,40 +69,40 @@ class Args:
     dataset: str = "toy"
     """prompts (a `prompt` column): `toy`, a Hub id (trl-lib/tldr), a save_to_disk dir or a json/jsonl/parquet/csv
     file"""
-    max_prompt_length: int = 32
+    max_prompt_length: Positive[int] = 32
     """prompts longer than this keep their last tokens (TL;DR: 512)"""
-    max_new_tokens: int = 8
+    max_new_tokens: Positive[int] = 8
     """completion length in tokens (TL;DR: 53)"""
-    eval_prompts: int = 500
+    eval_prompts: Positive[int] = 500
     """test prompts used at each evaluation (greedy decoding)"""
-    eval_every: int = 16
-    """evaluate every this many updates (and before the first and after the last)"""
+    eval_every: NonNegative[int] = 16
+    """evaluate every this many updates, before the first and after the last (0: only those)"""
 
     # algorithm
-    eta: float = 1.0
+    eta: Positive[float] = 1.0
     """eta: REBEL step size; the regression target of a pair is eta * (R(y) - R(y')) (REBEL TL;DR: 1.0)"""
-    kl_coef: float = 0.05
+    kl_coef: NonNegative[float] = 0.05
     """beta_KL: R = score - kl_coef * sum_t log(pi_t / pi_ref) over the completion (REBEL TL;DR: 0.05)"""
-    temperature: float = 0.7
+    temperature: Positive[float] = 0.7
     """sampling temperature tau_s; every log-prob is computed from logits / tau_s (REBEL TL;DR: 0.7)"""
-    no_eos_score: float = -1.0
+    no_eos_score: Finite[float] = -1.0
     """score that replaces the reward-model score of a completion without EOS (REBEL TL;DR: -1, chat: -4)"""
-    reward_scale: float = 1.0
+    reward_scale: Positive[float] = 1.0
     """reward-model scores are multiplied by this before the missing-EOS rule and the KL penalty (REBEL chat: 0.001,
     its official code's scores / 1000); eta cannot stand in for it, since eta scales the KL term too"""
 
     # optimization and batch sizes
-    lr: float = 3e-5
+    lr: NonNegative[float] = 3e-5
     """AdamW learning rate, decayed linearly to 0 (REBEL TL;DR: 3e-6)"""
-    total_episodes: int = 2048
+    total_episodes: Positive[int] = 2048
     """prompts used over the whole run, two completions each (REBEL TL;DR: 1,000,000 = 1953 updates of 512)"""
-    batch_size: int = 32
+    batch_size: Positive[int] = 32
     """prompts per rollout (two completions each: 2x this many sequences), over all processes (REBEL TL;DR: 512)"""
-    num_minibatches: int = 2
+    num_minibatches: Positive[int] = 2
     """optimizer steps per epoch over a rollout (REBEL TL;DR: 1)"""
-    update_epochs: int = 4
+    update_epochs: Positive[int] = 4
     """epochs over each rollout: least-squares steps on the same pairs (REBEL TL;DR: 4)"""
-    micro_batch_size: int = 64
+    micro_batch_size: Positive[int] = 64
     """prompts (pairs: 2x this many rows) per forward/backward; gradients accumulate up to a minibatch"""
 
 
@@ -150,12 +151,10 @@ def main(args: Args):
     device, is_toy = accelerator.device, args.dataset in toy.TIERS
     per_process = args.batch_size // accelerator.num_processes
     num_updates = args.total_episodes // args.batch_size
-    positive = ("eta", "reward_scale", "temperature", "max_new_tokens", "max_prompt_length", "update_epochs")
-    training.check_ranges(args, positive=(*positive, "micro_batch_size"), non_negative=("lr", "kl_coef", "save_every"))
-    if per_process == 0 or per_process % args.num_minibatches or num_updates == 0:
+    if args.batch_size % (accelerator.num_processes * args.num_minibatches) or num_updates == 0:
         raise training.UserError(
-            f"--batch-size {args.batch_size} must be a multiple of --num-minibatches {args.num_minibatches} "
-            f"(per process) and at most --total-episodes {args.total_episodes}"
+            f"--batch-size {args.batch_size} must be a multiple of {accelerator.num_processes} process(es) x "
+            f"--num-minibatches {args.num_minibatches} and at most --total-episodes {args.total_episodes}"
         )
     tokenizer = data.load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
@@ -262,7 +261,7 @@ def main(args: Args):
         if is_toy:  # the gold reward of the training samples: the smoothest learning curve on the toy task
             metrics["objective/gold"] = toy.gold_scores(prompt, completion, args.dataset).mean()
         run.log(metrics, update, show=("objective/scores", "objective/kl"))
-        if update % args.eval_every == 0 and update < num_updates:
+        if args.eval_every and update % args.eval_every == 0 and update < num_updates:
             evaluate(update)
         run.step_done(
             update, {"initial": initial, "cursor": cursor, "order": order, "generator": generator.get_state()}

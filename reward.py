@@ -29,7 +29,7 @@ import common
 import data
 import toy
 import training
-from training import UserError
+from training import NonNegative, Positive, UserError
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Args:
     # common
     exp_name: str = "reward"
     """name of the experiment (prefix of the run directory)"""
-    seed: int = 1
+    seed: NonNegative[int] = 1
     """random seed"""
     output_dir: str = "runs"
     """parent directory of the run directory"""
@@ -47,7 +47,7 @@ class Args:
     """log to Weights & Biases"""
     wandb_project: str = "rlhf"
     """wandb project name"""
-    save_every: int = 0
+    save_every: NonNegative[int] = 0
     """write a checkpoint to <run>/checkpoint every this many updates (0: only on Ctrl-C / SIGTERM)"""
     resume: str | None = None
     """continue the run in this directory (runs/<run>) from its checkpoint, with its saved arguments"""
@@ -66,27 +66,27 @@ class Args:
     reference_dataset: str | None = "toy"
     """prompt/completion data whose completions score 0 on average after training (N+: the SFT train split);
     None: the chosen completions"""
-    max_prompt_length: int = 32
+    max_prompt_length: Positive[int] = 32
     """prompts longer than this keep their last tokens (TL;DR: 512)"""
-    max_completion_length: int = 16
+    max_completion_length: Positive[int] = 16
     """completions (with EOS) longer than this are cut (TL;DR preferences: 169)"""
-    num_preferences: int | None = None
+    num_preferences: Positive[int] | None = None
     """use only the first N training pairs (default: all)"""
-    eval_pairs: int = 1000
+    eval_pairs: Positive[int] = 1000
     """number of test pairs used for held-out accuracy"""
 
     # optimization
-    lr: float = 5e-4
+    lr: NonNegative[float] = 5e-4
     """AdamW learning rate, decayed linearly to 0 (TL;DR Pythia: 3e-6)"""
-    epochs: int = 1
+    epochs: Positive[int] = 1
     """passes over the preference data"""
-    batch_size: int = 64
+    batch_size: Positive[int] = 64
     """pairs per optimizer step, over all processes (TL;DR: 64)"""
-    micro_batch_size: int | None = None
+    micro_batch_size: Positive[int] | None = None
     """pairs per forward/backward on each process; gradients accumulate up to --batch-size (default: all at once)"""
-    eval_every: int = 50
-    """evaluate every this many updates (optimizer steps), and at the end"""
-    max_steps: int | None = None
+    eval_every: NonNegative[int] = 50
+    """evaluate every this many updates (optimizer steps); 0: only at the end"""
+    max_steps: Positive[int] | None = None
     """stop after this many updates (optimizer steps; default: --epochs passes over the data)"""
 
 
@@ -185,18 +185,12 @@ def sft_sample_agreement(model, pairs, pad_id, no_eos_score=-1.0):
 
 def main(args: Args):
     args = toy.tier_args(args, toy.LONG_RM_DEFAULTS)  # --dataset toy-long: the tier's models, lengths, evaluations
-    training.check_ranges(
-        args,
-        positive=("epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_steps", "num_preferences"),
-        non_negative=("lr", "save_every"),
-    )
-    training.check_ranges(args, positive=("micro_batch_size",))
     accelerator = common.setup(args)
     tokenizer = data.load_tokenizer(args.model)
     pad_id, device, is_toy = tokenizer.pad_token_id, accelerator.device, args.dataset in toy.TIERS
     # ---- Bradley-Terry reward model (N+), step 1: r_phi = the SFT backbone with a fresh scalar head,
     # std 1/sqrt(H+1), read at the EOS token ----
-    reward_model = common.trainable(common.load_model(args.model, kind="reward"), args)
+    reward_model = common.trainable(common.load_model(args.model, kind="reward", new_head=True), args)
 
     # ---- step 2: preference pairs (x, y_w, y_l) -> token ids, one prompt for both completions ----
     train = data.load_data(args.dataset, "train", ("prompt", "chosen", "rejected"))
@@ -279,7 +273,7 @@ def main(args: Args):
                 **times,
             }
             run.log(metrics, update, show=("loss", "accuracy"))
-        if update % args.eval_every == 0 and update < num_updates:
+        if args.eval_every and update % args.eval_every == 0 and update < num_updates:
             evaluate(update)
         run.step_done(update, {"position": position})
 

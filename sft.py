@@ -26,7 +26,7 @@ import common
 import data
 import toy
 import training
-from training import UserError
+from training import NonNegative, Positive, UserError
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Args:
     # common
     exp_name: str = "sft"
     """name of the experiment (prefix of the run directory)"""
-    seed: int = 1
+    seed: NonNegative[int] = 1
     """random seed"""
     output_dir: str = "runs"
     """parent directory of the run directory"""
@@ -44,7 +44,7 @@ class Args:
     """log to Weights & Biases"""
     wandb_project: str = "rlhf"
     """wandb project name"""
-    save_every: int = 0
+    save_every: NonNegative[int] = 0
     """write a checkpoint to <run>/checkpoint every this many updates (0: only on Ctrl-C / SIGTERM)"""
     resume: str | None = None
     """continue the run in this directory (runs/<run>) from its checkpoint, with its saved arguments"""
@@ -54,9 +54,9 @@ class Args:
     # model
     model: str = "toy"
     """model to fine-tune: Hub id or local directory; `toy` / `toy-tiny` = a fresh ~1M / ~0.1M-parameter Llama"""
-    lora_r: int = 0
+    lora_r: NonNegative[int] = 0
     """LoRA rank of the policy's adapters (peft; 0 = full fine-tuning); the saved model is merged"""
-    lora_alpha: float = 16.0
+    lora_alpha: Positive[float] = 16.0
     """LoRA alpha: the adapters' scale is alpha / r (DR-PO and REBEL TL;DR: r 1024, alpha 2048)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass of trained models: less memory, more compute"""
@@ -64,30 +64,30 @@ class Args:
     # data
     dataset: str = "toy"
     """prompt/completion data: `toy`, a Hub id (trl-lib/tldr), a save_to_disk directory or a json/jsonl/parquet/csv"""
-    max_prompt_length: int = 32
+    max_prompt_length: Positive[int] = 32
     """prompts longer than this keep their last tokens (TL;DR: 512)"""
-    max_completion_length: int = 16
+    max_completion_length: Positive[int] = 16
     """completions (with EOS) longer than this are cut (TL;DR: 53)"""
-    max_new_tokens: int = 8
+    max_new_tokens: Positive[int] = 8
     """tokens generated at evaluation (TL;DR: 53)"""
-    eval_prompts: int = 500
+    eval_prompts: Positive[int] = 500
     """number of test prompts used at each evaluation"""
 
     # optimization
-    lr: float = 1e-3
+    lr: NonNegative[float] = 1e-3
     """AdamW learning rate (TL;DR Pythia: 3e-6)"""
     lr_schedule: Literal["linear", "wsd"] = "linear"
     """linear: decayed to 0 (TL;DR); wsd: a 50-update warm-up (a tenth of a shorter run), constant, then linear decay
     to 0 over the last fifth (toy-long: the title copy forms while the rate is high, the decay settles the rest)"""
-    epochs: int = 1
+    epochs: Positive[int] = 1
     """passes over the training data"""
-    batch_size: int = 64
+    batch_size: Positive[int] = 64
     """examples per optimizer step, over all processes (TL;DR: 64; toy-long: 32, where the title copy forms sooner)"""
-    micro_batch_size: int | None = None
+    micro_batch_size: Positive[int] | None = None
     """examples per forward/backward on each process; gradients accumulate up to --batch-size (default: all at once)"""
-    eval_every: int = 100
-    """evaluate every this many updates (optimizer steps), and at the end"""
-    max_steps: int | None = None
+    eval_every: NonNegative[int] = 100
+    """evaluate every this many updates (optimizer steps); 0: only at the end"""
+    max_steps: Positive[int] | None = None
     """stop after this many updates (optimizer steps; default: --epochs passes over the data)"""
 
 
@@ -99,12 +99,6 @@ def collate(examples, pad_id):
 
 def main(args: Args):
     args = toy.tier_args(args, toy.LONG_SFT_DEFAULTS)  # --dataset toy-long: the tier's models, lengths and batch
-    training.check_ranges(
-        args,
-        positive=("epochs", "batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens"),
-        non_negative=("lr", "save_every"),
-    )
-    training.check_ranges(args, positive=("max_steps", "micro_batch_size"))
     accelerator = common.setup(args)
     tokenizer = data.load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
@@ -180,7 +174,7 @@ def main(args: Args):
             optimizer.zero_grad()
         if update % 10 == 0 or update == num_updates:
             run.log({"loss": loss.item(), "lr": scheduler.get_last_lr()[0], **times}, update, show=("loss",))
-        if update % args.eval_every == 0 and update < num_updates:
+        if args.eval_every and update % args.eval_every == 0 and update < num_updates:
             evaluate(update)
         run.step_done(update, {"position": position})
 

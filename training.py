@@ -8,11 +8,13 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import shutil
 import signal
 import sys
 import threading
 import time
+import typing
 from pathlib import Path
 
 import torch
@@ -36,6 +38,55 @@ class Interrupted(Exception):
 RESUME_MAY_CHANGE = ("resume", "save_every", "track", "wandb_project")  # change neither the data nor the result
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric flag may take, declared in its type (`batch_size: Positive[int] = 64`) and checked by
+    `check_args` before anything uses them. NaN and infinities are never in range."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False  # > low rather than >= low
+    open_high: bool = False
+
+    def __getitem__(self, tp):  # Positive[int] is typing.Annotated[int, Positive]: tyro parses an int
+        return typing.Annotated[tp, self]
+
+    def __contains__(self, v) -> bool:
+        if not (isinstance(v, (int, float)) and math.isfinite(v)):
+            return False
+        return (v > self.low if self.open_low else v >= self.low) and (
+            v < self.high if self.open_high else v <= self.high
+        )
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return "finite" if self.low == -math.inf else f"{'>' if self.open_low else '>='} {self.low:g}"
+        return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+
+
+Positive, NonNegative, Fraction, Finite = Range(0, open_low=True), Range(0), Range(0, 1), Range()
+
+
+def declared_ranges(tp) -> list[Range]:
+    """The Ranges a field's type declares, through `| None` and `tuple[...]` (each element is checked)."""
+    if typing.get_origin(tp) is typing.Annotated:
+        return [m for m in tp.__metadata__ if isinstance(m, Range)]
+    return [r for arg in typing.get_args(tp) for r in declared_ranges(arg)]
+
+
+def check_args(args):
+    """A one-line error for the first flag outside the range its type declares; None stands for "not set"."""
+    if not dataclasses.is_dataclass(args):  # not a script's Args
+        return
+    hints = typing.get_type_hints(type(args), include_extras=True)
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        for allowed in declared_ranges(hints[field.name]):
+            if any(v is not None and v not in allowed for v in (value if isinstance(value, tuple) else (value,))):
+                shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+                raise UserError(f"--{field.name.replace('_', '-')} {shown} must be {allowed}")
+
+
 def run_cli(args_cls, main):
     """main(tyro.cli(Args)) with input mistakes and stopped runs as one line and a non-zero exit code. With
     --resume, the arguments are the run's args.json."""
@@ -47,7 +98,9 @@ def run_cli(args_cls, main):
             raise UserError("--track needs wandb: pip install wandb")
         main(resume_args(args_cls, args) if getattr(args, "resume", None) else args)
     except (UserError, TrainingError, Interrupted) as e:
-        print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
+        quiet = isinstance(e, UserError) and int(os.environ.get("RANK", "0")) > 0  # every process meets an input
+        if not quiet:  # mistake alike: the first one says it
+            print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
         sys.exit({UserError: 2, TrainingError: 1, Interrupted: 130}[type(e)])
 
 
@@ -73,15 +126,6 @@ def resume_args(args_cls, args):
     keep = {name: getattr(args, name) for name in RESUME_MAY_CHANGE if name in fields}
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}  # JSON has no tuples
     return dataclasses.replace(args_cls(**saved), **keep, output_dir=str(run_dir.parent), run_name=run_dir.name)
-
-
-def check_ranges(args, positive=(), non_negative=(), unit=()):
-    """One-line errors for hyperparameters out of range: > 0, >= 0, or in [0, 1]."""
-    rules = {**{n: (lambda v: v > 0, "> 0") for n in positive}, **{n: (lambda v: v >= 0, ">= 0") for n in non_negative}}
-    for name, (ok, want) in {**rules, **{n: (lambda v: 0 <= v <= 1, "in [0, 1]") for n in unit}}.items():
-        value = getattr(args, name)
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
-            raise UserError(f"--{name.replace('_', '-')} {value} must be {want}")
 
 
 class Run:

@@ -38,6 +38,7 @@ import common
 import data
 import toy
 import training
+from training import Finite, NonNegative, Positive
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Args:
     # common
     exp_name: str = "xpo"
     """name of the experiment (prefix of the run directory)"""
-    seed: int = 1
+    seed: NonNegative[int] = 1
     """random seed"""
     output_dir: str = "runs"
     """parent directory of the run directory"""
@@ -55,7 +56,7 @@ class Args:
     """log to Weights & Biases"""
     wandb_project: str = "rlhf"
     """wandb project name"""
-    save_every: int = 0
+    save_every: NonNegative[int] = 0
     """write a checkpoint to <run>/checkpoint every this many updates (0: only on Ctrl-C / SIGTERM)"""
     resume: str | None = None
     """continue the run in this directory (runs/<run>) from its checkpoint, with its saved arguments"""
@@ -69,10 +70,10 @@ class Args:
     reward_model: str = "toy-rm"
     """the preference oracle: labels the pairs by its scores, scores evaluations (`toy-rm` = the cached toy reward
     model; `toy-gold` = the toy task's programmatic gold reward, toy dataset only)"""
-    lora_r: int = 0
+    lora_r: NonNegative[int] = 0
     """LoRA rank of the policy's adapters (peft; 0 = full fine-tuning); the reference is then the adapter-disabled
     policy, not a second copy"""
-    lora_alpha: float = 16.0
+    lora_alpha: Positive[float] = 16.0
     """LoRA alpha: the adapters' scale is alpha / r (DR-PO and REBEL TL;DR: r 1024, alpha 2048)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass of trained models: less memory, more compute"""
@@ -81,25 +82,25 @@ class Args:
     dataset: str = "toy"
     """prompts (a `prompt` column): `toy`, a Hub id (trl-lib/tldr), a save_to_disk dir or a json/jsonl/parquet/csv
     file"""
-    max_prompt_length: int = 32
+    max_prompt_length: Positive[int] = 32
     """prompts longer than this keep their last tokens (TL;DR: 512)"""
-    max_new_tokens: int = 8
+    max_new_tokens: Positive[int] = 8
     """completion length in tokens (TRL TL;DR example: 64)"""
-    eval_prompts: int = 500
+    eval_prompts: Positive[int] = 500
     """test prompts used at each evaluation (greedy decoding)"""
-    eval_every: int = 16
-    """evaluate every this many updates (and before the first and after the last)"""
+    eval_every: NonNegative[int] = 16
+    """evaluate every this many updates, before the first and after the last (0: only those)"""
 
     # algorithm
-    alpha: tuple[float, ...] = (0.01,)
+    alpha: tuple[NonNegative[float], ...] = (0.01,)
     """alpha, the exploration coefficient; K values split training into K equal segments, value k used in segment k
     (paper: 1e-5, 5e-6, 0; TRL: 1e-5)"""
-    beta: float = 0.1
+    beta: Positive[float] = 0.1
     """beta, the KL strength of the DPO implicit reward beta*log(pi/pi_ref) (not PPO's --kl-coef; paper, TRL: 0.1)"""
-    temperature: float = 1.0
+    temperature: Positive[float] = 1.0
     """sampling temperature tau_s of both samples; every log-prob is computed from logits / tau_s (TRL samples at
     0.9, scores at 1)"""
-    no_eos_score: float = -1.0
+    no_eos_score: Finite[float] = -1.0
     """RM score that replaces the score of a completion without EOS, policy and reference sample alike (N+: -1; TRL
     subtracts 1; `toy-gold` keeps the gold reward's own missing-EOS term)"""
     explore_from: Literal["reference", "policy"] = "reference"
@@ -110,18 +111,18 @@ class Args:
     default)"""
 
     # optimization and batch sizes
-    lr: float = 5e-5
+    lr: NonNegative[float] = 5e-5
     """AdamW learning rate, decayed linearly to 0 (TRL: 5e-7)"""
-    total_episodes: int = 3072
+    total_episodes: Positive[int] = 3072
     """prompts sampled over the whole run, two completions each"""
-    batch_size: int = 64
+    batch_size: Positive[int] = 64
     """prompts per update (one pair each), over all processes"""
-    update_epochs: int = 1
+    update_epochs: Positive[int] = 1
     """passes over the pairs of each update; with --replay each pass draws batch_size pairs from D_t (TRL: 1 pass,
     1 step)"""
-    num_minibatches: int = 2
+    num_minibatches: Positive[int] = 2
     """optimizer steps per pass (toy: 2 steps per batch of fresh pairs learn faster than TRL's 1)"""
-    micro_batch_size: int = 64
+    micro_batch_size: Positive[int] = 64
     """pairs per forward/backward; gradients accumulate up to a minibatch"""
 
 
@@ -190,14 +191,10 @@ def main(args: Args):
     )
     per_process = args.batch_size // accelerator.num_processes
     num_updates = args.total_episodes // args.batch_size
-    positive = ("beta", "temperature", "max_new_tokens", "max_prompt_length", "update_epochs", "micro_batch_size")
-    training.check_ranges(args, positive=positive, non_negative=("lr", "save_every"))
-    if any(not a >= 0 for a in args.alpha):
-        raise training.UserError(f"--alpha {' '.join(map(str, args.alpha))}: every alpha must be >= 0")
-    if per_process == 0 or per_process % args.num_minibatches or num_updates == 0:
+    if args.batch_size % (accelerator.num_processes * args.num_minibatches) or num_updates == 0:
         raise training.UserError(
-            f"--batch-size {args.batch_size} must be a multiple of --num-minibatches {args.num_minibatches} "
-            f"(per process) and at most --total-episodes {args.total_episodes}"
+            f"--batch-size {args.batch_size} must be a multiple of {accelerator.num_processes} process(es) x "
+            f"--num-minibatches {args.num_minibatches} and at most --total-episodes {args.total_episodes}"
         )
     if gold and not is_toy:
         raise training.UserError(
@@ -323,7 +320,7 @@ def main(args: Args):
         if is_toy:  # the gold reward of the policy samples: the smoothest learning curve on the toy task
             metrics["objective/gold"] = toy.gold_scores(prompt, completion, args.dataset).mean()
         run.log(metrics, update, show=("objective/scores", "objective/kl", "objective/policy_win_rate"))
-        if update % args.eval_every == 0 and update < num_updates:
+        if args.eval_every and update % args.eval_every == 0 and update < num_updates:
             evaluate(update)
         loop = {"initial": initial, "cursor": cursor, "order": order, "buffer": buffer}
         run.step_done(update, {**loop, "generator": generator.get_state()})

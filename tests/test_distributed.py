@@ -3,10 +3,14 @@ updates with identical parameters on both ranks after every optimizer step, writ
 dpo.py's first update with 2 processes x B/2 pairs equals one process with B pairs; and a two-process
 run stopped and resumed from its checkpoint ends exactly where the uninterrupted one does."""
 
+import os
+import subprocess
+import sys
+
 import ddp_worker
 import pytest
 import torch
-from conftest import RESUMED
+from conftest import RESUMED, ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(torch.cuda.is_available(), reason="the gloo CPU path")]
 
@@ -40,3 +44,16 @@ def test_interrupted_and_resumed_on_two_ranks_ends_where_the_uninterrupted_run_d
         assert resumed == full
     ckpt = two_ranks / f"{name}-resume-2" / "checkpoint"
     assert sorted(p.name for p in ckpt.glob("state_*.pt")) == ["state_0.pt", "state_1.pt"]
+
+
+@pytest.mark.parametrize("argv", [["--batch-size", "3"], ["--eval-every=-1"]], ids=["batch-not-divisible", "range"])
+def test_an_input_mistake_is_printed_once_under_two_processes(argv, toy_cache, tmp_path):
+    """Both processes meet the mistake and stop with exit code 2; one line says it, the first process's."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(ROOT / "rebel.py"), "--output-dir", str(tmp_path), *argv]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and len(errors) == 1, (result.stdout[-2000:], result.stderr[-3000:])
+    assert "exitcode: 2" in result.stderr  # torchrun's report of the first process's exit code

@@ -364,7 +364,13 @@ CATALOGUE = [
     ("hub dataset offline", sft, ["--dataset", "someone/does-not-exist"], "offline"),
     ("hub model offline", ppo, ["--model", "someone/no-such-model"], "offline"),
     ("tokenizer without eos", sft, ["--model", "{no_eos}"], "no EOS token"),
+    ("model without tokenizer", ppo, ["--model", "{no_tokenizer}"], "has a model but no tokenizer"),
+    ("policy as reward model", xpo, ["--reward-model", "{policy}"], "looks like a policy, not a reward model"),
+    ("policy as ppo's critic", ppo, ["--reward-model", "{policy}"], "looks like a policy, not a reward model"),
     ("batch not divisible", ppo, ["--batch-size", "30", "--num-minibatches", "4"], "--num-minibatches"),
+    ("zero batch size", rebel, ["--batch-size", "0"], "--batch-size 0 must be > 0"),
+    ("zero minibatches", ppo, ["--num-minibatches", "0"], "--num-minibatches 0 must be > 0"),
+    ("negative eval interval", rebel, ["--eval-every", "-1"], "--eval-every -1 must be >= 0"),
     ("batch larger than data", dpo, ["--batch-size", "100000"], "larger than the training set"),
     ("batch larger than episodes", rebel, ["--total-episodes", "16", "--batch-size", "32"], "--total-episodes"),
     ("reset_prob above 1", drpo, ["--reset-prob", "1.5"], "--reset-prob 1.5 must be in [0, 1]"),
@@ -372,10 +378,10 @@ CATALOGUE = [
     ("zero eta", rebel, ["--eta", "0"], "--eta 0.0 must be > 0"),
     ("gamma above 1", ppo, ["--gamma", "1.5"], "--gamma 1.5 must be in [0, 1]"),
     ("negative kl_coef", rebel, ["--kl-coef", "-1"], "--kl-coef -1.0 must be >= 0"),
-    ("negative alpha", xpo, ["--alpha", "-1"], "every alpha must be >= 0"),
+    ("negative alpha", xpo, ["--alpha", "0.1", "-1"], "--alpha 0.1 -1.0 must be >= 0"),
     ("nan learning rate", sft, ["--lr", "nan"], "--lr nan must be >= 0"),
     ("zero temperature", ppo, ["--temperature", "0"], "--temperature 0.0 must be > 0"),
-    ("label smoothing 0.5", dpo, ["--label-smoothing", "0.5"], "--label-smoothing 0.5"),
+    ("label smoothing 0.5", dpo, ["--label-smoothing", "0.5"], "--label-smoothing 0.5 must be in [0, 0.5)"),
     ("negative demo weight", aihf, ["--w-demo", "-1"], "--w-demo -1.0 must be >= 0"),
     ("negative lora rank", dpo, ["--lora-r", "-4"], "--lora-r -4 must be >= 0"),
     ("resume: not a run", rebel, ["--resume", "{tmp}"], "not a run directory"),
@@ -402,6 +408,8 @@ def mistakes(toy_cache, tmp_path_factory):
     tok.save_pretrained(tmp / "no_eos")
     common.load_model(str(toy_cache / "toy-sft")).save_pretrained(tmp / "no_eos")
     paths["no_eos"] = str(tmp / "no_eos")
+    common.load_model(str(toy_cache / "toy-sft")).save_pretrained(tmp / "no_tokenizer")
+    paths["no_tokenizer"], paths["policy"] = str(tmp / "no_tokenizer"), str(toy_cache / "toy-sft")
     _, kw = TINY["rebel"]
     rebel.main(rebel.Args(output_dir=str(tmp), run_name="finished", **kw))
     paths["finished"] = str(tmp / "finished")
