@@ -223,7 +223,7 @@ def prepare_reward_model(args, tokenizer, pairs_per_step):
     """r_phi, trained, from --reward-init, else --reward-model, with its AdamW, prepared by an Accelerator of its own
     (DeepSpeed trains one model per Accelerator; same processes). It must read the policy's tokens."""
     name = args.reward_init or args.reward_model
-    new_head = args.reward_init is not None  # --reward-init: a causal LM gets a fresh head on purpose
+    new_head = "normal" if args.reward_init else None  # --reward-init: a causal LM gets a fresh head on purpose
     reward_model = common.trainable(common.load_model(name, "reward", tokenizer=tokenizer, new_head=new_head), args)
     if getattr(reward_model, "retokenize", None) is not None:
         raise training.UserError(f"{name} has its own tokenizer: r_phi is trained on the policy's tokens, use its own")

@@ -109,9 +109,9 @@ def accumulate(accelerator: Accelerator, model, last: bool):
 # ---- models and tokenizers ----
 
 
-def load_model(name: str, kind: str = "causal", dtype=torch.float32, tokenizer=None, frozen=False, new_head=False):
-    """A causal LM or a 1-label sequence classifier ("reward"; `new_head`: a fresh head, std 1/sqrt(H+1), N+; without
-    it a checkpoint with no head is an error, not a random reward), dropout off;
+def load_model(name: str, kind: str = "causal", dtype=torch.float32, tokenizer=None, frozen=False, new_head=None):
+    """A causal LM or a 1-label sequence classifier ("reward"; a checkpoint without a head gets a `new_head`, "normal":
+    std 1/sqrt(H+1) as N+'s reward model, "zero": a value head that starts at 0; else an error), dropout off;
     `toy` / `toy-long` / `toy-tiny`: a fresh ~1M / ~1M / ~0.1M-parameter Llama. `frozen` (reference, reward model):
     bf16 weights in a bf16 run, eval, no gradients, not sharded. A reward model with its own tokenizer scores
     re-tokenized text."""
@@ -141,7 +141,8 @@ def load_model(name: str, kind: str = "causal", dtype=torch.float32, tokenizer=N
                 f"{name} has no score head: it looks like a policy, not a reward model (reward.py makes one)"
             )
         with gathered_weights(model.score, modifier_rank=0):  # ZeRO-3 loads it sharded
-            torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
+            std = 1 / math.sqrt(model.config.hidden_size + 1) if new_head == "normal" else 0.0
+            torch.nn.init.normal_(model.score.weight, std=std)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -451,12 +452,38 @@ def token_scores(model, prompt: torch.Tensor, completion: torch.Tensor, pad_id: 
     return torch.cat([captured[0].repeat_interleave(k, 0), captured[1]], 1)[torch.argsort(shared[2])]
 
 
-def reward_scores(reward_model, prompt, completion, pad_id, has_eos=None, no_eos_score: float | None = None):
-    """Reward-model score at the EOS (the last real token) minus its bias; `no_eos_score` without EOS (N+: -1).
-    k completions per prompt share its forward. `--reward-model toy-gold`: the toy task's gold reward instead."""
-    config = extract_model_from_parallel(reward_model).config
-    k = completion.shape[0] // prompt.shape[0]
-    if getattr(config, "toy_gold", False):
+def load_reward(args, tokenizer, device):
+    """The reward: --reward-fn's Python function, else the frozen --reward-model."""
+    if getattr(args, "reward_fn", None):
+        return training.load_function(args.reward_fn, "--reward-fn")
+    return load_model(args.reward_model, "reward", tokenizer=tokenizer, frozen=True).to(device)
+
+
+def function_scores(fn, examples: list[dict], completion, tokenizer) -> torch.Tensor:
+    """TRL's reward-function call fn(prompts, completions, **columns) on the decoded completions [k*B, C] of the B
+    dataset rows `examples`: every other column of a row arrives aligned with each of its k completions."""
+    rows = examples * (len(completion) // len(examples))  # completion row r belongs to example r % B
+    texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
+    chat = [data.is_conversation(r["prompt"]) for r in rows]  # a conversation's completion is a message, as in TRL
+    completions = [[{"role": "assistant", "content": t}] if c else t for t, c in zip(texts, chat)]
+    columns = {name: [r[name] for r in rows] for name in rows[0] if name != "prompt"}
+    scores = fn(prompts=[r["prompt"] for r in rows], completions=completions, **columns)
+    if len(scores) != len(rows) or not all(isinstance(s, (int, float)) for s in scores):
+        raise UserError(
+            f"--reward-fn {fn.__name__} must return one number per completion ({len(rows)}): {scores!r:.80}"
+        )
+    return torch.tensor(scores, dtype=torch.float32, device=completion.device)
+
+
+def reward_scores(reward_model, prompt, completion, pad_id, has_eos=None, no_eos_score=None, examples=None, tok=None):
+    """Reward-model score at the EOS (the last real token) minus its bias, or a reward function's score of the
+    decoded completions (`examples`: the dataset rows of the prompts, `tok`: the policy's tokenizer); `no_eos_score`
+    without EOS (N+: -1). k completions per prompt share its forward. `toy-gold`: the toy task's gold reward."""
+    k, model = completion.shape[0] // prompt.shape[0], isinstance(reward_model, torch.nn.Module)
+    config = extract_model_from_parallel(reward_model).config if model else None
+    if not model:  # --reward-fn
+        scores = function_scores(reward_model, examples, completion, tok)
+    elif getattr(config, "toy_gold", False):
         if torch.is_grad_enabled():
             raise UserError("--reward-model toy-gold is a fixed oracle (the toy gold reward): it cannot be trained")
         scores = toy.gold_scores(prompt.repeat(k, 1), completion, config.toy_gold).to(completion.device)
@@ -512,8 +539,11 @@ def evaluate(policy, tokenizer, test, args, ref_policy=None, reward_model=None, 
         completion, has_eos = generate(policy, prompt, tokenizer, args.max_new_tokens, temperature=0.0)
         out["length"] += (completion != pad_id).sum(1).tolist()
         out["eos"] += has_eos.float().tolist()
-        if reward_model is not None:
-            scores = reward_scores(reward_model, prompt, completion, pad_id, has_eos, args.no_eos_score)
+        if reward_model is not None:  # a model, or a reward function of the test rows' columns
+            rows = [test[j] for j in range(i, i + len(prompt))]
+            scores = reward_scores(
+                reward_model, prompt, completion, pad_id, has_eos, args.no_eos_score, rows, tokenizer
+            )
             out["score"] += scores.tolist()
         if ref_policy is not None or is_long:  # temperature 1: the KL's estimate, the long tier's skill rates
             sampled, _ = generate(policy, prompt, tokenizer, args.max_new_tokens, temperature=1.0)

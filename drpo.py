@@ -59,6 +59,12 @@ class Args:
     reward_model: str = "toy-rm"
     """reward model; the critic starts as a copy of it, head and bias included (`toy-rm`: the cached toy RM;
     `toy-gold`: the toy gold reward, and the critic toy-rm's network with its head at 0)"""
+    reward_fn: str | None = None
+    """a Python reward function instead of --reward-model: `module:function` or `path/file.py:function`, with TRL's
+    signature fn(prompts, completions, **columns) -> list[float] (the dataset's other columns arrive aligned)"""
+    critic_model: str | None = None
+    """where the critic starts (default: --reward-model, head and bias included; with --reward-fn: --model, its value
+    head at 0)"""
     lora_r: NonNegative[int] = 0
     """LoRA rank of the policy's adapters (peft; 0: full fine-tuning); the reference is the adapter-disabled policy"""
     lora_alpha: Positive[float] = 16.0
@@ -238,9 +244,11 @@ def main(args: Args):
     pad_id = tokenizer.pad_token_id
     policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
     ref_policy = common.reference_model(args.model, policy, args.lora_r, device)
-    reward_model = common.load_model(args.reward_model, "reward", tokenizer=tokenizer, frozen=True).to(device)
-    critic = common.trainable(common.load_model(args.reward_model, "reward"), args)  # the reward model, head included
-    if getattr(reward_model, "retokenize", None) is not None:  # the critic reads the policy's tokens
+    reward_model = common.load_reward(args, tokenizer, device)  # a frozen model, or --reward-fn's function
+    critic_name = args.critic_model or (args.model if args.reward_fn else args.reward_model)  # as --help states
+    new_head = "zero" if args.critic_model or args.reward_fn else None  # a fresh head (V = 0) only where asked for
+    critic = common.trainable(common.load_model(critic_name, "reward", new_head=new_head), args)
+    if getattr(reward_model, "retokenize", None) is not None and critic_name == args.reward_model:
         raise training.UserError(f"--reward-model {args.reward_model}: the critic needs the policy's tokenizer")
 
     column = "chosen" if args.reset_source == "chosen" else "completion"
@@ -248,6 +256,7 @@ def main(args: Args):
     test = data.load_data(args.dataset, "test", ("prompt",)).take(args.eval_prompts)  # the first eval_prompts
     tokenize = lambda x, y: data.tokenize_pair(tokenizer, x, y, args.max_prompt_length, args.max_new_tokens)
     prompts, reference_ids = zip(*map(tokenize, train["prompt"], train[column]))  # x, y_ref of the offline data
+    train_rows = train.to_list()
 
     model = PolicyAndCritic(policy, critic)  # one module: trained by one optimizer, one forward for both
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-5)
@@ -290,7 +299,10 @@ def main(args: Args):
             old_logps, old_values = logprobs_and_values(unwrapped, prompt, completion, pad_id, args.temperature)
             old_values = old_values.masked_fill(~mask, 0)
             ref_logps = common.completion_logprobs(ref_policy, prompt, completion, pad_id, args.temperature)
-            scores = common.reward_scores(reward_model, prompt, completion, pad_id, has_eos, args.no_eos_score)
+            examples = [train_rows[i] for i in rows]  # the dataset's columns, for a reward function
+            scores = common.reward_scores(
+                reward_model, prompt, completion, pad_id, has_eos, args.no_eos_score, examples, tokenizer
+            )
             run.check_finite(update, reward=scores)
 
         # ---- step 3. per-token KL penalty and GAE (fixed for the update) ----

@@ -57,6 +57,9 @@ class Args:
     model)"""
     reward_model: str = "toy-rm"
     """reward model (`toy-rm` = the cached toy reward model; `toy-gold` = the toy task's gold reward, an oracle)"""
+    reward_fn: str | None = None
+    """a Python reward function instead of --reward-model: `module:function` or `path/file.py:function`, with TRL's
+    signature fn(prompts, completions, **columns) -> list[float] (the dataset's other columns arrive aligned)"""
     lora_r: NonNegative[int] = 0
     """LoRA rank of the policy's adapters (peft; 0 = full fine-tuning); the reference is then the adapter-disabled
     policy, not a second copy"""
@@ -160,12 +163,13 @@ def main(args: Args):
     pad_id = tokenizer.pad_token_id
     policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
     ref_policy = common.reference_model(args.model, policy, args.lora_r, device)
-    reward_model = common.load_model(args.reward_model, "reward", tokenizer=tokenizer, frozen=True).to(device)
+    reward_model = common.load_reward(args, tokenizer, device)  # a frozen model, or --reward-fn's function
 
     train = data.load_data(args.dataset, "train", ("prompt",))
     test = data.load_data(args.dataset, "test", ("prompt",))
     test = test.select(range(min(args.eval_prompts, len(test))))
     prompts = data.tokenize_prompts(tokenizer, list(train["prompt"]), args.max_prompt_length)
+    train_rows = train.to_list()
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / num_updates)  # as N+: linear to 0
@@ -202,7 +206,8 @@ def main(args: Args):
             unique = prompt[:per_process]  # each prompt once: its forward is shared by y and y'
             old_logps = common.completion_logprobs(unwrapped, unique, completion, pad_id, args.temperature)
             ref_logps = common.completion_logprobs(ref_policy, unique, completion, pad_id, args.temperature)
-            raw = common.reward_scores(reward_model, unique, completion, pad_id)
+            examples = [train_rows[i] for i in rows[:per_process]]  # the dataset's columns, for a reward function
+            raw = common.reward_scores(reward_model, unique, completion, pad_id, examples=examples, tok=tokenizer)
             scores = scaled_scores(raw, has_eos, args.reward_scale, args.no_eos_score)
             kl = (old_logps - ref_logps).masked_fill(~mask, 0)  # k1 estimate per token, 0 after EOS
             rewards = sequence_rewards(scores, kl, mask, args.kl_coef)

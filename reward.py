@@ -190,7 +190,7 @@ def main(args: Args):
     pad_id, device, is_toy = tokenizer.pad_token_id, accelerator.device, args.dataset in toy.TIERS
     # ---- Bradley-Terry reward model (N+), step 1: r_phi = the SFT backbone with a fresh scalar head,
     # std 1/sqrt(H+1), read at the EOS token ----
-    reward_model = common.trainable(common.load_model(args.model, kind="reward", new_head=True), args)
+    reward_model = common.trainable(common.load_model(args.model, kind="reward", new_head="normal"), args)
 
     # ---- step 2: preference pairs (x, y_w, y_l) -> token ids, one prompt for both completions ----
     train = data.load_data(args.dataset, "train", ("prompt", "chosen", "rejected"))

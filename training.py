@@ -87,6 +87,23 @@ def check_args(args):
                 raise UserError(f"--{field.name.replace('_', '-')} {shown} must be {allowed}")
 
 
+def load_function(spec: str, flag: str):
+    """`module:function` (a module on the import path, or a .py file) -> the function, for `flag` (--reward-fn)."""
+    module_name, _, name = spec.rpartition(":")
+    try:
+        if module_name.endswith(".py"):  # a file: imported under its own name, from where it is
+            location = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            module = importlib.util.module_from_spec(location)
+            location.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except (ImportError, FileNotFoundError, SyntaxError) as e:
+        raise UserError(f"{flag} {spec}: cannot import {module_name!r} ({e})") from None
+    if not callable(getattr(module, name, None)):
+        raise UserError(f"{flag} {spec}: {module_name!r} has no function {name!r} (the form is module:function)")
+    return getattr(module, name)
+
+
 def run_cli(args_cls, main):
     """main(tyro.cli(Args)) with input mistakes and stopped runs as one line and a non-zero exit code. With
     --resume, the arguments are the run's args.json."""

@@ -70,6 +70,9 @@ class Args:
     reward_model: str = "toy-rm"
     """the preference oracle: labels the pairs by its scores, scores evaluations (`toy-rm` = the cached toy reward
     model; `toy-gold` = the toy task's programmatic gold reward, toy dataset only)"""
+    reward_fn: str | None = None
+    """a Python reward function instead of --reward-model: `module:function` or `path/file.py:function`, with TRL's
+    signature fn(prompts, completions, **columns) -> list[float] (the dataset's other columns arrive aligned)"""
     lora_r: NonNegative[int] = 0
     """LoRA rank of the policy's adapters (peft; 0 = full fine-tuning); the reference is then the adapter-disabled
     policy, not a second copy"""
@@ -204,12 +207,13 @@ def main(args: Args):
     pad_id = tokenizer.pad_token_id
     policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
     ref_policy = common.reference_model(args.model, policy, args.lora_r, device)
-    reward_model = common.load_model(args.reward_model, "reward", tokenizer=tokenizer, frozen=True).to(device)
+    reward_model = common.load_reward(args, tokenizer, device)  # a frozen model, or --reward-fn's function
 
     train = data.load_data(args.dataset, "train", ("prompt",))
     test = data.load_data(args.dataset, "test", ("prompt",))
     test = test.select(range(min(args.eval_prompts, len(test))))
     prompts = data.tokenize_prompts(tokenizer, list(train["prompt"]), args.max_prompt_length)
+    train_rows = train.to_list()
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / num_updates)  # linear to 0
@@ -236,7 +240,8 @@ def main(args: Args):
         with training.timer(times, "time/generation"), torch.no_grad():
             if cursor + per_process > len(order):
                 order, cursor = torch.randperm(len(prompts), generator=generator).tolist(), 0
-            prompt = data.pad([prompts[i] for i in order[cursor : cursor + per_process]], pad_id, "left").to(device)
+            rows = order[cursor : cursor + per_process]
+            prompt = data.pad([prompts[i] for i in rows], pad_id, "left").to(device)
             cursor += per_process
             unwrapped = accelerator.unwrap_model(policy)
             completion, has_eos = common.generate(unwrapped, prompt, tokenizer, args.max_new_tokens, args.temperature)
@@ -247,7 +252,9 @@ def main(args: Args):
             width = max(completion.shape[1], tilde.shape[1])  # [y; y~] share each prompt's forward
             both = torch.cat([F.pad(c, (0, width - c.shape[1]), value=pad_id) for c in (completion, tilde)])
             no_eos = None if gold else args.no_eos_score  # the gold reward carries its own missing-EOS term
-            oracle = common.reward_scores(reward_model, prompt, both, pad_id, torch.cat([has_eos, tilde_eos]), no_eos)
+            examples = [train_rows[i] for i in rows]  # the dataset's columns, for a reward function
+            both_eos = torch.cat([has_eos, tilde_eos])
+            oracle = common.reward_scores(reward_model, prompt, both, pad_id, both_eos, no_eos, examples, tokenizer)
             scores, ref_scores = oracle.chunk(2)
             run.check_finite(update, reward=oracle)
             policy_won = label_pairs(scores, ref_scores)

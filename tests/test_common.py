@@ -652,7 +652,7 @@ def test_load_model_reward_head_init_and_dropout_off(tmp_path):
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "lm")
     with pytest.raises(training.UserError, match="looks like a policy, not a reward model"):  # no head: an error
         common.load_model(str(tmp_path / "lm"), kind="reward")
-    rm = common.load_model(str(tmp_path / "lm"), kind="reward", new_head=True)  # as reward.py asks for one
+    rm = common.load_model(str(tmp_path / "lm"), kind="reward", new_head="normal")  # as reward.py asks for one
     assert rm.score.weight.shape == (1, 32)
     assert 0.5 / math.sqrt(33) < rm.score.weight.std().item() < 1.5 / math.sqrt(33)  # HF's default is 0.02
     assert all(m.p == 0.0 for m in rm.modules() if isinstance(m, torch.nn.Dropout))
@@ -667,7 +667,7 @@ def test_load_model_builds_a_fresh_toy_reward_model():
     check anticipates) calls load_model("toy", kind="reward"); `from_config(config, num_labels=1)` was a
     TypeError (num_labels belongs on the config). Regression test."""
     torch.manual_seed(0)
-    rm = common.load_model("toy-tiny", kind="reward", new_head=True)
+    rm = common.load_model("toy-tiny", kind="reward", new_head="normal")
     assert rm.config.num_labels == 1 and rm.score.weight.shape == (1, 64)
     assert 0.5 / math.sqrt(65) < rm.score.weight.std().item() < 1.5 / math.sqrt(65)
 

@@ -123,7 +123,7 @@ def tiny_models(seed=0):
     torch.manual_seed(seed)
     tokenizer = toy.make_tokenizer()
     policy = common.load_model("toy-tiny")
-    value = common.load_model("toy-tiny", "reward", new_head=True)
+    value = common.load_model("toy-tiny", "reward", new_head="normal")
     return tokenizer, policy, value
 
 

@@ -51,7 +51,9 @@ def test_chat_reward_hand_values():
 
 def test_reward_scale_comes_before_the_missing_eos_rule(toy_cache, tmp_path, monkeypatch):
     """A run with every raw score 2 and --reward-scale 0.5: completions with EOS score 1, the others -1."""
-    monkeypatch.setattr(common, "reward_scores", lambda rm, prompt, completion, *a: torch.full((len(completion),), 2.0))
+    monkeypatch.setattr(
+        common, "reward_scores", lambda rm, prompt, completion, *a, **k: torch.full((len(completion),), 2.0)
+    )
     run = {"output_dir": str(tmp_path), "run_name": "scale", "total_episodes": 16, "batch_size": 16, "eval_prompts": 4}
     rebel.main(rebel.Args(**run, reward_scale=0.5, max_new_tokens=3))
     update = next(r for r in read_metrics(tmp_path / "scale") if "objective/scores" in r)
