@@ -39,6 +39,22 @@ from training import Finite, NonNegative, Positive
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
 
+# The toy tiers' defaults, which any flag given overrides (`--dataset toy-long --help` shows them): the gold reward as
+# judge; toy-long's models and lengths
+PRESETS = {
+    "toy": dict(judge="toy:gold"),
+    "toy-long": dict(
+        judge="toy:gold",
+        model="toy-long-sft",
+        reward_model="toy-long-rm",
+        preference_dataset="toy-long",
+        max_prompt_length=64,
+        max_completion_length=32,
+        max_new_tokens=48,
+    ),
+}
+
+
 @dataclass
 class Args:
     # common
@@ -92,6 +108,13 @@ class Args:
     """test prompts of --dataset used at each evaluation (greedy decoding)"""
     eval_every: NonNegative[int] = 50
     """evaluate every this many updates, before the first and after the last (0: only those)"""
+    judge: str | None = None
+    """the win rate of greedy completions against the test split's references under this judge: `module:function`,
+    a local model, or an OpenAI-compatible URL http://HOST:PORT/v1 (the toy tiers' preset: `toy:gold`, gold reward)"""
+    judge_model: str | None = None
+    """the model name that an endpoint --judge serves"""
+    judge_template: Literal["summary", "chat"] = "summary"
+    """an LLM judge's prompt: the DPO paper's TL;DR summary comparison, or its dialogue (HH) comparison"""
 
     # algorithm
     w_pref: NonNegative[float] = 1.0
@@ -251,12 +274,11 @@ def aihf_dpo_loss(pref_logps, demo_logps, beta, w_pref, w_demo):
     return loss, stats
 
 
-def evaluate(run, update, policy, tokenizer, test, args, ref_policy, reward_model):
-    return run.log_eval(update, *common.evaluate(policy, tokenizer, test, args, ref_policy, reward_model))
+def evaluate(run, update, policy, tokenizer, test, args, ref_policy, reward_model, judge):
+    return run.log_eval(update, *common.evaluate(policy, tokenizer, test, args, ref_policy, reward_model, judge))
 
 
 def main(args: Args):
-    args = toy.tier_args(args)  # --dataset toy-long: the tier's models and lengths
     if not (args.w_pref or args.w_demo):
         raise training.UserError("--w-pref and --w-demo are both 0: nothing to learn from")
     accelerator = common.setup(args)
@@ -270,6 +292,7 @@ def main(args: Args):
     if min(per_pref, per_demo, steps_per_round) == 0:
         raise training.UserError(f"batch sizes must be >= the {n_proc} process(es) and --max-steps >= --rounds")
     tokenizer = data.load_tokenizer(args.model)
+    judge = common.load_judge(args)  # the evaluations' win rate against the test references
     pad_id = tokenizer.pad_token_id
     policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
     ref_policy = common.reference_model(args.model, policy, args.lora_r, device)
@@ -291,7 +314,7 @@ def main(args: Args):
     state = run.resume(scheduler=scheduler, **({"opponent": opponent} if opponent else {}))
     if state is None:
         state = {"step": 0, "drawn": {"demos": 0, "prefs": 0}, "round_rows": None}
-        state["initial"] = evaluate(run, 0, unwrapped, tokenizer, test, args, ref_policy, reward_model)
+        state["initial"] = evaluate(run, 0, unwrapped, tokenizer, test, args, ref_policy, reward_model, judge)
     initial, round_rows = state["initial"], state["round_rows"]
     rank_seed = args.seed + 100003 * accelerator.process_index  # independent shuffles of the two sources
     demos = Draws(demo_rows, rank_seed, state["drawn"]["demos"])
@@ -333,14 +356,14 @@ def main(args: Args):
         metrics["time/samples_per_second"] = sequences / times["time/update"]
         run.log(metrics, update, show=("loss/pref", "loss/demo"))
         if args.eval_every and update % args.eval_every == 0 and update < total:
-            evaluate(run, update, unwrapped, tokenizer, test, args, ref_policy, reward_model)
+            evaluate(run, update, unwrapped, tokenizer, test, args, ref_policy, reward_model, judge)
         drawn = {"demos": demos.drawn, "prefs": prefs.drawn}
         run.step_done(update, {"initial": initial, "drawn": drawn, "round_rows": round_rows})
 
-    final = evaluate(run, total, unwrapped, tokenizer, test, args, ref_policy, reward_model)
+    final = evaluate(run, total, unwrapped, tokenizer, test, args, ref_policy, reward_model, judge)
     common.save_model(accelerator, policy, tokenizer, run.dir)
     run.finish(final, initial, times)
 
 
 if __name__ == "__main__":
-    training.run_cli(Args, main)
+    training.run_cli(Args, main, PRESETS)

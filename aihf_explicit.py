@@ -19,6 +19,7 @@ project's reconstruction, derived in docs/aihf.md, whose labels (A1)-(A18) the c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,22 @@ import training
 from training import Finite, NonNegative, Positive, Range
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+# The toy tiers' defaults, which any flag given overrides (`--dataset toy-long --help` shows them): the gold reward as
+# judge; toy-long's models and lengths
+PRESETS = {
+    "toy": dict(judge="toy:gold"),
+    "toy-long": dict(
+        judge="toy:gold",
+        model="toy-long-sft",
+        reward_model="toy-long-rm",
+        preference_dataset="toy-long",
+        max_prompt_length=64,
+        max_completion_length=32,
+        max_new_tokens=48,
+    ),
+}
 
 
 @dataclass
@@ -88,6 +105,13 @@ class Args:
     """test prompts of --dataset used at each evaluation (greedy decoding)"""
     eval_every: NonNegative[int] = 50
     """evaluate every this many updates, before the first and after the last (0: only those)"""
+    judge: str | None = None
+    """the win rate of greedy completions against the test split's references under this judge: `module:function`,
+    a local model, or an OpenAI-compatible URL http://HOST:PORT/v1 (the toy tiers' preset: `toy:gold`, gold reward)"""
+    judge_model: str | None = None
+    """the model name that an endpoint --judge serves"""
+    judge_template: Literal["summary", "chat"] = "summary"
+    """an LLM judge's prompt: the DPO paper's TL;DR summary comparison, or its dialogue (HH) comparison"""
 
     # algorithm
     w_pref: NonNegative[float] = 1.0
@@ -240,12 +264,11 @@ def check_args(args, eval_reward_model):
         raise training.UserError("--w-pref and --w-demo are both 0: nothing to learn from")
 
 
-def evaluate(run, update, policy, tokenizer, test, args, ref_policy, reward_model):
-    return run.log_eval(update, *common.evaluate(policy, tokenizer, test, args, ref_policy, reward_model))
+def evaluate(run, update, policy, tokenizer, test, args, ref_policy, reward_model, judge):
+    return run.log_eval(update, *common.evaluate(policy, tokenizer, test, args, ref_policy, reward_model, judge))
 
 
 def main(args: Args):
-    args = toy.tier_args(args)  # --dataset toy-long: the tier's models and lengths
     # the frozen eval scorer; the toy reward model fits the toy task only
     scorer_name = (
         args.reward_model if args.dataset in toy.TIERS or args.reward_model not in ("toy-rm", "toy-long-rm") else None
@@ -258,6 +281,7 @@ def main(args: Args):
     if min(per_pref, per_demo, per_prompts) == 0:
         raise training.UserError(f"batch sizes and --rollout-prompts must be >= the {n_proc} process(es)")
     tokenizer = data.load_tokenizer(args.model)
+    judge = common.load_judge(args)  # the evaluations' win rate against the test references
     pad_id = tokenizer.pad_token_id
     policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
     ref_policy = common.reference_model(args.model, policy, args.lora_r, device)
@@ -277,7 +301,7 @@ def main(args: Args):
     state = run.resume(reward_accelerator, scheduler=scheduler)
     if state is None:
         state = {"step": 0, "drawn": {"demos": 0, "prefs": 0}, "reward_bias": None}
-        state["initial"] = evaluate(run, 0, unwrapped, tokenizer, test, args, ref_policy, eval_reward_model)
+        state["initial"] = evaluate(run, 0, unwrapped, tokenizer, test, args, ref_policy, eval_reward_model, judge)
     elif state["reward_bias"] is not None:  # r_phi's bias is a config entry, not a weight: the checkpoint keeps it
         r_phi.config.reward_bias = state["reward_bias"]
     initial = state["initial"]
@@ -345,16 +369,16 @@ def main(args: Args):
         metrics["time/samples_per_second"] = len(completion) / sum(times.values())
         run.log(metrics, update, show=("objective/scores", "objective/kl"))
         if args.eval_every and update % args.eval_every == 0 and update < total:
-            evaluate(run, update, unwrapped, tokenizer, test, args, ref_policy, eval_reward_model)
+            evaluate(run, update, unwrapped, tokenizer, test, args, ref_policy, eval_reward_model, judge)
         drawn = {"demos": demos.drawn, "prefs": prefs.drawn}
         bias = getattr(r_phi.config, "reward_bias", None)
         run.step_done(update, {"initial": initial, "drawn": drawn, "reward_bias": bias})
 
-    final = evaluate(run, total, unwrapped, tokenizer, test, args, ref_policy, eval_reward_model)
+    final = evaluate(run, total, unwrapped, tokenizer, test, args, ref_policy, eval_reward_model, judge)
     common.save_model(accelerator, policy, tokenizer, run.dir)
     common.save_model(reward_accelerator, reward_model, tokenizer, run.dir / "reward_model")
     run.finish(final, initial, times)
 
 
 if __name__ == "__main__":
-    training.run_cli(Args, main)
+    training.run_cli(Args, main, PRESETS)

@@ -158,10 +158,11 @@ def plan(a: Args, out: Path) -> list[Job]:
                 steps = ["--max-steps", "32"] if a.quick else ["--eval-every", "20"]
                 jobs.append(make_job(out, "main", "aihf", seed, "aihf.py", [*ev, *steps]))
         if "gold" in a.modes:
+            gold = "toy-long-gold" if a.dataset == "toy-long" else "toy-gold"
             for m in ONLINE:
                 if wanted(m):
                     script, flags = online_flags(m, a)
-                    jobs.append(make_job(out, "gold", m, seed, script, [*flags, "--reward-model", "toy-gold"]))
+                    jobs.append(make_job(out, "gold", m, seed, script, [*flags, "--reward-model", gold]))
         if "reset" in a.modes:
             for p in ("0", "0.5"):
                 script, flags = online_flags("drpo", a)
@@ -174,7 +175,7 @@ def plan(a: Args, out: Path) -> list[Job]:
                 )
     if "aihf" in a.modes:
         jobs += plan_aihf(a, out)
-    for job in jobs if a.dataset == "toy-long" else []:  # each script then picks the tier's models and lengths
+    for job in jobs if a.dataset == "toy-long" else []:  # each script then takes the tier's preset (models, lengths)
         job.argv += ["--dataset", "toy-long"]
     return jobs
 
@@ -286,7 +287,7 @@ def summary(job: Job) -> str:
     e = json.loads((job.dir / "eval.json").read_text())
     keys = [
         ("eval/win_rate", "win"),
-        ("eval/gold", "gold"),
+        ("eval/judge_score", "gold"),
         ("eval/score", "RM"),
         ("eval/kl", "KL"),
         ("eval/accuracy", "acc"),
@@ -403,7 +404,7 @@ def quality_table(jobs: list[Job], group: str, a: Args, start_row: bool) -> str:
         any_run = next(r for rs in runs.values() for r in rs if "initial/win_rate" in r["final"])
         i = any_run["final"]
         lines.append(
-            f"| SFT checkpoint (start of every run) | | {i['initial/win_rate']:.3f} | {i['initial/gold']:.3f} | "
+            f"| SFT checkpoint (start of every run) | | {i['initial/win_rate']:.3f} | {i['initial/judge_score']:.3f} | "
             f"{i['initial/score']:.3f} | 0 | {i['initial/length']:.2f} | |"
             + "".join(f" {i.get(f'initial/{k}', math.nan):.3f} |" for k in skills)
         )
@@ -413,7 +414,7 @@ def quality_table(jobs: list[Job], group: str, a: Args, start_row: bool) -> str:
         length, wall = fmt([r["final"]["eval/length"] for r in rs], 2), fmt([r["wall"] for r in rs], 0)
         lines.append(
             f"| {NAMES.get(label, label)} | {budget_of(first[label], rs[0], a)} | {col('eval/win_rate')} | "
-            f"{col('eval/gold')} | {score} | {col('eval/kl')} | {length} | {wall} |"
+            f"{col('eval/judge_score')} | {score} | {col('eval/kl')} | {length} | {wall} |"
             + "".join(f" {col(f'eval/{k}')} |" for k in skills)
         )
     return head + "\n".join(lines) + "\n"
@@ -479,7 +480,9 @@ def aihf_table(jobs: list[Job], a: Args) -> str:
                 continue
             acc = fmt([r["final"]["eval/accuracy"] for r in runs.get(f"rm N={n}", [])]) if pipe == "rm+ppo" else ""
             col = lambda k, rs=rs: fmt([r["final"][k] for r in rs])  # noqa: E731
-            body.append(f"| {n:,} | {name} | {col('eval/win_rate')} | {col('eval/gold')} | {col('eval/kl')} | {acc} |")
+            body.append(
+                f"| {n:,} | {name} | {col('eval/win_rate')} | {col('eval/judge_score')} | {col('eval/kl')} | {acc} |"
+            )
     return head + "\n".join(body) + "\n" if body else ""
 
 
@@ -542,7 +545,7 @@ def plot_frontier(plt, jobs, out: Path) -> list[Path]:
             if label == "sft":
                 continue
             _, kl, _ = curve_mean(rs, "eval/kl")
-            _, gold, _ = curve_mean(rs, "eval/gold")
+            _, gold, _ = curve_mean(rs, "eval/judge_score")
             name = NAMES.get(label, label) + (" (gold reward)" if group == "gold" else "")
             ax.plot(kl, gold, style, marker="o", ms=3, label=name, color=color(label))
     ax.set_xlabel("KL(π‖π_ref), nats")

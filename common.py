@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
 
 import data
+import judge as judges
 import toy
 import training
 from data import chat_text, pad, retokenize, tokenize_prompts
@@ -467,7 +468,10 @@ def function_scores(fn, examples: list[dict], completion, tokenizer) -> torch.Te
     chat = [data.is_conversation(r["prompt"]) for r in rows]  # a conversation's completion is a message, as in TRL
     completions = [[{"role": "assistant", "content": t}] if c else t for t, c in zip(texts, chat)]
     columns = {name: [r[name] for r in rows] for name in rows[0] if name != "prompt"}
-    scores = fn(prompts=[r["prompt"] for r in rows], completions=completions, **columns)
+    try:
+        scores = fn(prompts=[r["prompt"] for r in rows], completions=completions, **columns)
+    except ValueError as e:  # a function that refuses its input (the toy's gold reward on another task's prompts)
+        raise UserError(f"--reward-fn {fn.__name__}: {e}") from None
     if len(scores) != len(rows) or not all(isinstance(s, (int, float)) for s in scores):
         raise UserError(
             f"--reward-fn {fn.__name__} must return one number per completion ({len(rows)}): {scores!r:.80}"
@@ -523,15 +527,21 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 # ---- evaluation ----
 
 
+def load_judge(args):
+    """--judge (and --judge-model, --judge-template), or None: what `evaluate` measures the win rate with."""
+    return judges.load_judge(args.judge, args.judge_model, args.judge_template) if args.judge else None
+
+
 @torch.no_grad()
-def evaluate(policy, tokenizer, test, args, ref_policy=None, reward_model=None, batch_size=64):
-    """Greedy completions: reward-model score, length, EOS rate and, on the toy task, gold reward and win rate against
-    the references (toy.score_samples); with `ref_policy`, KL(pi || pi_ref) = mean of sum_t log pi/pi_ref over samples
-    at temperature 1. toy-long: the title / mood rates of the greedy completions and of those samples."""
+def evaluate(policy, tokenizer, test, args, ref_policy=None, reward_model=None, judge=None, batch_size=64):
+    """Greedy completions: reward score, length, EOS rate and, with a `judge` and references (the test split's
+    `completion`), the win rate against them (judge.win_rate; each sample keeps its reference and judgment); with
+    `ref_policy`, KL(pi || pi_ref) = mean of sum_t log pi/pi_ref over samples at temperature 1. toy-long: the title
+    and mood rates of the greedy completions and of those samples."""
     was_training = policy.training
     policy.eval()
     pad_id, device = tokenizer.pad_token_id, next(policy.parameters()).device
-    prompts, is_toy, is_long = test["prompt"], args.dataset in toy.TIERS, args.dataset == "toy-long"
+    prompts, is_long = test["prompt"], args.dataset == "toy-long"
     out, samples, sampled_texts = {"score": [], "length": [], "eos": [], "kl": []}, [], []
     for i in range(0, len(prompts), batch_size):
         texts = [chat_text(tokenizer, p)[0] for p in prompts[i : i + batch_size]]  # messages -> text
@@ -558,6 +568,17 @@ def evaluate(policy, tokenizer, test, args, ref_policy=None, reward_model=None, 
             samples.append(sample)
     policy.train(was_training)
     metrics = {f"eval/{k}": sum(v) / len(v) for k, v in out.items() if v}
-    if is_toy:  # each sample's gold reward (added to it), the win rate; toy-long: the skill rates
-        metrics |= toy.score_samples(samples, out["eos"], test["completion"], sampled_texts if is_long else None)
+    if judge is not None and "completion" in test.column_names:  # the papers' metric: the win rate vs the references
+        references = [c if isinstance(c, str) else "".join(m["content"] for m in c) for c in test["completion"]]
+        completions = [s["completion"] for s in samples]
+        try:
+            judged, judgments = judges.win_rate(judge, list(test["prompt"]), completions, references, out["eos"])
+        except ValueError as e:  # a judge function that refuses the data (toy:gold on another task)
+            raise UserError(f"--judge {judge.spec}: {e}") from None
+        metrics |= judged
+        for sample, j in zip(samples, judgments):
+            sample["reference"] = j.pop("reference")
+            sample["judgment"] = {k: v for k, v in j.items() if k not in ("prompt", "completion")}
+    if is_long:
+        metrics |= toy.skill_rates(samples, sampled_texts)
     return metrics, samples

@@ -40,6 +40,21 @@ from training import Finite, NonNegative, Positive, Range, UserError
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
 
+# The toy tiers' defaults, which any flag given overrides (`--dataset toy-long --help` shows them): the gold reward as
+# judge; toy-long's models and lengths
+PRESETS = {
+    "toy": dict(judge="toy:gold"),
+    "toy-long": dict(
+        judge="toy:gold",
+        model="toy-long-sft",
+        reward_model="toy-long-rm",
+        max_prompt_length=64,
+        max_completion_length=32,
+        max_new_tokens=48,
+    ),
+}
+
+
 @dataclass
 class Args:
     # common
@@ -120,6 +135,13 @@ class Args:
     """pairs per forward/backward on each process; gradients accumulate up to --batch-size (default: all at once)"""
     eval_every: NonNegative[int] = 50
     """evaluate every this many updates (optimizer steps); 0: only before the first and after the last"""
+    judge: str | None = None
+    """the win rate of greedy completions against the test split's references under this judge: `module:function`,
+    a local model, or an OpenAI-compatible URL http://HOST:PORT/v1 (the toy tiers' preset: `toy:gold`, gold reward)"""
+    judge_model: str | None = None
+    """the model name that an endpoint --judge serves"""
+    judge_template: Literal["summary", "chat"] = "summary"
+    """an LLM judge's prompt: the DPO paper's TL;DR summary comparison, or its dialogue (HH) comparison"""
     max_steps: Positive[int] | None = None
     """stop after this many updates (optimizer steps; default: --epochs passes over the data)"""
 
@@ -217,10 +239,10 @@ def held_out_metrics(policy, ref_policy, rows, args, pad_id, device, batch_size=
 
 
 def main(args: Args):
-    args = toy.tier_args(args)  # --dataset toy-long: the tier's models and lengths
     accelerator = common.setup(args)
     device, is_toy = accelerator.device, args.dataset in toy.TIERS
     tokenizer = data.load_tokenizer(args.model)
+    judge = common.load_judge(args)  # the evaluations' win rate against the test references
     pad_id = tokenizer.pad_token_id
     # ---- DPO (Rafailov et al. 2023, Section 4), step 1: pi_theta and pi_ref both start as pi_SFT; pi_ref is a
     # frozen copy (LoRA: the adapter-disabled policy) ----
@@ -274,7 +296,7 @@ def main(args: Args):
 
     def evaluate(update):  # greedy completions (KL, RM score; toy: win rate) and the held-out pairs' DPO metrics
         unwrapped = accelerator.unwrap_model(policy)
-        metrics, samples = common.evaluate(unwrapped, tokenizer, gen, args, ref_policy, reward_model)
+        metrics, samples = common.evaluate(unwrapped, tokenizer, gen, args, ref_policy, reward_model, judge)
         metrics.update(held_out_metrics(unwrapped, ref_policy, test_rows, args, pad_id, device))
         return run.log_eval(update, metrics, samples)
 
@@ -339,4 +361,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    training.run_cli(Args, main)
+    training.run_cli(Args, main, PRESETS)

@@ -17,6 +17,7 @@ few epochs of clipped policy and value steps on that fixed batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from accelerate.utils import extract_model_from_parallel
@@ -26,6 +27,15 @@ import data
 import toy
 import training
 from training import Finite, Fraction, NonNegative, Positive
+
+# The toy tiers' defaults, which any flag given overrides (`--dataset toy-long --help` shows them): the gold reward as
+# judge; toy-long's models and lengths
+PRESETS = {
+    "toy": dict(judge="toy:gold"),
+    "toy-long": dict(
+        judge="toy:gold", model="toy-long-sft", reward_model="toy-long-rm", max_prompt_length=64, max_new_tokens=48
+    ),
+}
 
 
 @dataclass
@@ -80,6 +90,13 @@ class Args:
     """test prompts used at each evaluation (greedy decoding)"""
     eval_every: NonNegative[int] = 16
     """evaluate every this many updates, before the first and after the last (0: only those)"""
+    judge: str | None = None
+    """the win rate of greedy completions against the test split's references under this judge: `module:function`,
+    a local model, or an OpenAI-compatible URL http://HOST:PORT/v1 (the toy tiers' preset: `toy:gold`, gold reward)"""
+    judge_model: str | None = None
+    """the model name that an endpoint --judge serves"""
+    judge_template: Literal["summary", "chat"] = "summary"
+    """an LLM judge's prompt: the DPO paper's TL;DR summary comparison, or its dialogue (HH) comparison"""
 
     # algorithm
     kl_coef: NonNegative[float] = 0.05
@@ -201,7 +218,6 @@ def ppo_losses(new_logps, new_values, rollout, args, n_tokens):
 
 
 def main(args: Args):
-    args = toy.tier_args(args)  # --dataset toy-long: the tier's models and lengths
     accelerator = common.setup(args)
     device, is_toy = accelerator.device, args.dataset in toy.TIERS
     per_process = args.batch_size // accelerator.num_processes
@@ -212,6 +228,7 @@ def main(args: Args):
             f"--num-minibatches {args.num_minibatches} and at most --total-episodes {args.total_episodes}"
         )
     tokenizer = data.load_tokenizer(args.model)
+    judge = common.load_judge(args)  # the evaluations' win rate against the test references
     pad_id = tokenizer.pad_token_id
     policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
     ref_policy = common.reference_model(args.model, policy, args.lora_r, device)
@@ -237,7 +254,7 @@ def main(args: Args):
     order = torch.randperm(len(prompts), generator=generator).tolist()
 
     def evaluate(update):  # greedy completions of the test prompts: score, KL, length (toy: gold, win rate)
-        return run.log_eval(update, *common.evaluate(policy, tokenizer, test, args, ref_policy, reward_model))
+        return run.log_eval(update, *common.evaluate(policy, tokenizer, test, args, ref_policy, reward_model, judge))
 
     state = run.resume(scheduler=scheduler)
     if state is None:
@@ -332,4 +349,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    training.run_cli(Args, main)
+    training.run_cli(Args, main, PRESETS)

@@ -31,6 +31,18 @@ import toy
 import training
 from training import NonNegative, Positive, UserError
 
+# The long toy tier's defaults, which any flag given overrides (`--dataset toy-long --help` shows them): its models
+# and lengths
+PRESETS = {
+    "toy-long": dict(
+        model="toy-long-sft",
+        reference_dataset="toy-long",
+        max_prompt_length=64,
+        max_completion_length=32,
+        eval_every=100,
+    )
+}
+
 
 @dataclass
 class Args:
@@ -184,7 +196,6 @@ def sft_sample_agreement(model, pairs, pad_id, no_eos_score=-1.0):
 
 
 def main(args: Args):
-    args = toy.tier_args(args, toy.LONG_RM_DEFAULTS)  # --dataset toy-long: the tier's models, lengths, evaluations
     accelerator = common.setup(args)
     tokenizer = data.load_tokenizer(args.model)
     pad_id, device, is_toy = tokenizer.pad_token_id, accelerator.device, args.dataset in toy.TIERS
@@ -296,4 +307,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    training.run_cli(Args, main)
+    training.run_cli(Args, main, PRESETS)

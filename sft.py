@@ -24,9 +24,25 @@ from transformers import get_scheduler
 
 import common
 import data
-import toy
 import training
 from training import NonNegative, Positive, UserError
+
+# The toy tiers' defaults, which any flag given overrides (`--dataset toy-long --help` shows them): the gold reward as
+# judge; toy-long's model, lengths and schedule (its title copy forms within a few hundred updates of 32 at 3e-3)
+PRESETS = {
+    "toy": dict(judge="toy:gold"),
+    "toy-long": dict(
+        judge="toy:gold",
+        model="toy-long",
+        max_prompt_length=64,
+        max_completion_length=32,
+        max_new_tokens=48,
+        lr=3e-3,
+        lr_schedule="wsd",
+        batch_size=32,
+        eval_every=400,
+    ),
+}
 
 
 @dataclass
@@ -87,6 +103,13 @@ class Args:
     """examples per forward/backward on each process; gradients accumulate up to --batch-size (default: all at once)"""
     eval_every: NonNegative[int] = 100
     """evaluate every this many updates (optimizer steps); 0: only at the end"""
+    judge: str | None = None
+    """the win rate of greedy completions against the test split's references under this judge: `module:function`,
+    a local model, or an OpenAI-compatible URL http://HOST:PORT/v1 (the toy tiers' preset: `toy:gold`, gold reward)"""
+    judge_model: str | None = None
+    """the model name that an endpoint --judge serves"""
+    judge_template: Literal["summary", "chat"] = "summary"
+    """an LLM judge's prompt: the DPO paper's TL;DR summary comparison, or its dialogue (HH) comparison"""
     max_steps: Positive[int] | None = None
     """stop after this many updates (optimizer steps; default: --epochs passes over the data)"""
 
@@ -98,9 +121,9 @@ def collate(examples, pad_id):
 
 
 def main(args: Args):
-    args = toy.tier_args(args, toy.LONG_SFT_DEFAULTS)  # --dataset toy-long: the tier's models, lengths and batch
     accelerator = common.setup(args)
     tokenizer = data.load_tokenizer(args.model)
+    judge = common.load_judge(args)  # the evaluations' win rate against the test references
     pad_id = tokenizer.pad_token_id
     # ---- SFT (Stiennon et al. 2020, N+), step 1: pi_theta starts from the pretrained LM (LoRA optional) ----
     policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
@@ -144,7 +167,9 @@ def main(args: Args):
     run = training.Run(args, accelerator, num_updates)
 
     def evaluate(update):  # greedy completions of the test prompts; toy: gold reward and win rate
-        return run.log_eval(update, *common.evaluate(accelerator.unwrap_model(policy), tokenizer, test, args))
+        return run.log_eval(
+            update, *common.evaluate(accelerator.unwrap_model(policy), tokenizer, test, args, judge=judge)
+        )
 
     state = run.resume(scheduler=scheduler)
     first = 1 if state is None else state["step"] + 1
@@ -184,4 +209,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    training.run_cli(Args, main)
+    training.run_cli(Args, main, PRESETS)

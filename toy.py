@@ -44,7 +44,6 @@ Everything is generated from a seed; nothing is downloaded.
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import functools
 import math
@@ -183,24 +182,18 @@ def gold_reward(prompt: str, completion: str, has_eos: bool = True) -> float:
     return max(-1.0, min(1.0, score))
 
 
-def win_rate(policy_golds: list[float], reference_golds: list[float]) -> float:
-    """Share of prompts where the policy's summary beats the reference under the gold reward (ties 0.5)."""
-    wins = [1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy_golds, reference_golds, strict=True)]
-    return sum(wins) / len(wins)
+def gold(prompts: list[str], completions: list[str], has_eos: list[bool] | None = None, **columns) -> list[float]:
+    """The gold reward with TRL's reward-function signature: the toy's judge (`--judge toy:gold`: win rate against
+    the references) and a reward function (`--reward-fn toy:gold`: the oracle). A completion that `has_eos` says
+    never ended loses 0.5. Any other task's prompts are refused (ValueError)."""
+    ended = [True] * len(completions) if has_eos is None else has_eos
+    return [gold_reward(p, c, bool(e)) for p, c, e in zip(prompts, completions, ended, strict=True)]
 
 
-def score_samples(samples: list[dict], eos: list[float], references: list[str], sampled: list[str] | None = None):
-    """The toy metrics of an evaluation's greedy `samples` ({"prompt", "completion"}; `eos`: each one's EOS flag):
-    each sample's gold reward (added to it as "gold"), eval/gold and eval/win_rate against the `references`. With
-    `sampled` (toy-long: one completion per prompt at temperature 1), the share of greedy completions that have each
-    of long_skills' parts (eval/title, eval/mood) and of sampled ones (eval/title_t1, eval/mood_t1)."""
-    for sample, has_eos in zip(samples, eos, strict=True):
-        sample["gold"] = gold_reward(sample["prompt"], sample["completion"], bool(has_eos))
-    golds = [s["gold"] for s in samples]
-    reference_golds = [gold_reward(s["prompt"], r) for s, r in zip(samples, references)]
-    metrics = {"eval/gold": sum(golds) / len(golds), "eval/win_rate": win_rate(golds, reference_golds)}
-    if sampled is None:
-        return metrics
+def skill_rates(samples: list[dict], sampled: list[str]) -> dict[str, float]:
+    """toy-long's skill rates: the share of greedy completions (`samples`, {"prompt", "completion"}) that have each
+    of long_skills' parts (eval/title, eval/mood), and of `sampled` ones at temperature 1 (eval/title_t1, ...)."""
+    metrics = {}
     for how, texts in (("", [s["completion"] for s in samples]), ("_t1", sampled)):
         skills = [long_skills(post_words(s["prompt"]), t) for s, t in zip(samples, texts, strict=True)]
         metrics |= {f"eval/{part}{how}": sum(k[part] for k in skills) / len(skills) for part in ("title", "mood")}
@@ -536,35 +529,7 @@ def mood_scores(model: str = "toy-long-rm", n: int = 500) -> dict[str, float]:
     }
 
 
-# The tier's own models and lengths wherever a flag kept the short tier's default
-LONG_DEFAULTS = {
-    "max_prompt_length": (32, 64),
-    "max_new_tokens": (8, LONG_MAX_NEW_TOKENS),
-    "max_completion_length": (16, 32),
-    "lr": (1e-3, 3e-3),  # sft.py: the title copy forms within a few hundred updates at 3e-3 held constant
-    "lr_schedule": ("linear", "wsd"),
-    "reset_source": (None, "chosen"),  # drpo.py: the chosen summaries quote the whole title
-}
-LONG_SFT_DEFAULTS = {  # sft.py: per example seen, the copy forms sooner in smaller batches; 3 evaluations, not 12
-    "batch_size": (64, 32),
-    "eval_every": (100, 400),
-}
-LONG_RM_DEFAULTS = {"eval_every": (50, 100)}  # reward.py: an evaluation samples and scores 500 SFT pairs
-LONG_NAMES = {"toy": "toy-long", "toy-sft": "toy-long-sft", "toy-rm": "toy-long-rm", "toy-gold": "toy-long-gold"}
-TIERS = ("toy", "toy-long")
-
-
-def tier_args(args, script_defaults: dict | None = None):
-    """`--dataset toy-long`: the tier's models (toy-sft -> toy-long-sft, ...), datasets and lengths, and the script's
-    own `script_defaults` (old, new), for every argument still at the short tier's default. Other datasets: `args`
-    unchanged."""
-    if getattr(args, "dataset", None) != "toy-long":
-        return args
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
-    defaults = LONG_DEFAULTS | (script_defaults or {})
-    changes = {k: new for k, (old, new) in defaults.items() if k in fields and fields[k] == old}
-    changes |= {k: LONG_NAMES[v] for k, v in fields.items() if isinstance(v, str) and v in LONG_NAMES}
-    return dataclasses.replace(args, **changes)
+TIERS = ("toy", "toy-long")  # the tiers, as --dataset names them
 
 
 # ---- the cached toy models: `--model toy-sft`, `--reward-model toy-rm` ----

@@ -95,7 +95,8 @@ def load_function(spec: str, flag: str):
             location = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
             module = importlib.util.module_from_spec(location)
             location.loader.exec_module(module)
-        else:
+        else:  # `python script.py` puts the script's folder on the path, not the working directory
+            sys.path += [] if os.getcwd() in sys.path else [os.getcwd()]
             module = importlib.import_module(module_name)
     except (ImportError, FileNotFoundError, SyntaxError) as e:
         raise UserError(f"{flag} {spec}: cannot import {module_name!r} ({e})") from None
@@ -104,13 +105,23 @@ def load_function(spec: str, flag: str):
     return getattr(module, name)
 
 
-def run_cli(args_cls, main):
-    """main(tyro.cli(Args)) with input mistakes and stopped runs as one line and a non-zero exit code. With
-    --resume, the arguments are the run's args.json."""
+def preset(args_cls, presets: dict | None, argv: list[str]):
+    """The Args whose defaults the dataset's entry in `presets` sets (a toy tier's judge, models and lengths): a flag
+    given still wins, and `--dataset NAME --help` shows the preset's values. None where there is no entry."""
+    name = args_cls().dataset if presets else None  # the default dataset's preset unless --dataset names another
+    for i, arg in enumerate(argv):
+        name = arg.removeprefix("--dataset=") if arg.startswith("--dataset=") else name
+        name = argv[i + 1] if arg == "--dataset" and i + 1 < len(argv) else name
+    return args_cls(dataset=name, **presets[name]) if name in (presets or {}) else None
+
+
+def run_cli(args_cls, main, presets: dict | None = None):
+    """main(tyro.cli(Args)) with input mistakes and stopped runs as one line and a non-zero exit code; `presets`:
+    `preset`'s defaults. With --resume, the arguments are the run's args.json."""
     import tyro
 
     try:
-        args = tyro.cli(args_cls)
+        args = tyro.cli(args_cls, default=preset(args_cls, presets, sys.argv[1:]))
         if getattr(args, "track", False) and importlib.util.find_spec("wandb") is None:  # before anything is written
             raise UserError("--track needs wandb: pip install wandb")
         main(resume_args(args_cls, args) if getattr(args, "resume", None) else args)

@@ -40,6 +40,15 @@ import toy
 import training
 from training import Finite, NonNegative, Positive
 
+# The toy tiers' defaults, which any flag given overrides (`--dataset toy-long --help` shows them): the gold reward as
+# judge; toy-long's models and lengths
+PRESETS = {
+    "toy": dict(judge="toy:gold"),
+    "toy-long": dict(
+        judge="toy:gold", model="toy-long-sft", reward_model="toy-long-rm", max_prompt_length=64, max_new_tokens=48
+    ),
+}
+
 
 @dataclass
 class Args:
@@ -93,6 +102,13 @@ class Args:
     """test prompts used at each evaluation (greedy decoding)"""
     eval_every: NonNegative[int] = 16
     """evaluate every this many updates, before the first and after the last (0: only those)"""
+    judge: str | None = None
+    """the win rate of greedy completions against the test split's references under this judge: `module:function`,
+    a local model, or an OpenAI-compatible URL http://HOST:PORT/v1 (the toy tiers' preset: `toy:gold`, gold reward)"""
+    judge_model: str | None = None
+    """the model name that an endpoint --judge serves"""
+    judge_template: Literal["summary", "chat"] = "summary"
+    """an LLM judge's prompt: the DPO paper's TL;DR summary comparison, or its dialogue (HH) comparison"""
 
     # algorithm
     alpha: tuple[NonNegative[float], ...] = (0.01,)
@@ -185,7 +201,6 @@ def collate(rows, pad_id, device):
 
 
 def main(args: Args):
-    args = toy.tier_args(args)  # --dataset toy-long: the tier's models and lengths
     accelerator = common.setup(args)
     device, is_toy, gold = (
         accelerator.device,
@@ -204,6 +219,7 @@ def main(args: Args):
             "--reward-model toy-gold needs --dataset toy or toy-long (the gold reward judges the toy task)"
         )
     tokenizer = data.load_tokenizer(args.model)
+    judge = common.load_judge(args)  # the evaluations' win rate against the test references
     pad_id = tokenizer.pad_token_id
     policy = common.apply_lora(common.trainable(common.load_model(args.model), args), args.lora_r, args.lora_alpha)
     ref_policy = common.reference_model(args.model, policy, args.lora_r, device)
@@ -224,7 +240,7 @@ def main(args: Args):
 
     def evaluate(update):
         unwrapped = accelerator.unwrap_model(policy)
-        return run.log_eval(update, *common.evaluate(unwrapped, tokenizer, test, args, ref_policy, reward_model))
+        return run.log_eval(update, *common.evaluate(unwrapped, tokenizer, test, args, ref_policy, reward_model, judge))
 
     state = run.resume(scheduler=scheduler)
     if state is None:
@@ -338,4 +354,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    training.run_cli(Args, main)
+    training.run_cli(Args, main, PRESETS)

@@ -35,6 +35,7 @@ def toy_cache(tmp_path_factory):
     os.environ["RLHF_TOY_CACHE"] = str(cache)
     sft.main(
         sft.Args(
+            judge="toy:gold",
             model="toy-tiny",
             output_dir=str(cache),
             run_name="toy-sft",

@@ -151,7 +151,9 @@ EXPLICIT = dict(policy_steps=2, reward_lr=1e-3, rollout_prompts=4, rloo_k=2, cen
 
 
 def test_smoke_aihf_dpo(toy_cache, tmp_path):
-    aihf.main(aihf.Args(output_dir=str(tmp_path), run_name="smoke", max_steps=3, eval_every=2, **SMALL))
+    aihf.main(
+        aihf.Args(judge="toy:gold", output_dir=str(tmp_path), run_name="smoke", max_steps=3, eval_every=2, **SMALL)
+    )
     rows = read_metrics(tmp_path / "smoke")
     steps = [r for r in rows if "loss/pref" in r]
     assert len(steps) == 3 and steps[0]["loss"] == pytest.approx(2 * LN2, abs=1e-5)  # (R3): pi_theta = pi_ref
@@ -172,7 +174,7 @@ def test_smoke_self_play_each_round_starts_at_2ln2(toy_cache, tmp_path):
     """docs/aihf.md (R3), (A11): each round the previous iterate becomes pi_opp, the reference of both terms, so
     the first loss of every round is 2 ln 2 exactly, whatever the policy learned before."""
     args = dict(self_play=True, rounds=2, max_steps=5, lr=1e-3, eval_every=10**9)  # 5 // 2: 2 rounds of 2
-    aihf.main(aihf.Args(output_dir=str(tmp_path), run_name="sp", **args, **SMALL))
+    aihf.main(aihf.Args(judge="toy:gold", output_dir=str(tmp_path), run_name="sp", **args, **SMALL))
     steps = [r for r in read_metrics(tmp_path / "sp") if "loss/pref" in r]
     assert [r["round"] for r in steps] == [0, 0, 1, 1]
     assert [r["step"] for r in steps if "time/generation" in r] == [1, 3]  # y_gen re-drawn at each round
@@ -183,7 +185,9 @@ def test_smoke_self_play_each_round_starts_at_2ln2(toy_cache, tmp_path):
 def test_smoke_explicit_recentres_the_reward(toy_cache, tmp_path):
     """docs/aihf.md (A18) schedule and (R8): after the last reward phase the first --center-demos demonstrations
     score 0 on average."""
-    aihf_explicit.main(aihf_explicit.Args(output_dir=str(tmp_path), run_name="ex", max_steps=4, **EXPLICIT, **SMALL))
+    aihf_explicit.main(
+        aihf_explicit.Args(judge="toy:gold", output_dir=str(tmp_path), run_name="ex", max_steps=4, **EXPLICIT, **SMALL)
+    )
     steps = [r for r in read_metrics(tmp_path / "ex") if "objective/scores" in r]
     assert len(steps) == 4 and steps[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
     for key in ("objective/gold", "objective/eos_rate", "loss/policy", "time/generation", "time/scoring"):
@@ -217,13 +221,13 @@ def test_explicit_w_demo_zero_never_samples_for_the_reward(toy_cache, tmp_path, 
     monkeypatch.setattr(common, "generate", recording_generate)
     base = dict(output_dir=str(tmp_path), max_steps=2, policy_steps=1, rollout_prompts=4, rloo_k=2, eval_every=10**9)
     base.update({**SMALL, "demo_batch_size": 6, "eval_prompts": 10})
-    aihf_explicit.main(aihf_explicit.Args(run_name="w0", w_demo=0.0, reward_lr=0.0, **base))
+    aihf_explicit.main(aihf_explicit.Args(judge="toy:gold", run_name="w0", w_demo=0.0, reward_lr=0.0, **base))
     assert 6 not in sizes and sizes.count(8) == 2  # two policy updates of 4 prompts x 2, no reward-phase sample
     rm0 = common.load_model("toy-rm", "reward").state_dict()
     rm1 = common.load_model(str(tmp_path / "w0" / "reward_model"), "reward").state_dict()
     assert all(torch.equal(rm0[k], rm1[k]) for k in rm0)
     sizes.clear()
-    aihf_explicit.main(aihf_explicit.Args(run_name="w1", **base))
+    aihf_explicit.main(aihf_explicit.Args(judge="toy:gold", run_name="w1", **base))
     assert sizes.count(6) == 2  # one fresh policy sample per reward phase
 
 
@@ -231,7 +235,7 @@ def test_explicit_interrupted_and_resumed_is_exact(toy_cache, tmp_path, monkeypa
     """r_phi from a causal LM (no bias yet) stopped at update 1, before its first reward phase, and resumed: the
     same run as an uninterrupted one (weights of both models, metrics, r_phi's bias of docs/aihf.md (A14))."""
     kw = dict(output_dir=str(tmp_path), reward_init="toy-sft", max_steps=3, **EXPLICIT, **SMALL)
-    aihf_explicit.main(aihf_explicit.Args(run_name="full", **kw))
+    aihf_explicit.main(aihf_explicit.Args(judge="toy:gold", run_name="full", **kw))
     real_step_done = training.Run.step_done
 
     def stop_at_1(self, update, state):
@@ -241,8 +245,10 @@ def test_explicit_interrupted_and_resumed_is_exact(toy_cache, tmp_path, monkeypa
     with monkeypatch.context() as m:
         m.setattr(training.Run, "step_done", stop_at_1)
         with pytest.raises(training.Interrupted):
-            aihf_explicit.main(aihf_explicit.Args(run_name="cut", **kw))
-    aihf_explicit.main(training.resume_args(aihf_explicit.Args, aihf_explicit.Args(resume=str(tmp_path / "cut"))))
+            aihf_explicit.main(aihf_explicit.Args(judge="toy:gold", run_name="cut", **kw))
+    aihf_explicit.main(
+        training.resume_args(aihf_explicit.Args, aihf_explicit.Args(judge="toy:gold", resume=str(tmp_path / "cut")))
+    )
     assert without_times(tmp_path / "cut") == without_times(tmp_path / "full")
     for part in ("model.safetensors", "reward_model/model.safetensors", "reward_model/config.json"):
         assert (tmp_path / "cut" / part).read_bytes() == (tmp_path / "full" / part).read_bytes(), part
@@ -263,7 +269,11 @@ def test_cli_error_is_one_line(toy_cache, tmp_path, script, flags):
 def test_learning_check(toy_cache, tmp_path):
     """A short AIHF-DPO run on the tiny toy SFT model raises the gold win rate against the references."""
     args = dict(max_steps=60, batch_size=32, demo_batch_size=32, lr=2e-3, beta=0.3, num_demonstrations=4000)
-    aihf.main(aihf.Args(output_dir=str(tmp_path), run_name="learn", eval_prompts=200, eval_every=10**9, **args))
+    aihf.main(
+        aihf.Args(
+            judge="toy:gold", output_dir=str(tmp_path), run_name="learn", eval_prompts=200, eval_every=10**9, **args
+        )
+    )
     final = json.load(open(tmp_path / "learn" / "eval.json"))
     assert final["eval/win_rate"] > final["initial/win_rate"] + 0.05, final
     assert final["eval/score"] > final["initial/score"]

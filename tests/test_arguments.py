@@ -75,3 +75,23 @@ def test_zero_and_minus_one_where_they_are_allowed(module, value):
             assert 0 in allowed, name
         if name == "no_eos_score":
             assert float(value) in allowed
+
+
+def test_a_flag_given_wins_over_the_toy_long_preset(monkeypatch, capsys):
+    """`--dataset toy-long` takes the tier's preset as defaults (`--help` shows them); every flag given wins."""
+    import sft
+
+    runs = []
+    for argv in (["--dataset", "toy-long", "--lr", "1e-3"], ["--dataset=toy-long"], ["--lr", "3e-3"], []):
+        monkeypatch.setattr(sys, "argv", ["sft.py", *argv])
+        training.run_cli(sft.Args, runs.append, sft.PRESETS)
+    typed, preset, short, default = runs
+    assert typed.lr == 1e-3 and (typed.model, typed.batch_size, typed.max_new_tokens) == ("toy-long", 32, 48)
+    assert preset.lr == 3e-3 and preset.lr_schedule == "wsd" and preset.judge == "toy:gold"
+    assert short.lr == 3e-3 and (short.model, short.batch_size, short.max_new_tokens) == ("toy", 64, 8)
+    assert default == sft.Args(judge="toy:gold")  # the default dataset's preset: the toy's judge
+    monkeypatch.setattr(sys, "argv", ["sft.py", "--dataset", "toy-long", "--help"])
+    with pytest.raises(SystemExit):
+        training.run_cli(sft.Args, runs.append, sft.PRESETS)
+    help_text = " ".join(capsys.readouterr().out.replace("│", " ").split())  # the table's borders and wrapping out
+    assert "(default: 0.003)" in help_text and "(default: toy-long)" in help_text

@@ -126,7 +126,7 @@ def test_quick_run(toy_cache, tmp_path):
         if r["label"].startswith("rm "):
             assert 0.0 <= final["eval/accuracy"] <= 1.0
             continue
-        assert 0.0 <= final["eval/win_rate"] <= 1.0 and -1.0 <= final["eval/gold"] <= 1.0, r
+        assert 0.0 <= final["eval/win_rate"] <= 1.0 and -1.0 <= final["eval/judge_score"] <= 1.0, r
         assert math.isfinite(final["eval/kl"]) and 1.0 <= final["eval/length"] <= 8.0, r
         assert r["wall_s"] > 0 and len(r["curve"]) >= 2 and r["curve"][0]["x"] == 0, r
     ppo = next(r for r in runs if r["group"] == "main" and r["label"] == "ppo")

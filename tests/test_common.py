@@ -890,16 +890,21 @@ def test_evaluate_on_the_toy_task():
     rm = AutoModelForSequenceClassification.from_config(config).eval()
     ds = toy.sft_dataset("test").select(range(20))
     policy.train()
-    args = SimpleNamespace(dataset="toy", max_prompt_length=32, max_new_tokens=8, no_eos_score=-1.0)
-    metrics, samples = common.evaluate(policy, tok, ds, args, ref_policy=policy, reward_model=rm, batch_size=8)
+    args = SimpleNamespace(dataset="toy", max_prompt_length=32, max_new_tokens=8, no_eos_score=-1.0, judge="toy:gold")
+    args.judge_model, args.judge_template = None, "summary"
+    judge = common.load_judge(args)
+    metrics, samples = common.evaluate(policy, tok, ds, args, policy, rm, judge, batch_size=8)
     assert policy.training  # restored
-    assert set(metrics) == {"eval/score", "eval/length", "eval/eos", "eval/kl", "eval/gold", "eval/win_rate"}
+    judged = {"eval/win_rate", "eval/judge_ties", "eval/judge_score", "eval/judge_score_reference"}
+    assert set(metrics) == {"eval/score", "eval/length", "eval/eos", "eval/kl", *judged}
     assert metrics["eval/kl"] == 0.0
     assert len(samples) == 20 and [s["prompt"] for s in samples] == list(ds["prompt"])
-    golds = [s["gold"] for s in samples]
-    assert metrics["eval/gold"] == pytest.approx(sum(golds) / 20)
+    assert [s["reference"] for s in samples] == list(ds["completion"])  # each sample beside its reference
+    golds = [s["judgment"]["score"] for s in samples]
+    assert metrics["eval/judge_score"] == pytest.approx(sum(golds) / 20)
     ref_golds = [toy.gold_reward(p, c) for p, c in zip(ds["prompt"], ds["completion"])]
-    assert metrics["eval/win_rate"] == pytest.approx(toy.win_rate(golds, ref_golds))
+    wins = [1.0 if g > r else 0.5 if g == r else 0.0 for g, r in zip(golds, ref_golds)]  # ties count half
+    assert metrics["eval/win_rate"] == pytest.approx(sum(wins) / 20)
     # the greedy completions, EOS rate, length and reward-model scores, recomputed in one batch
     pad_id = tok.pad_token_id
     prompt = data.pad(data.tokenize_prompts(tok, list(ds["prompt"]), 32), pad_id, "left")
@@ -908,9 +913,7 @@ def test_evaluate_on_the_toy_task():
         scores = common.reward_scores(rm, prompt, completion, pad_id, has_eos, no_eos_score=-1.0)
     texts = tok.batch_decode(completion, skip_special_tokens=True)
     assert [s["completion"] for s in samples] == texts
-    assert [s["gold"] for s in samples] == [
-        toy.gold_reward(p, t, bool(e)) for p, t, e in zip(ds["prompt"], texts, has_eos)
-    ]
+    assert golds == [toy.gold_reward(p, t, bool(e)) for p, t, e in zip(ds["prompt"], texts, has_eos)]
     assert metrics["eval/eos"] == pytest.approx(has_eos.float().mean().item())
     assert metrics["eval/length"] == pytest.approx((completion != pad_id).sum(1).float().mean().item())
     assert [s["score"] for s in samples] == pytest.approx(scores.tolist(), abs=1e-5)

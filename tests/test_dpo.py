@@ -125,6 +125,7 @@ def test_loss_is_ln2_on_a_real_batch_with_a_frozen_copy(toy_cache):
 
 def test_smoke_main(toy_cache, tmp_path):
     args = dpo.Args(
+        judge="toy:gold",
         output_dir=str(tmp_path),
         run_name="smoke",
         max_steps=3,
@@ -192,6 +193,7 @@ def test_cli_on_a_preference_file(toy_cache, tmp_path):
 def test_learning_check(toy_cache, tmp_path):
     """A short DPO run on the tiny toy SFT model raises the gold win rate against the reference summaries."""
     args = dpo.Args(
+        judge="toy:gold",
         output_dir=str(tmp_path),
         run_name="learn",
         max_steps=60,

@@ -66,7 +66,7 @@ def test_reset_prefix_equals_reference_tokens():
 
 def test_policy_gradient_ignores_forced_tokens_only():
     """d L_pg / d log pi is 0 at forced positions and non-zero elsewhere; the value loss sees every token."""
-    args = drpo.Args()
+    args = drpo.Args(judge="toy:gold")
     mask = torch.tensor([[True, True, True, True, False]])
     forced = torch.tensor([[True, True, False, False, False]])
     new_logps = torch.zeros(1, 5, requires_grad=True)
@@ -87,8 +87,8 @@ def read(run_dir):
 
 def test_reset_prob_zero_reproduces_ppo(toy_cache, tmp_path):
     kw = dict(output_dir=str(tmp_path), total_episodes=96, batch_size=32, eval_prompts=16, seed=3)
-    ppo.main(ppo.Args(run_name="ppo", **kw))
-    drpo.main(drpo.Args(run_name="drpo", reset_prob=0.0, **kw))
+    ppo.main(ppo.Args(judge="toy:gold", run_name="ppo", **kw))
+    drpo.main(drpo.Args(judge="toy:gold", run_name="drpo", reset_prob=0.0, **kw))
     a, b = read(tmp_path / "ppo"), read(tmp_path / "drpo")
     assert len(a) == len(b) == 5  # 3 updates + evals at 0 and the end
     for x, y in zip(a, b):
@@ -98,7 +98,16 @@ def test_reset_prob_zero_reproduces_ppo(toy_cache, tmp_path):
 
 
 def test_smoke_run_logs_resets(toy_cache, tmp_path):
-    drpo.main(drpo.Args(output_dir=str(tmp_path), run_name="smoke", total_episodes=64, batch_size=32, eval_prompts=16))
+    drpo.main(
+        drpo.Args(
+            judge="toy:gold",
+            output_dir=str(tmp_path),
+            run_name="smoke",
+            total_episodes=64,
+            batch_size=32,
+            eval_prompts=16,
+        )
+    )
     updates = [r for r in read(tmp_path / "smoke") if "reset/fraction" in r]
     assert len(updates) == 2 and all(r["reset/fraction"] == 1.0 for r in updates)
     assert all(1.0 <= r["reset/mean_h"] <= 7.0 for r in updates)
@@ -117,6 +126,7 @@ def test_learning_check(toy_cache, tmp_path):
     the bare prompt. (The gold reward of reset rollouts starts high, from the reference prefix, and is noisy.)"""
     drpo.main(
         drpo.Args(
+            judge="toy:gold",
             output_dir=str(tmp_path),
             run_name="learn",
             total_episodes=64 * 24,

@@ -135,7 +135,7 @@ def test_ratio_is_one_at_the_first_minibatch():
     """Old log-probs come from the rollout pass over the whole batch; the first minibatch recomputes them
     on a shuffled subset with gradients. Same temperature and position ids, so the ratio is 1."""
     tokenizer, policy, value = tiny_models()
-    args = ppo.Args()
+    args = ppo.Args(judge="toy:gold")
     prompts = data.tokenize_prompts(tokenizer, toy.sft_dataset("test")["prompt"][:16], 32)
     prompt = data.pad(prompts, tokenizer.pad_token_id, "left")
     completion, _ = common.generate(policy, prompt, tokenizer, 8, temperature=0.7)
@@ -160,7 +160,7 @@ def test_ratio_is_one_at_the_first_minibatch():
 
 def test_clipping_hand_values():
     """Ratio 1.5 with A>0 is clipped at 1.2; ratio 0.5 with A<0 is clipped at 0.8."""
-    args = ppo.Args()
+    args = ppo.Args(judge="toy:gold")
     old = torch.zeros(1, 2)
     new = torch.log(torch.tensor([[1.5, 0.5]]))
     adv = torch.tensor([[1.0, -1.0]])
@@ -173,7 +173,7 @@ def test_clipping_hand_values():
 
 
 def test_value_clipping_hand_values():
-    args = ppo.Args()
+    args = ppo.Args(judge="toy:gold")
     mask = torch.ones(1, 1, dtype=torch.bool)
     zero = torch.zeros(1, 1)
     # V_old 0, V_new 1, R 1: unclipped error 0, clipped V = 0.2 -> error 0.64; loss = 0.5 * max = 0.32
@@ -188,7 +188,9 @@ def read_metrics(run_dir):
 
 
 def test_smoke_run(toy_cache, tmp_path):
-    args = ppo.Args(output_dir=str(tmp_path), run_name="smoke", total_episodes=64, batch_size=32, eval_prompts=16)
+    args = ppo.Args(
+        judge="toy:gold", output_dir=str(tmp_path), run_name="smoke", total_episodes=64, batch_size=32, eval_prompts=16
+    )
     ppo.main(args)
     rows = read_metrics(tmp_path / "smoke")
     updates = [r for r in rows if "objective/kl" in r]
@@ -243,6 +245,7 @@ def test_learning_check(toy_cache, tmp_path):
     and the greedy policy's gold reward and win rate. (The tiny reward model is weak: the gold reward of the
     sampled training completions rises within two or three updates, then wanders within about 0.05.)"""
     args = ppo.Args(
+        judge="toy:gold",
         output_dir=str(tmp_path),
         run_name="learn",
         total_episodes=64 * 24,
@@ -256,7 +259,7 @@ def test_learning_check(toy_cache, tmp_path):
     scores = [r["objective/scores"] for r in rows if "objective/scores" in r]
     evals = [r for r in rows if "eval/win_rate" in r]
     assert sum(scores[-8:]) / 8 > sum(scores[:4]) / 4 + 0.2, scores
-    assert evals[-1]["eval/gold"] > evals[0]["eval/gold"] + 0.05, evals
+    assert evals[-1]["eval/judge_score"] > evals[0]["eval/judge_score"] + 0.05, evals
     assert evals[-1]["eval/win_rate"] > evals[0]["eval/win_rate"] + 0.1, evals
 
 
@@ -280,7 +283,7 @@ def test_losses_of_micro_batches_add_up_to_the_minibatch_token_mean():
     """Rows of 3 and 1 completion tokens split into two micro-batches: each one's loss is its token sum over the 4
     tokens of the minibatch, so the two add up to the minibatch's token mean (a mean of the micro-batch means, as
     N+ takes, would give the lone token of the short row a weight of 1/2 instead of 1/4)."""
-    args = ppo.Args()
+    args = ppo.Args(judge="toy:gold")
     mask = torch.tensor([[True, True, True], [True, False, False]])
     new = torch.tensor([[0.1, -0.2, 0.3], [0.05, 0.0, 0.0]])
     adv, returns = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.0, 0.0]]), torch.tensor([[0.3, 0.1, -0.2], [1.0, 0.0, 0.0]])

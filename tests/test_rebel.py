@@ -55,7 +55,7 @@ def test_reward_scale_comes_before_the_missing_eos_rule(toy_cache, tmp_path, mon
         common, "reward_scores", lambda rm, prompt, completion, *a, **k: torch.full((len(completion),), 2.0)
     )
     run = {"output_dir": str(tmp_path), "run_name": "scale", "total_episodes": 16, "batch_size": 16, "eval_prompts": 4}
-    rebel.main(rebel.Args(**run, reward_scale=0.5, max_new_tokens=3))
+    rebel.main(rebel.Args(judge="toy:gold", **run, reward_scale=0.5, max_new_tokens=3))
     update = next(r for r in read_metrics(tmp_path / "scale") if "objective/scores" in r)
     eos = update["objective/eos_rate"]
     assert 0 < eos < 1  # both kinds of completion occur (3 new tokens)
@@ -120,7 +120,9 @@ def read_metrics(run_dir):
 
 
 def test_smoke_run(toy_cache, tmp_path):
-    args = rebel.Args(output_dir=str(tmp_path), run_name="smoke", total_episodes=32, batch_size=16, eval_prompts=16)
+    args = rebel.Args(
+        judge="toy:gold", output_dir=str(tmp_path), run_name="smoke", total_episodes=32, batch_size=16, eval_prompts=16
+    )
     rebel.main(args)
     rows = read_metrics(tmp_path / "smoke")
     updates = [r for r in rows if "objective/kl" in r]
@@ -176,6 +178,7 @@ def test_learning_check(toy_cache, tmp_path):
     """On the tiny toy models, REBEL raises the gold reward of its training samples and the greedy win rate within
     a few updates."""
     args = rebel.Args(
+        judge="toy:gold",
         output_dir=str(tmp_path),
         run_name="learn",
         total_episodes=32 * 24,

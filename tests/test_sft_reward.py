@@ -144,7 +144,13 @@ def test_sft_loss_mask_covers_eos_and_excludes_the_prompt():
 def test_sft_smoke(tmp_path):
     sft.main(
         sft.Args(
-            model="toy-tiny", output_dir=str(tmp_path), run_name="sft", max_steps=1, batch_size=16, eval_prompts=16
+            judge="toy:gold",
+            model="toy-tiny",
+            output_dir=str(tmp_path),
+            run_name="sft",
+            max_steps=1,
+            batch_size=16,
+            eval_prompts=16,
         )
     )
     run = tmp_path / "sft"
@@ -157,7 +163,7 @@ def test_sft_smoke(tmp_path):
     assert read_jsonl(run / "metrics.jsonl")[0]["loss"] == pytest.approx(math.log(45), abs=0.05)
     assert len(read_jsonl(run / "samples.jsonl")) == 16
     final = json.loads((run / "eval.json").read_text())
-    assert {"eval/win_rate", "eval/gold", "eval/eos", "eval/length", "time/total"} <= set(final)
+    assert {"eval/win_rate", "eval/judge_score", "eval/eos", "eval/length", "time/total"} <= set(final)
     assert final["eval/win_rate"] < 0.1  # an untrained policy does not beat the references
     # the next stage reloads the saved model and tokenizer with plain transformers; EOS pads (<|pad|> has no row)
     model, tok = AutoModelForCausalLM.from_pretrained(run), AutoTokenizer.from_pretrained(run)
@@ -241,10 +247,11 @@ def test_reward_micro_batches_keep_chosen_and_rejected_together():
 def test_sft_learns_the_toy_task(toy_cache):
     tok, prompts = toy.make_tokenizer(), toy.sft_dataset("test").select(range(64))
     torch.manual_seed(0)
-    before, _ = common.evaluate(common.load_model("toy-tiny"), tok, prompts, sft.Args())
+    args = sft.Args(judge="toy:gold")
+    before, _ = common.evaluate(common.load_model("toy-tiny"), tok, prompts, args, judge=common.load_judge(args))
     after = json.loads((toy_cache / "toy-sft" / "eval.json").read_text())  # the same 64 test prompts
     assert before["eval/win_rate"] < 0.05
-    assert after["eval/win_rate"] > 0.3 and after["eval/eos"] > 0.9 and after["eval/gold"] > 0.5
+    assert after["eval/win_rate"] > 0.3 and after["eval/eos"] > 0.9 and after["eval/judge_score"] > 0.5
 
 
 def test_reward_model_learns_the_toy_preferences(toy_cache):

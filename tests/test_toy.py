@@ -230,12 +230,14 @@ def test_preference_labels_are_bradley_terry_draws_on_gold(splits):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_win_rate_ties_count_half():
-    assert toy.win_rate([1.0, 0.5, 0.0], [0.5, 0.5, 1.0]) == 0.5  # win, tie, loss
-    assert toy.win_rate([0.7], [0.7]) == 0.5
-    assert toy.win_rate([0.9, 0.9, 0.9, -1.0], [0.1, 0.95, 0.9, -1.0]) == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
-    with pytest.raises(ValueError):  # lengths must match
-        toy.win_rate([1.0, 0.0], [0.5])
+def test_gold_is_a_reward_function_and_a_judge():
+    """toy.gold has TRL's reward-function signature: the gold reward of each (prompt, completion), a missing EOS
+    counted where `has_eos` says so; another task's prompt is refused."""
+    prompt = toy.prompt_text(["rain", "very", "cat", "then", "rain", "so", "cat", "maybe"])
+    assert toy.gold([prompt] * 2, [" rain cat", " rain"], answer=["unused"] * 2) == [1.0, pytest.approx(0.55)]
+    assert toy.gold([prompt], [" rain cat"], has_eos=[False]) == [0.5]
+    with pytest.raises(ValueError, match="not a toy prompt"):
+        toy.gold(["SUBREDDIT: r/cats TL;DR:"], [" a cat"])
 
 
 def test_model_config_sizes():

@@ -9,8 +9,6 @@ import pytest
 import torch
 
 import common
-import drpo
-import ppo
 import reward
 import sft
 import toy
@@ -69,7 +67,7 @@ def test_the_ideal_summary_scores_the_ceiling_and_beats_every_reference():
     ideal = [toy.gold_reward(p, " ".join(toy.long_ideal_summary(toy.post_words(p)))) for p in test["prompt"]]
     refs = [toy.gold_reward(p, c) for p, c in zip(test["prompt"], test["completion"])]
     assert min(ideal) == 1.0
-    assert toy.win_rate(ideal, refs) >= 0.85
+    assert sum(1.0 if i > r else 0.5 if i == r else 0.0 for i, r in zip(ideal, refs)) / len(refs) >= 0.85
 
 
 def test_what_the_references_and_the_preferences_show():
@@ -139,23 +137,9 @@ def test_the_tokenizer_covers_the_tier_within_its_lengths():
     assert tok.pad_token_id == len(toy.LONG_VOCAB) - 1 == toy.model_config(tier="toy-long").vocab_size
 
 
-def test_tier_args_takes_the_tiers_models_and_lengths_where_flags_kept_their_defaults():
-    args = toy.tier_args(ppo.Args(dataset="toy-long", max_prompt_length=40))
-    assert (args.model, args.reward_model, args.max_new_tokens, args.max_prompt_length) == (
-        "toy-long-sft",
-        "toy-long-rm",
-        48,
-        40,
-    )
-    assert toy.tier_args(ppo.Args(dataset="toy-long", reward_model="toy-gold")).reward_model == "toy-long-gold"
-    assert toy.tier_args(sft.Args(dataset="toy-long")).model == "toy-long"
-    assert toy.tier_args(sft.Args(dataset="toy-long"), toy.LONG_SFT_DEFAULTS).batch_size == 32  # sft.py's own
-    assert toy.tier_args(reward.Args(dataset="toy-long"), toy.LONG_RM_DEFAULTS).eval_every == 100  # reward.py's own
-    assert toy.tier_args(ppo.Args(dataset="toy-long")).batch_size == 64
-    assert toy.tier_args(sft.Args(dataset="toy-long")).lr == 3e-3 and toy.tier_args(sft.Args(lr=1e-4)).lr == 1e-4
-    assert toy.tier_args(drpo.Args(dataset="toy-long")).reset_source == "chosen"  # the summaries that quote it whole
-    assert toy.tier_args(drpo.Args(dataset="toy-long", reset_source="references")).reset_source == "references"
-    assert toy.tier_args(ppo.Args()) == ppo.Args()  # the short tier: unchanged
+def long_args(module, **kwargs):
+    """A script's arguments on the tier, as `--dataset toy-long` gives them: its preset, then `kwargs`."""
+    return module.Args(**{**module.PRESETS["toy-long"], "dataset": "toy-long", **kwargs})
 
 
 def test_long_skills_hand_values():
@@ -183,9 +167,8 @@ def test_evaluate_logs_the_skill_rates_greedy_and_at_temperature_one():
 def small_sft(tmp_path, steps: int) -> str:
     """A fresh toy-long model after `steps` SFT updates of 16 (a policy to measure, not a good one); its path."""
     sft.main(
-        sft.Args(
-            model="toy-long",
-            dataset="toy-long",
+        long_args(
+            sft,
             output_dir=str(tmp_path),
             run_name="sft",
             max_steps=steps,
@@ -201,13 +184,11 @@ def test_reward_model_on_the_tier_reports_both_gold_agreements(tmp_path):
     samples and on pairs that differ only in the title."""
     import json
 
-    import reward
-
     small_sft(tmp_path, steps=2)
     reward.main(
-        reward.Args(
+        long_args(
+            reward,
             model=str(tmp_path / "sft"),
-            dataset="toy-long",
             output_dir=str(tmp_path),
             run_name="rm",
             max_steps=2,
@@ -285,7 +266,7 @@ def test_sft_learns_the_main_title_but_rarely_completes_the_whole_one(tmp_path):
     which copy forms depends on the seed and on the machine (README). About 5 minutes on one core."""
     import json
 
-    sft.main(sft.Args(dataset="toy-long", output_dir=str(tmp_path), run_name="sft", eval_prompts=200, eval_every=10**9))
+    sft.main(long_args(sft, output_dir=str(tmp_path), run_name="sft", eval_prompts=200, eval_every=10**9))
     final = json.loads((tmp_path / "sft" / "eval.json").read_text())
     samples = [json.loads(line) for line in (tmp_path / "sft" / "samples.jsonl").read_text().splitlines()]
     copied = 0
@@ -299,21 +280,11 @@ def test_sft_learns_the_main_title_but_rarely_completes_the_whole_one(tmp_path):
     assert premise["dash"] < 0.15
 
 
-def test_score_samples_hand_values():
-    """Each sample's gold (its EOS flag counted), the win rate against the references and, given temperature-1
-    samples, the skill rates of both."""
+def test_gold_and_skill_rates_hand_values():
+    """Each completion's gold (its EOS flag counted) and, of the greedy and the temperature-1 completions, the
+    skill rates."""
     samples = [{"prompt": PROMPT, "completion": IDEAL}, {"prompt": PROMPT, "completion": "rain cat bank proud"}]
-    references = [QUOTE + " rain cat"] * 2  # 0.45 * (0.9 * 2/3 + 0.1) + 0.40 = 0.715
-    metrics = toy.score_samples(samples, [1.0, 0.0], references, sampled=[QUOTE, "cat"])
-    assert [s["gold"] for s in samples] == pytest.approx([1.0, 0.1])  # the second: no title, no EOS
-    assert metrics == pytest.approx(
-        {
-            "eval/gold": 0.55,
-            "eval/win_rate": 0.5,
-            "eval/title": 0.5,
-            "eval/mood": 1.0,
-            "eval/title_t1": 0.5,
-            "eval/mood_t1": 0.0,
-        }
-    )
-    assert set(toy.score_samples(samples, [1.0, 1.0], references)) == {"eval/gold", "eval/win_rate"}  # short tier
+    golds = toy.gold([PROMPT] * 2, [s["completion"] for s in samples], has_eos=[True, False])
+    assert golds == pytest.approx([1.0, 0.1])  # the second: no title, no EOS
+    metrics = toy.skill_rates(samples, sampled=[QUOTE, "cat"])
+    assert metrics == pytest.approx({"eval/title": 0.5, "eval/mood": 1.0, "eval/title_t1": 0.5, "eval/mood_t1": 0.0})

@@ -135,7 +135,13 @@ def test_reference_samples_come_from_the_frozen_reference(toy_cache, tmp_path, m
 
     monkeypatch.setattr(common, "generate", recording_generate)
     args = xpo.Args(
-        output_dir=str(tmp_path), run_name="ref", total_episodes=96, batch_size=32, eval_prompts=16, lr=1e-3
+        judge="toy:gold",
+        output_dir=str(tmp_path),
+        run_name="ref",
+        total_episodes=96,
+        batch_size=32,
+        eval_prompts=16,
+        lr=1e-3,
     )
     xpo.main(args)
     assert len(calls) == 3 and len({id(c[0]) for c in calls}) == 1  # one y~ batch per update, one frozen model
@@ -154,6 +160,7 @@ def test_reference_samples_come_from_the_frozen_reference(toy_cache, tmp_path, m
 
 def test_smoke_run_replay_gold_oracle_and_schedule(toy_cache, tmp_path):
     args = xpo.Args(
+        judge="toy:gold",
         output_dir=str(tmp_path),
         run_name="smoke",
         total_episodes=64,
@@ -205,17 +212,17 @@ def test_smoke_run_replay_gold_oracle_and_schedule(toy_cache, tmp_path):
 
 def test_input_mistakes_are_user_errors(toy_cache, tmp_path):
     with pytest.raises(training.UserError, match="--reward-model toy-gold needs --dataset toy"):
-        xpo.main(xpo.Args(output_dir=str(tmp_path), dataset="prefs.jsonl", reward_model="toy-gold"))
+        xpo.main(xpo.Args(judge="toy:gold", output_dir=str(tmp_path), dataset="prefs.jsonl", reward_model="toy-gold"))
     with pytest.raises(training.UserError, match="--num-minibatches"):
-        xpo.main(xpo.Args(output_dir=str(tmp_path), batch_size=30, num_minibatches=4))
+        xpo.main(xpo.Args(judge="toy:gold", output_dir=str(tmp_path), batch_size=30, num_minibatches=4))
 
 
 def test_flag_names():
     """One name per meaning: --update-epochs (epochs over each batch of pairs), --eval-every 16 updates by default;
-    the oracle is --reward-model (toy-gold for the gold reward), no --judge."""
+    the oracle is --reward-model (toy-gold for the gold reward), no --oracle."""
     args = tyro.cli(xpo.Args, args=["--update-epochs", "2", "--reward-model", "toy-gold"])
     assert args.update_epochs == 2 and args.reward_model == "toy-gold" and args.eval_every == 16
-    for gone in (["--epochs", "2"], ["--judge", "gold"]):
+    for gone in (["--epochs", "2"], ["--oracle", "gold"]):
         with pytest.raises(SystemExit):
             tyro.cli(xpo.Args, args=gone)
 
@@ -224,6 +231,7 @@ def test_learning_check(toy_cache, tmp_path):
     """On the tiny toy models, XPO (default alpha, learned reward model as the judge) raises the gold win
     rate against the reference summaries and the reward-model score over the SFT policy (step 0)."""
     args = xpo.Args(
+        judge="toy:gold",
         output_dir=str(tmp_path),
         run_name="learn",
         total_episodes=64 * 16,
