@@ -8,7 +8,7 @@ A judge is one of
 - a local causal LM (a directory or Hub id), run in-process with greedy decoding.
 LLM judges answer the DPO paper's comparison prompts and see every pair in both orders.
 
-    python judge.py RUN_DIR --judge SPEC [--judge-model NAME] [--template summary|chat] [--step N]
+    python judge.py RUN_DIR --judge SPEC [--judge-model NAME] [--judge-template summary|chat] [--step N]
 
 judges the samples of a finished run (RUN_DIR/samples.jsonl, last evaluation) and writes RUN_DIR/judgments.jsonl and
 RUN_DIR/judge.json. docs/judges.md has the details."""
@@ -32,7 +32,7 @@ from typing import Annotated, Literal
 import tyro
 
 import training
-from training import Positive, UserError
+from training import NonNegative, Positive, UserError
 
 # The comparison prompts of Rafailov et al. 2023, "Direct Preference Optimization", Appendix C.2, behind its GPT-4 win
 # rates: the summarization prompt ("concise", used for TL;DR) and the single-turn dialogue (Anthropic HH) prompt.
@@ -95,7 +95,7 @@ def load_judge(
     model) or a local causal LM. `template` ("summary" / "chat") and `max_new_tokens` apply to LLM judges;
     `timeout` (seconds) to each request to an endpoint. Mistakes in the spec raise UserError."""
     if template not in TEMPLATES:
-        raise UserError(f"--template {template}: one of {', '.join(TEMPLATES)}")
+        raise UserError(f"--judge-template {template}: one of {', '.join(TEMPLATES)}")
     if spec.startswith(("http://", "https://")):
         if not judge_model:
             raise UserError(f"--judge {spec}: an endpoint needs --judge-model (the model name its server expects)")
@@ -320,9 +320,9 @@ class Args:
     endpoint, with --judge-model) or a local causal LM (directory or Hub id)"""
     judge_model: str | None = None
     """the model name an endpoint expects (e.g. gpt-4o; `transformers serve DIR`: DIR as given)"""
-    template: Literal["summary", "chat"] = "summary"
+    judge_template: Literal["summary", "chat"] = "summary"
     """LLM judges' prompt: the DPO paper's TL;DR summary comparison or its single-turn dialogue (HH) comparison"""
-    step: int | None = None
+    step: NonNegative[int] | None = None
     """judge the samples of this evaluation step (default: the last one)"""
     max_new_tokens: Positive[int] = 256
     """the longest answer an LLM judge may give, in tokens"""
@@ -357,7 +357,7 @@ def main(args: Args):
     training.check_args(args)
     run_dir = Path(args.run_dir)
     step, rows = read_samples(run_dir, args.step)
-    judge = load_judge(args.judge, args.judge_model, args.template, max_new_tokens=args.max_new_tokens)
+    judge = load_judge(args.judge, args.judge_model, args.judge_template, max_new_tokens=args.max_new_tokens)
     metrics, judgments = win_rate(judge, *([r[k] for r in rows] for k in ("prompt", "completion", "reference")))
     with open(run_dir / "judgments.jsonl", "w") as f:
         f.writelines(json.dumps({"step": step, **j}) + "\n" for j in judgments)

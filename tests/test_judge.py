@@ -120,7 +120,7 @@ def test_spec_mistakes_are_one_line_user_errors(fns_dir, tmp_path):
         ("http://127.0.0.1:1/v1", {}, "needs --judge-model"),
         (f"http://127.0.0.1:{free_port()}/v1", {"judge_model": "m"}, "no OpenAI-compatible server answers"),
         (str(tmp_path / "missing"), {}, "cannot load a causal LM"),
-        ("judge_fns:length", {"template": "poem"}, "--template poem"),
+        ("judge_fns:length", {"template": "poem"}, "--judge-template poem"),
     ]
     for spec, kwargs, message in cases:
         with pytest.raises(UserError, match=message) as e:
@@ -292,7 +292,7 @@ def test_endpoint_judge_on_a_real_server(server, tiny_judge, tmp_path):
     url = f"http://127.0.0.1:{port}/v1"
     run_dir = write_run(tmp_path / "run")
     posts_before = log.read_text().count("POST /v1/chat/completions")
-    args = judge.Args(str(run_dir), judge=url, judge_model=tiny_judge, template="chat", max_new_tokens=4)
+    args = judge.Args(str(run_dir), judge=url, judge_model=tiny_judge, judge_template="chat", max_new_tokens=4)
     summary = judge.main(args)
     assert log.read_text().count('"POST /v1/chat/completions HTTP/1.1" 200') - posts_before == 6
     assert summary["judge_kind"] == "endpoint" and summary["judge_model"] == tiny_judge
