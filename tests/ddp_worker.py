@@ -22,9 +22,11 @@ import aihf  # noqa: E402
 import aihf_explicit  # noqa: E402
 import dpo  # noqa: E402
 import drpo  # noqa: E402
+import grpo  # noqa: E402
 import ppo  # noqa: E402
 import rebel  # noqa: E402
 import reward  # noqa: E402
+import rloo  # noqa: E402
 import sft  # noqa: E402
 import training  # noqa: E402
 import xpo  # noqa: E402
@@ -39,6 +41,8 @@ RUNS = {
     "drpo": (drpo, dict(total_episodes=16, batch_size=8, num_minibatches=2, micro_batch_size=1, eval_prompts=4)),
     "rebel": (rebel, dict(total_episodes=16, batch_size=8, num_minibatches=2, micro_batch_size=1, eval_prompts=4)),
     "xpo": (xpo, dict(total_episodes=16, batch_size=8, num_minibatches=2, micro_batch_size=1, eval_prompts=4)),
+    "rloo": (rloo, dict(total_episodes=16, batch_size=8, num_minibatches=2, micro_batch_size=1, eval_prompts=4)),
+    "grpo": (grpo, dict(k=2, total_episodes=16, batch_size=8, num_minibatches=2, micro_batch_size=1, eval_prompts=4)),
     "aihf": (
         aihf,
         dict(max_steps=2, batch_size=4, demo_batch_size=4, num_demonstrations=32, num_preferences=32, eval_prompts=4),

@@ -13,14 +13,16 @@ import aihf
 import aihf_explicit
 import dpo
 import drpo
+import grpo
 import ppo
 import rebel
 import reward
+import rloo
 import sft
 import training
 import xpo
 
-SCRIPTS = [sft, reward, dpo, ppo, drpo, rebel, xpo, aihf, aihf_explicit]
+SCRIPTS = [sft, reward, dpo, ppo, drpo, rebel, xpo, rloo, grpo, aihf, aihf_explicit]
 
 
 def ranged_fields(module) -> dict[str, training.Range]:

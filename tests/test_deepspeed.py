@@ -44,7 +44,7 @@ def expected_steps(name: str) -> int:
     """Optimizer steps per update, from the script's flags."""
     script, kw = ddp_worker.RUNS[name]
     args = script.Args(**kw)
-    if name in ("ppo", "drpo", "rebel", "xpo"):
+    if name in ("ppo", "drpo", "rebel", "xpo", "rloo", "grpo"):
         return args.update_epochs * args.num_minibatches
     if name == "aihf-explicit":  # one policy step, then reward_steps steps of r_phi (policy_steps = 1)
         return 1 + args.reward_steps

@@ -13,9 +13,11 @@ import aihf_explicit
 import common
 import dpo
 import drpo
+import grpo
 import ppo
 import rebel
 import reward
+import rloo
 import sft
 import xpo
 
@@ -29,6 +31,8 @@ SCRIPTS = {
     "drpo": (drpo, dict(RL, update_epochs=1)),
     "rebel": (rebel, dict(RL, update_epochs=1)),
     "xpo": (xpo, dict(RL, update_epochs=1)),
+    "rloo": (rloo, dict(RL, update_epochs=1)),
+    "grpo": (grpo, dict(RL, update_epochs=1, k=2)),
     "aihf-dpo": (aihf, AIHF),
     "aihf-explicit": (aihf_explicit, dict(AIHF, policy_steps=1, rollout_prompts=4, center_demos=4)),
 }

@@ -10,9 +10,11 @@ import aihf
 import data
 import dpo
 import drpo
+import grpo
 import ppo
 import rebel
 import reward
+import rloo
 import sft
 import toy
 import xpo
@@ -28,6 +30,8 @@ ARGS = {
     "drpo": (drpo, RL),
     "rebel": (rebel, RL),
     "xpo": (xpo, RL),
+    "rloo": (rloo, RL),
+    "grpo": (grpo, dict(RL, k=2)),
     "aihf": (aihf, dict(max_steps=2, batch_size=4, demo_batch_size=4, eval_prompts=8, eval_every=10**9)),
 }
 

@@ -13,9 +13,11 @@ import aihf
 import aihf_explicit
 import dpo
 import drpo
+import grpo
 import ppo
 import rebel
 import reward
+import rloo
 import sft
 import xpo
 
@@ -30,6 +32,8 @@ CASES = {
     "drpo": (drpo, {**RL, "reset_prob": 0.5}, "loss/value"),
     "rebel": (rebel, RL, "loss/policy"),
     "xpo": (xpo, RL, "loss/total"),
+    "rloo": (rloo, {**RL, "k": 2}, "loss/policy"),
+    "grpo": (grpo, {**RL, "k": 2}, "loss/policy"),
     "aihf": (aihf, {**AIHF, "eval_prompts": 4, "eval_every": 10**9}, "loss"),
     # a reward phase at every update, so the second policy update reads r_phi's first step; no single "loss" logged
     "aihf_explicit": (

@@ -14,9 +14,11 @@ import aihf_explicit
 import common
 import dpo
 import drpo
+import grpo
 import ppo
 import rebel
 import reward
+import rloo
 import sft
 import xpo
 
@@ -30,6 +32,8 @@ SCRIPTS = {
     "drpo": (drpo, {**RL, "reset_prob": 0.5}),
     "rebel": (rebel, RL),
     "xpo": (xpo, RL),
+    "rloo": (rloo, RL),
+    "grpo": (grpo, {**RL, "k": 2}),
     "aihf": (aihf, {**AIHF, "eval_every": 1}),
     "aihf_explicit": (aihf_explicit, {**AIHF, "eval_every": 1}),
 }

@@ -23,9 +23,11 @@ import common
 import data
 import dpo
 import drpo
+import grpo
 import ppo
 import rebel
 import reward
+import rloo
 import sft
 import training
 import xpo
@@ -44,6 +46,9 @@ TINY = {
     ),
     "rebel": (rebel, dict(total_episodes=32, batch_size=8, num_minibatches=2, eval_every=2, eval_prompts=8)),
     "xpo": (xpo, dict(total_episodes=32, batch_size=8, num_minibatches=2, eval_every=2, eval_prompts=8, replay=True)),
+    "rloo": (rloo, dict(total_episodes=32, batch_size=8, num_minibatches=2, eval_every=2, eval_prompts=8)),
+    "reinforce": (rloo, dict(k=1, total_episodes=32, batch_size=8, eval_every=2, eval_prompts=8)),  # its baseline
+    "grpo": (grpo, dict(k=2, total_episodes=32, batch_size=8, num_minibatches=2, eval_every=2, eval_prompts=8)),
     "aihf": (
         aihf,
         dict(
@@ -286,6 +291,9 @@ NAN_AT = {
     "drpo": (drpo, "ppo_losses"),
     "rebel": (rebel, "rebel_loss"),
     "xpo": (xpo, "xpo_loss"),
+    "rloo": (rloo, "rloo_loss"),
+    "reinforce": (rloo, "rloo_loss"),
+    "grpo": (grpo, "grpo_losses"),
     "aihf": (aihf, "aihf_dpo_loss"),
     "aihf-explicit": (aihf_explicit, "rloo_advantages"),
 }

@@ -12,8 +12,10 @@ import torch
 
 import common
 import drpo
+import grpo
 import ppo
 import rebel
+import rloo
 import training
 import xpo
 
@@ -30,8 +32,8 @@ def answer_checker(prompts, completions, answer, **columns):
     return scores
 '''
 RL = dict(total_episodes=16, batch_size=4, num_minibatches=2, max_new_tokens=6, eval_prompts=3, eval_every=10**9)
-SCRIPTS = {"ppo": ppo, "drpo": drpo, "rebel": rebel, "xpo": xpo}
-K = {"ppo": 1, "drpo": 1, "rebel": 2, "xpo": 2}  # completions scored per prompt (XPO: y and the explorer's y~)
+SCRIPTS = {"ppo": ppo, "drpo": drpo, "rebel": rebel, "xpo": xpo, "rloo": rloo, "grpo": grpo}
+K = {"ppo": 1, "drpo": 1, "rebel": 2, "xpo": 2, "rloo": 2, "grpo": 4}  # completions scored per prompt (XPO: y and y~)
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +86,9 @@ def test_a_reward_function_is_the_reward_of_the_update(name, gsm_file, tiny_chec
         per_prompt = {p: call["prompts"].count(p) for p in call["prompts"]}
         assert set(per_prompt.values()) == {K[name]}  # k completions of each prompt, each with its answer
     first_update = scored[1][1]  # scored[0]: the evaluation before the first update
+    samples = first_update[: RL["batch_size"]] if name == "xpo" else first_update  # XPO logs y's, not y~'s
     if name != "rebel":  # the logged objective/scores is the mean of the policy samples' rewards (REBEL's are scaled)
-        assert updates[0]["objective/scores"] == pytest.approx(first_update[: RL["batch_size"]].mean().item(), abs=1e-6)
+        assert updates[0]["objective/scores"] == pytest.approx(samples.mean().item(), abs=1e-6)
 
 
 def test_a_missing_reward_function_is_one_error_line(tmp_path):
