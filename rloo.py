@@ -7,8 +7,8 @@ completions per prompt from the current policy, gives each the reward R = reward
 sum_t log(pi / pi_ref), and takes a REINFORCE step with the leave-one-out baseline: the advantage of completion i is
 R_i minus the mean reward of the other k - 1 completions of its prompt (RLOO paper, Sec. "REINFORCE Leave-One-Out").
 `--k 1` is REINFORCE with the paper's other baseline, a moving average of the rewards of the whole run (RLOO paper,
-Sec. "REINFORCE" with b_MA); here an exponential one (`--baseline-decay`). The REBEL paper's text does not say which
-baseline its REINFORCE row used (we did not find it): the RLOO paper's moving average is the one implemented.
+Sec. "REINFORCE" with b_MA); here an exponential one (`--baseline-decay`). The REBEL paper does not state which
+baseline its REINFORCE row used; this is the RLOO paper's.
 
     python rloo.py                                                 # toy task, CPU, ~2 minutes
     python rloo.py --k 4 --model vwxyzjn/EleutherAI_pythia-1b-deduped__sft__tldr \
