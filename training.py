@@ -106,7 +106,7 @@ def load_function(spec: str, flag: str):
 
 
 def preset(args_cls, presets: dict | None, argv: list[str]):
-    """The Args whose defaults the dataset's entry in `presets` sets (a toy tier's judge, models and lengths): a flag
+    """The Args whose defaults the dataset's entry in `presets` sets (a task's judge, models and lengths): a flag
     given still wins, and `--dataset NAME --help` shows the preset's values. None where there is no entry."""
     name = args_cls().dataset if presets else None  # the default dataset's preset unless --dataset names another
     for i, arg in enumerate(argv):
