@@ -197,8 +197,9 @@ def test_against_trl(tmp_path, scale_rewards):
     nanstd); TRL's defaults differ from the paper's: loss_type "dapo", beta 0.0 (grpo_config.py 795, 675); its dapo
     normalizer is the generation batch's token count (3260), ours the minibatch's (the same with one minibatch); its
     KL is multiplied by rho by default (3193, DeepSeek-V3.2), which Eq. (3) does not: turned off here."""
-    trl = pytest.importorskip("trl")
-    datasets = pytest.importorskip("datasets")
+    import datasets
+    import trl
+
     torch.manual_seed(0)
     tok, policy = toy.make_tokenizer(), common.load_model("toy-tiny")
     pad_id, B, G, C = tok.pad_token_id, 2, 4, 6
