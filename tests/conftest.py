@@ -59,6 +59,20 @@ def toy_cache(tmp_path_factory):
     return cache
 
 
+@pytest.fixture
+def foreign_trainer():
+    """For a test that builds another library's trainer (TRL's): accelerate's process-wide state and the environment
+    are rebuilt afterwards, so none of its settings (bf16, its Accelerator) reaches the tests that follow."""
+    from accelerate.state import AcceleratorState
+
+    environ = dict(os.environ)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    os.environ.clear()
+    os.environ.update(environ)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """Tiny GPT-2, GPT-NeoX, Llama and Qwen2 checkpoints with their own BPE tokenizers (tests/tiny_models.py):

@@ -188,7 +188,7 @@ def test_a_regex_reward_function_rises(toy_cache, tmp_path):
 
 
 @pytest.mark.parametrize("scale_rewards", [True, False])
-def test_against_trl(tmp_path, scale_rewards):
+def test_against_trl(tmp_path, scale_rewards, foreign_trainer):
     """TRL 1.12's GRPOTrainer on the same tiny model, prompts, completions and rewards: its advantages
     (`_generate_and_score_completions`, with `_generate` returning our completions) and, for each loss type, its
     `_compute_loss` (with `_get_per_token_logps_and_entropies` returning our log-probs) and the loss's gradient.
@@ -209,10 +209,17 @@ def test_against_trl(tmp_path, scale_rewards):
     to_trl = torch.arange(B * G).view(G, B).T.reshape(-1)  # TRL's row r is our row to_trl[r]
     trl_rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.3, 0.3, 0.3, 0.3])  # group 2 all equal
     config = trl.GRPOConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=B * G, num_generations=G, beta=0.0, report_to=[],
-        max_completion_length=C, use_cpu=True, scale_rewards="group" if scale_rewards else "none",
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=B * G,
+        num_generations=G,
+        beta=0.0,
+        report_to=[],
+        max_completion_length=C,
+        use_cpu=True,
+        bf16=False,
+        scale_rewards="group" if scale_rewards else "none",
         use_bias_correction_kl=False,  # TRL 1.12 default True (grpo_config.py 966): the KL times rho, not in Eq. (3)
-    )  # fmt: skip
+    )
     trainer = trl.GRPOTrainer(
         model=policy,
         reward_funcs=lambda prompts, completions, **kw: trl_rewards.tolist(),

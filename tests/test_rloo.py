@@ -77,7 +77,7 @@ def test_minibatches_keep_groups_together(num_prompts, k, num_minibatches, micro
 
 
 @pytest.mark.parametrize("k", [2, 4])
-def test_matches_trl_rloo_trainer(k, toy_cache, tmp_path, monkeypatch):
+def test_matches_trl_rloo_trainer(k, toy_cache, tmp_path, monkeypatch, foreign_trainer):
     """TRL 1.12's RLOOTrainer on the same model, prompts, completions and scores, through its own methods
     (_generate_and_score_completions, _compute_loss), with its generation and reward calls replaced by ours. Its
     config matches ours: beta = kl_coef (k1 KL summed per sequence into the reward, rloo_trainer.py:1576-1580),
